@@ -1,0 +1,3 @@
+"""brainhpc: batch HPC jobs for synthetic brain-MRI research (prepare, generate, classify, aggregate)."""
+
+__version__ = "0.1.0"
