@@ -1,4 +1,5 @@
-"""Atomic file writes: every file brainhpc produces appears under its final name whole or not at all."""
+"""Atomic file writes: every file brainhpc writes appears under its final name whole or not at all.
+"""
 
 from __future__ import annotations
 

@@ -7,7 +7,8 @@ A shard is ``shard-NNNNN.h5`` holding
 * ``labels``  N int8 (0 healthy, 1 tumour);
 * ``sources`` N UTF-8 strings (source file relative to the dataset root, or a synthetic id);
 * ``masks``   N x 1 x H x W uint8 tumour masks, only when ground truth exists (phantom data);
-* attributes: ``format``, ``size``, ``seed``, ``version``, ``config_hash`` and whatever the writer adds
+* attributes: ``format``, ``size``, ``seed``, ``version``, ``config_hash`` and whatever
+  the writer adds
   (a generator writes its architecture, checkpoint and seed).
 
 Images are stored as uint8 and scaled to [0, 1] floats on read, by ``ShardDataset``/``as_float``.
@@ -37,7 +38,8 @@ SPLITS = ("train", "val", "test")
 LABELS = {"healthy": 0, "tumour": 1}
 LABEL_NAMES = {v: k for k, v in LABELS.items()}
 DEFAULT_SHARD_SIZE = 4096
-IN_MEMORY_LIMIT_BYTES = 4 << 30  # load a split into RAM below this size (a 128 px split of 30k = 0.5 GB)
+# load a split into RAM below this size (a 128 px split of 30k images is 0.5 GB)
+IN_MEMORY_LIMIT_BYTES = 4 << 30
 
 
 @dataclass
@@ -120,7 +122,7 @@ def _write_one(path: Path, images, labels, sources, masks, attrs) -> None:
 
 
 def find_shards(root: str | os.PathLike, split: str | None = None) -> list[Path]:
-    """Shard files of ``root/split`` (a prepared dataset) or of ``root`` itself (synthetic output)."""
+    """Shard files of ``root/split`` (a prepared dataset) or of ``root`` (synthetic output)."""
     root = Path(root)
     folder = root / split if split else root
     if not folder.is_dir():
@@ -128,7 +130,8 @@ def find_shards(root: str | os.PathLike, split: str | None = None) -> list[Path]
         raise BrainhpcError(f"{what}: folder {folder} does not exist")
     paths = sorted(folder.glob("shard-*.h5"))
     if not paths:
-        raise BrainhpcError(f"{folder}: no shard-NNNNN.h5 files (expected prepared or synthetic shards)")
+        raise BrainhpcError(f"{folder}: no shard-NNNNN.h5 files (expected prepared or "
+                            f"synthetic shards)")
     return paths
 
 
@@ -136,7 +139,8 @@ def _read_attrs(f: h5py.File, path: Path) -> dict:
     attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
     if attrs.get("format") != SHARD_FORMAT:
         raise BrainhpcError(
-            f"{path}: shard format {attrs.get('format')!r}, this brainhpc reads format {SHARD_FORMAT}; "
+            f"{path}: shard format {attrs.get('format')!r}, this brainhpc reads format "
+            f"{SHARD_FORMAT}; "
             "re-run `brainhpc prepare` with this version"
         )
     return attrs
@@ -178,8 +182,9 @@ def read_shards(paths: Sequence[str | os.PathLike], label: int | None = None) ->
     )
 
 
-def load_split(root: str | os.PathLike, split: str | None = None, label: int | None = None) -> ShardData:
-    """All images of a prepared split (``root/split``) or a synthetic shard folder (``split=None``)."""
+def load_split(root: str | os.PathLike, split: str | None = None,
+               label: int | None = None) -> ShardData:
+    """All images of a prepared split (``root/split``) or of a synthetic folder (``split=None``)."""
     return read_shards(find_shards(root, split), label=label)
 
 
