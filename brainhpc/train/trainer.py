@@ -1,0 +1,646 @@
+"""The one training loop of brainhpc: generators now, classifiers next, all through ``Trainer``.
+
+A model plugs in as a *task*: an object that builds its models and optimisers and does one
+optimisation step on one batch (see ``Task``). The trainer owns everything around that step,
+which is what HPC life needs:
+
+* process group and device (``brainhpc.train.distributed``), DDP wrapping, a deterministic
+  distributed batch sampler (global ``batch_size`` split over ranks), per-rank seeding;
+* bf16 autocast on CUDA where supported (tasks use ``with t.autocast():``), nothing on CPU;
+* EMA copies of chosen models (``task.ema_decay``);
+* atomic checkpoints every N steps, every M minutes, on ``request_checkpoint()`` and on
+  SIGUSR1/SIGTERM (saved at the next step boundary; SIGTERM then stops the run, and a handler
+  that was installed before ours, e.g. submitit's requeue, is called after the save);
+* exact resume: models, optimisers, schedulers, EMA, step, epoch position and the python/numpy/
+  torch RNG states of every rank. On CPU with ``num_workers=0`` an interrupted-then-resumed run
+  ends bit-identical to an uninterrupted one (with workers, augmentation draws may differ);
+* a JSONL metric log (``metrics.jsonl``), tqdm on rank 0 only;
+* non-finite losses stop the run with ``BrainhpcError``; the last good checkpoint is kept;
+* a corrupt or mismatched checkpoint is an error, never a silent restart.
+
+Only rank 0 writes files. Ranks agree once per step (one tiny all-reduce) on "non-finite loss",
+"checkpoint now" and "stop", so a signal seen by ranks at different moments cannot split them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import random
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm.auto import tqdm
+
+from brainhpc import __version__
+from brainhpc.errors import BrainhpcError
+from brainhpc.fsio import atomic_path, write_text
+from brainhpc.train.distributed import DistInfo, init_distributed, teardown
+
+log = logging.getLogger(__name__)
+
+CKPT_FORMAT = 1
+STOP_SIGNALS = ("SIGTERM",)
+
+
+class Task(Protocol):
+    """What the trainer trains. Required: ``models``, ``optimizers``, ``training_step``.
+
+    Optional (looked up with ``getattr``): ``schedulers(optimizers) -> dict`` (stepped after
+    every training step), ``validate(t) -> dict[str, float]`` (run on every rank after each
+    epoch, under ``torch.no_grad()`` with models in eval mode), ``ema_decay: dict[str, float]``
+    (models to keep an EMA copy of, in ``t.ema``), ``state_dict()``/``load_state_dict()`` for
+    extra task state that must survive a resume.
+    """
+
+    def models(self) -> dict[str, nn.Module]: ...
+
+    def optimizers(self, models: dict[str, nn.Module]) -> dict[str, torch.optim.Optimizer]: ...
+
+    def training_step(self, t: Trainer, batch: Any) -> dict[str, torch.Tensor | float]: ...
+
+
+@dataclass
+class TrainConfig:
+    """Loop settings. ``batch_size`` is global: each of W ranks gets ``batch_size / W``."""
+
+    out: Path
+    epochs: int = 1
+    batch_size: int = 32
+    seed: int = 0
+    max_steps: int | None = None  # stop early after this many steps (None: run all epochs)
+    shuffle: bool = True
+    num_workers: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    amp: bool = True  # bf16 autocast on CUDA when supported; never on CPU
+    checkpoint_every: int = 500  # steps; 0: only at the end, on request and by time
+    checkpoint_minutes: float = 15.0  # wall-clock safety net for long epochs; 0: off
+    log_every: int = 10  # steps between metric records
+    progress: bool = True
+    resume: bool = True  # continue from out/checkpoints/last.pt when it exists
+    handle_signals: bool = True  # SIGUSR1: checkpoint; SIGTERM: checkpoint and stop
+    best_metric: str | None = None  # a key of validate()'s dict; best.pt keeps the best epoch
+    best_mode: str = "max"  # max | min
+
+    def __post_init__(self):
+        self.out = Path(self.out)
+        for key in ("epochs", "batch_size", "log_every"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise BrainhpcError(f"train config: {key} must be an integer >= 1, "
+                                    f"got {getattr(self, key)!r}")
+        for key in ("checkpoint_every", "num_workers"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
+                raise BrainhpcError(f"train config: {key} must be an integer >= 0, "
+                                    f"got {getattr(self, key)!r}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise BrainhpcError(
+                f"train config: max_steps must be >= 1 or None, got {self.max_steps}")
+        if self.checkpoint_minutes < 0:
+            raise BrainhpcError(f"train config: checkpoint_minutes must be >= 0, "
+                                f"got {self.checkpoint_minutes}")
+        if self.best_mode not in ("max", "min"):
+            raise BrainhpcError(
+                f"train config: best_mode must be 'max' or 'min', got {self.best_mode!r}")
+
+
+class DistributedBatchSampler(torch.utils.data.Sampler):
+    """This rank's share of each global batch; the order is a pure function of (seed, epoch).
+
+    Every epoch is a fresh permutation drawn from ``seed + epoch``; the last partial global batch
+    is dropped so that all ranks step together. ``set_epoch(epoch, start)`` skips the first
+    ``start`` batches, which is how a resumed run picks up mid-epoch without any sampler RNG state.
+    """
+
+    def __init__(self, n: int, batch_size: int, rank: int, world_size: int, seed: int,
+                 shuffle: bool = True):
+        if batch_size % world_size:
+            raise BrainhpcError(f"batch_size {batch_size} is not divisible by the {world_size} "
+                                "processes of this run")
+        if n < batch_size:
+            raise BrainhpcError(f"{n} training items are fewer than one batch of {batch_size}")
+        self.n, self.batch_size, self.rank, self.world = n, batch_size, rank, world_size
+        self.local = batch_size // world_size
+        self.seed, self.shuffle = seed, shuffle
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.n // self.batch_size
+
+    def __len__(self) -> int:
+        return max(0, self.steps_per_epoch - self.start)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        for b in range(self.start, self.steps_per_epoch):
+            lo = b * self.batch_size + self.rank * self.local
+            yield order[lo:lo + self.local]
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def _rng_state() -> dict:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(_tuplify(state["python"]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _tuplify(x):
+    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Train ``task`` on ``dataset``; see the module docstring for what the trainer owns.
+
+    Attributes a task uses inside ``training_step(t, batch)``: ``t.models[name]`` (DDP-wrapped
+    when distributed), ``t.raw(name)`` (the bare module), ``t.optimizers[name]``, ``t.ema[name]``,
+    ``t.device``, ``t.step`` (steps done before this one), ``t.epoch``, ``t.rank``,
+    ``t.world_size``, ``t.autocast()``.
+    """
+
+    def __init__(self, task: Task, dataset: torch.utils.data.Dataset, cfg: TrainConfig,
+                 fingerprint: dict | None = None, dist_info: DistInfo | None = None,
+                 collate_fn=None):
+        self.task, self.dataset, self.cfg = task, dataset, cfg
+        self.info = dist_info or init_distributed(cfg.device)
+        try:
+            self._setup(task, dataset, cfg, fingerprint, collate_fn)
+        except BaseException:
+            if dist_info is None:  # we made the group, so we take it down
+                teardown(self.info)
+            raise
+
+    def _setup(self, task, dataset, cfg, fingerprint, collate_fn) -> None:
+        self.rank, self.world_size = self.info.rank, self.info.world_size
+        self.device = self.info.device
+        self.is_main = self.info.is_main
+        self.ckpt_dir = cfg.out / "checkpoints"
+        self.last_path = self.ckpt_dir / "last.pt"
+        self.best_path = self.ckpt_dir / "best.pt"
+        self.metrics_path = cfg.out / "metrics.jsonl"
+        self.step = self.epoch = self.batch_in_epoch = 0
+        self.best: dict = {"metric": cfg.best_metric, "value": None, "step": None}
+        self.train_seconds = 0.0
+        self.last_saved_step: int | None = None
+        self._request = 0  # 0 nothing, 1 checkpoint, 2 checkpoint and stop
+        self._chain: list[int] = []  # signals to pass on to the previous handler after saving
+        self._prev_handlers: dict[int, Any] = {}
+        self._closed = False
+        self._resumed_meter: dict | None = None
+        self._reset_meter()
+
+        self.sampler = DistributedBatchSampler(len(dataset), cfg.batch_size, self.rank,
+                                               self.world_size, cfg.seed, cfg.shuffle)
+        self._loader_gen = torch.Generator()
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=self.sampler, num_workers=cfg.num_workers,
+            pin_memory=self.device.type == "cuda", generator=self._loader_gen,
+            persistent_workers=False, collate_fn=collate_fn)
+
+        seed_everything(cfg.seed)  # identical initial weights on every rank
+        raw = task.models()
+        if not raw:
+            raise BrainhpcError(f"task {type(task).__name__}.models() returned no models")
+        self._raw = {k: m.to(self.device) for k, m in raw.items()}
+        self.optimizers = task.optimizers(self._raw)
+        sched = getattr(task, "schedulers", None)
+        self.schedulers = sched(self.optimizers) if sched else {}
+        self.ema_decay = dict(getattr(task, "ema_decay", {}) or {})
+        for name in self.ema_decay:
+            if name not in self._raw:
+                raise BrainhpcError(f"task ema_decay names model {name!r}; models are "
+                                    f"{', '.join(self._raw)}")
+        self.ema = {k: copy.deepcopy(self._raw[k]).eval().requires_grad_(False)
+                    for k in self.ema_decay}
+        self.fingerprint = {
+            "task": type(task).__name__,
+            "world_size": self.world_size,
+            "batch_size": cfg.batch_size,
+            "seed": cfg.seed,
+            "shapes": {k: {n: list(p.shape) for n, p in m.state_dict().items()}
+                       for k, m in self._raw.items()},
+            **(fingerprint or {}),
+        }
+        resumed = cfg.resume and self.last_path.exists()
+        rng = self._load(self.last_path) if resumed else None
+        self.models = {k: self._wrap(m) for k, m in self._raw.items()}
+        self.amp_dtype = (torch.bfloat16 if cfg.amp and self.device.type == "cuda"
+                          and torch.cuda.is_bf16_supported() else None)
+        if rng is not None:
+            _set_rng_state(rng)
+        else:
+            seed_everything(cfg.seed + 100_003 * self.rank)
+            if self.is_main and self.metrics_path.exists():
+                self.metrics_path.unlink()  # a fresh run starts a fresh log
+        if resumed and self.is_main:
+            self._truncate_metrics()
+        self.resumed = resumed
+
+    # ---------------------------------------------------------------- helpers tasks use
+    def raw(self, name: str) -> nn.Module:
+        """The bare module (no DDP wrapper): for sampling, evaluation and saving."""
+        return self._raw[name]
+
+    def autocast(self):
+        """bf16 autocast on CUDA where supported (and ``cfg.amp``); a no-op elsewhere."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.sampler.steps_per_epoch
+
+    @property
+    def total_steps(self) -> int:
+        total = self.cfg.epochs * self.steps_per_epoch
+        return min(total, self.cfg.max_steps) if self.cfg.max_steps else total
+
+    def request_checkpoint(self, stop: bool = False) -> None:
+        """Save at the next step boundary (then stop, if ``stop``). Safe in signal handlers."""
+        self._request = max(self._request, 2 if stop else 1)
+
+    # ---------------------------------------------------------------- the loop
+    def fit(self) -> dict:
+        """Train until ``cfg.epochs`` (or ``max_steps``); returns a summary dict.
+
+        ``status`` is "done", or "interrupted" when a stop was requested (state saved first).
+        """
+        cfg = self.cfg
+        self._install_signals()
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (self.is_main
+                   and cfg.progress), desc=type(self.task).__name__, dynamic_ncols=True)
+        self._reset_meter()
+        meter = self._resumed_meter
+        if meter:
+            self._sums = {k: torch.tensor(v, device=self.device)
+                          for k, v in meter["sums"].items()}
+            self._count = int(meter["count"])
+            self._resumed_meter = None
+        self._last_save_time = time.monotonic()
+        t0 = time.monotonic() - self.train_seconds
+        status = "done"
+        try:
+            while self.epoch < cfg.epochs and self.step < self.total_steps:
+                self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
+                self._loader_gen.manual_seed(cfg.seed * 7919 + self.epoch)
+                self._train_mode(True)
+                for batch in self.loader:
+                    out = self.task.training_step(self, _to_device(batch, self.device))
+                    for s in self.schedulers.values():
+                        s.step()
+                    self._update_ema()
+                    self.step += 1
+                    self.batch_in_epoch += 1
+                    self.train_seconds = time.monotonic() - t0
+                    self._accumulate(out)
+                    nonfinite, save, stop = self._agree()
+                    if nonfinite:
+                        raise BrainhpcError(self._nan_message())
+                    if self.step % cfg.log_every == 0:
+                        self._log_train(bar)
+                    bar.update(1)
+                    due = cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
+                    if save or stop or due:
+                        self.save_checkpoint()
+                    if stop:
+                        status = "interrupted"
+                        return self._summary(status)
+                    if self.step >= self.total_steps:
+                        break
+                if self.batch_in_epoch >= self.steps_per_epoch:
+                    self._end_epoch()
+            self._log_train(bar)
+            if self.last_saved_step != self.step:
+                self.save_checkpoint()
+            return self._summary(status)
+        finally:
+            bar.close()
+            self._restore_signals()
+
+    def _end_epoch(self) -> None:
+        validate = getattr(self.task, "validate", None)
+        if validate is not None:
+            self._train_mode(False)
+            with torch.no_grad():
+                metrics = {k: float(v) for k, v in validate(self).items()}
+            self._train_mode(True)
+            self._write_record({"kind": "val", "step": self.step, "epoch": self.epoch, **metrics})
+            self._update_best(metrics)
+        self.epoch += 1
+        self.batch_in_epoch = 0
+
+    def _update_best(self, metrics: dict) -> None:
+        key = self.cfg.best_metric
+        if key is None:
+            return
+        if key not in metrics:
+            raise BrainhpcError(f"best_metric {key!r} is not among the validation metrics "
+                                f"{', '.join(metrics)}")
+        value, old = metrics[key], self.best["value"]
+        better = old is None or (value > old if self.cfg.best_mode == "max" else value < old)
+        if math.isfinite(value) and better:
+            self.best = {"metric": key, "value": value, "step": self.step, "epoch": self.epoch}
+            if self.is_main:
+                state = {"format": CKPT_FORMAT, "fingerprint": self.fingerprint,
+                         "best": self.best, "step": self.step, "epoch": self.epoch,
+                         "models": {k: m.state_dict() for k, m in self._raw.items()},
+                         "ema": {k: m.state_dict() for k, m in self.ema.items()}}
+                with atomic_path(self.best_path) as tmp:
+                    torch.save(state, tmp)
+                log.info("best %s=%.4g at epoch %d -> %s", key, value, self.epoch, self.best_path)
+
+    def _train_mode(self, on: bool) -> None:
+        for m in self._raw.values():
+            m.train(on)
+
+    def _update_ema(self) -> None:
+        if not self.ema:
+            return
+        with torch.no_grad():
+            for name, ema in self.ema.items():
+                decay = min(self.ema_decay[name], (1 + self.step) / (10 + self.step))
+                src = self._raw[name]
+                e_params = [p for p in ema.parameters() if p.is_floating_point()]
+                s_params = [p.detach() for p in src.parameters() if p.is_floating_point()]
+                torch._foreach_lerp_(e_params, s_params, 1.0 - decay)
+                for eb, sb in zip(ema.buffers(), src.buffers(), strict=True):
+                    eb.copy_(sb)
+
+    # ---------------------------------------------------------------- metrics
+    def _reset_meter(self) -> None:
+        self._sums: dict[str, torch.Tensor] = {}
+        self._count = 0
+        self._meter_t = time.monotonic()
+
+    def _accumulate(self, out: dict) -> None:
+        if not isinstance(out, dict):
+            raise BrainhpcError(f"{type(self.task).__name__}.training_step must return a dict of "
+                                f"metrics, got {type(out).__name__}")
+        for k, v in out.items():
+            v = v.detach().float().reshape(()) if isinstance(v, torch.Tensor) else \
+                torch.tensor(float(v))
+            v = v.to(self.device)
+            self._sums[k] = self._sums[k] + v if k in self._sums else v
+        self._count += 1
+        self._last_out = out
+
+    def _agree(self) -> tuple[bool, bool, bool]:
+        """One small all-reduce: (non-finite metric on any rank, save requested, stop requested)."""
+        sums = list(self._sums.values())
+        bad = (~torch.isfinite(torch.stack(sums))).any().float() if sums else \
+            torch.zeros((), device=self.device)
+        req = self._request
+        if (self.is_main and self.cfg.checkpoint_minutes
+                and time.monotonic() - self._last_save_time > 60 * self.cfg.checkpoint_minutes):
+            req = max(req, 1)
+        flags = torch.stack([bad, torch.tensor(float(req >= 1), device=self.device),
+                             torch.tensor(float(req >= 2), device=self.device)])
+        if self.world_size > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        a, b, c = (bool(x) for x in flags.tolist())
+        return a, b, c
+
+    def _nan_message(self) -> str:
+        last = {k: (float(v) if isinstance(v, torch.Tensor) else v)
+                for k, v in self._last_out.items()}
+        kept = (f"last good checkpoint (step {self.last_saved_step}) kept at {self.last_path}"
+                if self.last_saved_step is not None else "no checkpoint was saved yet")
+        return (f"non-finite loss at step {self.step} (epoch {self.epoch}) of "
+                f"{type(self.task).__name__}: {last}; training stopped, {kept}. Lower the "
+                "learning rate or check the data")
+
+    def _log_train(self, bar) -> None:
+        if not self._count:
+            return
+        keys = list(self._sums)
+        vals = torch.stack([self._sums[k] for k in keys]) / self._count
+        if self.world_size > 1:
+            dist.all_reduce(vals)
+            vals /= self.world_size
+        dt = max(time.monotonic() - self._meter_t, 1e-9)
+        rec = {"kind": "train", "step": self.step, "epoch": self.epoch,
+               **{k: round(v, 6) for k, v in zip(keys, vals.tolist(), strict=True)},
+               "img_per_s": round(self._count * self.cfg.batch_size / dt, 2)}
+        for name, opt in self.optimizers.items():
+            rec[f"lr_{name}"] = opt.param_groups[0]["lr"]
+        self._write_record(rec)
+        if self.is_main and bar is not None and not bar.disable:
+            bar.set_postfix({k: f"{rec[k]:.4g}" for k in keys[:4]}, refresh=False)
+        self._reset_meter()
+
+    def _write_record(self, rec: dict) -> None:
+        if not self.is_main:
+            return
+        rec = {**rec, "time": round(self.train_seconds, 3)}
+        self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def _truncate_metrics(self) -> None:
+        """Drop records written after the checkpoint we resume from (they will be redone)."""
+        if not self.metrics_path.exists():
+            return
+        keep = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill
+            step, kind = rec.get("step", 0), rec.get("kind")
+            # at the checkpoint's own step: its train record came before the save; a validation
+            # record counts only if that epoch was closed before the save
+            if step < self.step or (step == self.step and (
+                    kind == "train" or rec.get("epoch", 0) < self.epoch)):
+                keep.append(line)
+        write_text(self.metrics_path, "".join(x + "\n" for x in keep))
+
+    def _summary(self, status: str) -> dict:
+        return {"status": status, "step": self.step, "epoch": self.epoch,
+                "train_seconds": round(self.train_seconds, 3), "checkpoint": str(self.last_path),
+                "best": self.best, "resumed": self.resumed}
+
+    # ---------------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> Path:
+        """Write ``last.pt`` atomically (rank 0). Collective: every rank must call it together."""
+        rng = _rng_state()  # per rank, with the metric window so resumed logs match
+        rng["meter"] = {"sums": {k: float(v) for k, v in self._sums.items()},
+                        "count": self._count}
+        if self.world_size > 1:
+            all_rng: list = [None] * self.world_size
+            dist.all_gather_object(all_rng, rng)
+        else:
+            all_rng = [rng]
+        if self.is_main:
+            sched = {k: s.state_dict() for k, s in self.schedulers.items()}
+            task_state = self.task.state_dict() if hasattr(self.task, "state_dict") else {}
+            state = {
+                "format": CKPT_FORMAT, "brainhpc": __version__, "fingerprint": self.fingerprint,
+                "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "train_seconds": self.train_seconds, "best": self.best,
+                "models": {k: m.state_dict() for k, m in self._raw.items()},
+                "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+                "schedulers": sched, "ema": {k: m.state_dict() for k, m in self.ema.items()},
+                "task": task_state, "rng": all_rng,
+            }
+            with atomic_path(self.last_path) as tmp:
+                torch.save(state, tmp)
+            log.debug("checkpoint step %d -> %s", self.step, self.last_path)
+        self.last_saved_step = self.step
+        self._last_save_time = time.monotonic()
+        self._request = 0
+        for signum in self._chain:
+            prev = self._prev_handlers.get(signum)
+            if callable(prev):
+                prev(signum, None)
+        self._chain = []
+        return self.last_path
+
+    def _load(self, path: Path) -> dict:
+        """Restore everything from ``path``; returns this rank's RNG state (applied last)."""
+        hint = "delete it (or pass --force) to start over, or point --out elsewhere"
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated zip, pickle garbage, wrong file: all the same to a user
+            raise BrainhpcError(f"{path}: corrupt or unreadable checkpoint ({type(e).__name__}: "
+                                f"{e}); {hint}") from e
+        if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
+            got = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise BrainhpcError(
+                f"{path}: checkpoint format {got!r}, expected {CKPT_FORMAT}; {hint}")
+        old = state.get("fingerprint", {})
+        diff = [k for k in sorted(set(old) | set(self.fingerprint))
+                if old.get(k) != self.fingerprint.get(k)]
+        if diff:
+            shown = []
+            for k in diff:
+                if k == "shapes":
+                    shown.append("model shapes differ")
+                else:
+                    shown.append(f"{k}: checkpoint {old.get(k)!r} vs now "
+                                 f"{self.fingerprint.get(k)!r}")
+            raise BrainhpcError(f"{path}: checkpoint belongs to a different run "
+                                f"({'; '.join(shown)}); {hint}")
+        try:
+            for k, m in self._raw.items():
+                m.load_state_dict(state["models"][k])
+            for k, o in self.optimizers.items():
+                o.load_state_dict(state["optimizers"][k])
+            for k, s in self.schedulers.items():
+                s.load_state_dict(state["schedulers"][k])
+            for k, m in self.ema.items():
+                m.load_state_dict(state["ema"][k])
+            if hasattr(self.task, "load_state_dict"):
+                self.task.load_state_dict(state.get("task", {}))
+            rng = state["rng"][self.rank]
+            self._resumed_meter = rng.get("meter")
+            self.step, self.epoch = int(state["step"]), int(state["epoch"])
+            self.batch_in_epoch = int(state["batch_in_epoch"])
+            self.train_seconds = float(state.get("train_seconds", 0.0))
+            self.best = state.get("best", self.best)
+        except (KeyError, IndexError, RuntimeError, ValueError) as e:
+            raise BrainhpcError(f"{path}: checkpoint does not match this run ({type(e).__name__}: "
+                                f"{e}); {hint}") from e
+        self.last_saved_step = self.step
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.epoch,
+                 self.batch_in_epoch)
+        return rng
+
+    # ---------------------------------------------------------------- signals and teardown
+    def _on_signal(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        log.warning("%s received: checkpoint at the next step boundary%s", name,
+                    " then stop" if name in STOP_SIGNALS else "")
+        self.request_checkpoint(stop=name in STOP_SIGNALS)
+        self._chain.append(signum)
+
+    def _install_signals(self) -> None:
+        if not self.cfg.handle_signals or threading.current_thread() is not threading.main_thread():
+            return
+        for name in ("SIGUSR1", "SIGTERM"):
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                self._prev_handlers[sig] = signal.signal(sig, self._on_signal)
+
+    def _restore_signals(self) -> None:
+        for sig, prev in self._prev_handlers.items():
+            signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
+        self._prev_handlers = {}
+
+    def _wrap(self, m: nn.Module) -> nn.Module:
+        if self.world_size > 1 and any(p.requires_grad for p in m.parameters()):
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            return DDP(m, device_ids=ids)
+        return m
+
+    def close(self) -> None:
+        """Drop DDP wrappers, barrier, destroy the group (if we made it). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self.models = dict(self._raw)
+        teardown(self.info)
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def config_dict(cfg: TrainConfig) -> dict:
+    """JSON-friendly view of a TrainConfig (for cards and logs)."""
+    d = asdict(cfg)
+    d["out"] = str(cfg.out)
+    return d
+
+
