@@ -1,0 +1,171 @@
+"""The ``evaluate`` cell: score a trained classifier (a classify cell's ``model.pt``) on another
+dataset, with every threshold frozen as the classify cell chose it on its own validation split.
+
+``evaluate(EvaluateConfig) -> dict`` writes ``metrics.json`` (and, for the VAE,
+``error_maps.png``) into ``cfg.out``. The data is either a prepared dataset (its ``test`` split by
+default, any one split, or ``all`` of them) or a raw image folder, which goes through the same
+pre-processing as ``brainhpc prepare`` (``brainhpc.data.prepare.read_folder``) at the
+checkpoint's image size. A prepared dataset of another size is refused (re-prepare it).
+Re-runs with the same config (and the same checkpoint file) are skipped; a different one in the
+same folder needs ``force``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from brainhpc import __version__
+from brainhpc.classify.data import concat
+from brainhpc.classify.metrics import classification_metrics
+from brainhpc.classify.run import check_size, load_classifier, save_error_maps, score_with
+from brainhpc.classify.techniques import localisation
+from brainhpc.data.shards import SPLITS, load_split
+from brainhpc.errors import BrainhpcError
+from brainhpc.fsio import config_hash, sha256_file, write_json
+from brainhpc.generate import check_prepared as read_manifest
+from brainhpc.train.distributed import DEVICES
+
+log = logging.getLogger(__name__)
+
+EVAL_SPLITS = (*SPLITS, "all")
+
+
+@dataclass
+class EvaluateConfig:
+    checkpoint: Path  # model.pt or the classify cell folder holding it
+    data: Path  # prepared dataset (has manifest.json) or raw image folder
+    out: Path
+    split: str = "test"  # prepared data only: train | val | test | all
+    labels: str | None = None  # raw folders: "tumour=yes healthy=no" (None: auto-detect)
+    device: str = "auto"
+    workers: int | None = None  # raw-folder pre-processing processes
+    force: bool = False
+
+    def __post_init__(self):
+        self.checkpoint, self.data, self.out = Path(self.checkpoint), Path(self.data), \
+            Path(self.out)
+        if self.split not in EVAL_SPLITS:
+            raise BrainhpcError(f"evaluate: unknown split {self.split!r}; valid: "
+                                f"{', '.join(EVAL_SPLITS)}")
+        if self.device not in DEVICES:
+            raise BrainhpcError(
+                f"evaluate: unknown device {self.device!r}; valid: {', '.join(DEVICES)}")
+        if not self.data.exists():
+            raise BrainhpcError(f"evaluate: data {self.data} does not exist")
+        if self.labels is not None and self.prepared:
+            raise BrainhpcError(f"evaluate: --labels applies to raw image folders; {self.data} "
+                                "is a prepared dataset (its labels are stored)")
+
+    @property
+    def prepared(self) -> bool:
+        return (self.data / "manifest.json").exists()
+
+
+def _load_data(cfg: EvaluateConfig, size: int):
+    """(ShardData, skipped files, description) at the checkpoint's ``size``."""
+    if cfg.prepared:
+        psize = int(read_manifest(cfg.data)["config"]["size"])
+        if psize != size:
+            raise BrainhpcError(
+                f"{cfg.data} is prepared at {psize}x{psize} px but the classifier "
+                f"{cfg.checkpoint} takes {size}x{size} px; re-prepare it with --size {size} "
+                "(or pass the raw image folder, which is pre-processed at the right size)")
+        splits = SPLITS if cfg.split == "all" else (cfg.split,)
+        data = concat([load_split(cfg.data, s) for s in splits])
+        check_size(data.images, size, f"{cfg.data} ({cfg.split})",
+                   f"re-prepare it with --size {size}")
+        return data, [], f"prepared:{cfg.split}"
+    if not cfg.data.is_dir():
+        raise BrainhpcError(f"evaluate: {cfg.data} is neither a prepared dataset (no "
+                            "manifest.json) nor an image folder")
+    from brainhpc.data.prepare import read_folder
+
+    data, skipped = read_folder(cfg.data, size, labels=cfg.labels, workers=cfg.workers)
+    return data, skipped, "raw folder"
+
+
+def evaluate(cfg: EvaluateConfig) -> dict:
+    """Score the classifier on ``cfg.data``; returns the metrics dict (also metrics.json)."""
+    t_start = time.time()
+    clf = load_classifier(cfg.checkpoint)
+    ident = {"checkpoint": str(clf["path"].resolve()),
+             "checkpoint_sha256": sha256_file(clf["path"]), "data": str(cfg.data.resolve()),
+             "split": cfg.split if cfg.prepared else None, "labels": cfg.labels}
+    path = cfg.out / "metrics.json"
+    if path.exists() and not cfg.force:
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise BrainhpcError(f"{path}: unreadable ({e}); use --force to overwrite") from e
+        if old.get("config") == ident and old.get("status") == "done":
+            log.info("%s: finished (metrics.json), skipping; use --force to redo", cfg.out)
+            return {**old, "skipped": True}
+        diff = sorted(k for k in set(old.get("config", {})) | set(ident)
+                      if old.get("config", {}).get(k) != ident.get(k))
+        raise BrainhpcError(f"{cfg.out} holds an evaluation with a different config "
+                            f"({', '.join(diff)} differ); use --force to overwrite it or choose "
+                            "another --out")
+    size = int(clf["image_size"])
+    data, skipped, kind = _load_data(cfg, size)
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise BrainhpcError("evaluate: device 'cuda' requested but torch sees no CUDA device")
+    device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
+    pred, score, maps = score_with(clf, data.images, device)
+    metrics = classification_metrics(data.labels, pred, score)
+    if clf["model"] == "cnn":
+        chosen = {"threshold": clf["threshold"]}
+    else:
+        chosen = clf["fitted"].chosen()
+        if data.masks is not None:
+            metrics["localisation"] = localisation(clf["fitted"].regions(maps), data.masks)
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        save_error_maps(cfg.out / "error_maps.png", data.images, maps,
+                        clf["fitted"].regions(maps), data.labels, pred, score,
+                        f"vae {clf['fitted'].technique} on {cfg.data.name} ({kind})")
+    result = {
+        "status": "done", "model": clf["model"],
+        "technique": clf["fitted"].technique if clf["model"] == "vae" else None,
+        "train_data": clf.get("train_data"), "data": str(cfg.data), "data_kind": kind,
+        "split": ident["split"], "image_size": size, **metrics,
+        "chosen": chosen, "frozen": True, "n_skipped": len(skipped), "skipped": skipped[:100],
+        "wall_seconds": round(time.time() - t_start, 3), "device": str(device),
+        "brainhpc": __version__, "config_hash": config_hash(ident), "config": ident,
+    }
+    write_json(path, result)
+    log.info("evaluate %s on %s: acc %.4f F1 %.4f (n %d)", clf["path"], cfg.data,
+             result["accuracy"], result["f1"], result["n"])
+    return result
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "evaluate", help="score a trained classifier on another dataset (thresholds frozen)",
+        description="Score a classify cell's model.pt on a prepared dataset or a raw image "
+                    "folder, with its validation-chosen thresholds frozen.")
+    p.add_argument("--checkpoint", required=True, type=Path,
+                   help="a classify cell's model.pt, or the cell folder")
+    p.add_argument("--data", required=True, type=Path,
+                   help="prepared dataset folder or raw image folder")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--split", default="test",
+                   help=f"prepared data: {' | '.join(EVAL_SPLITS)} (default test)")
+    p.add_argument("--labels", nargs="+", metavar="LABEL=DIR[,DIR]",
+                   help="raw folders: explicit mapping, e.g. --labels tumour=yes healthy=no")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--workers", type=int, help="pre-processing processes (raw folders)")
+    p.add_argument("--force", action="store_true", help="overwrite a different evaluation")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    cfg = EvaluateConfig(checkpoint=args.checkpoint, data=args.data, out=args.out,
+                         split=args.split, labels=" ".join(args.labels) if args.labels else None,
+                         device=args.device, workers=args.workers, force=args.force)
+    evaluate(cfg)
+    return 0

@@ -1,0 +1,147 @@
+"""The study's two classifiers: BrainCNN (supervised) and BrainCVAE (healthy-only anomaly model).
+
+Both take 1 x H x W images in [0, 1] at any size divisible by 8 (CNN) or 4 (VAE), so the same
+code serves 32, 64 and 128 px. ``vae_loss`` is the VAE's training objective; ``error_maps``
+turns images into the |x - x_hat| maps the techniques in ``brainhpc.classify.techniques`` read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from brainhpc.errors import BrainhpcError
+
+RECON_LOSSES = ("bce", "mse")
+
+
+def _check_size(image_size: int, factor: int, model: str) -> None:
+    if not isinstance(image_size, int) or image_size < factor or image_size % factor:
+        raise BrainhpcError(
+            f"{model}: image_size must be a positive multiple of {factor} (e.g. 32, 64, 128), "
+            f"got {image_size!r}"
+        )
+
+
+class BrainCNN(nn.Module):
+    """Three conv blocks (3x3 stride 1, 32/64/128 filters, batch norm, ReLU, 2x2 max-pool), then
+    fully connected 1024 -> 512 -> 128 with ReLU and dropout, then two logits (healthy, tumour)."""
+
+    def __init__(self, image_size: int = 128, dropout: float = 0.5,
+                 filters: Sequence[int] = (32, 64, 128), hidden: Sequence[int] = (1024, 512, 128)):
+        super().__init__()
+        _check_size(image_size, 8, "BrainCNN")
+        if not 0.0 <= dropout < 1.0:
+            raise BrainhpcError(f"BrainCNN: dropout must be in [0, 1), got {dropout!r}")
+        if len(filters) != 3:
+            raise BrainhpcError(f"BrainCNN: filters must name 3 conv widths, got {list(filters)}")
+        self.image_size = image_size
+        blocks, c_in = [], 1
+        for c in filters:
+            blocks += [nn.Conv2d(c_in, c, 3, stride=1, padding=1, bias=False), nn.BatchNorm2d(c),
+                       nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            c_in = c
+        self.features = nn.Sequential(*blocks)
+        n_flat = c_in * (image_size // 8) ** 2
+        layers: list[nn.Module] = [nn.Flatten()]
+        for h in hidden:
+            layers += [nn.Linear(n_flat, h), nn.ReLU(inplace=True), nn.Dropout(dropout)]
+            n_flat = h
+        layers.append(nn.Linear(n_flat, 2))
+        self.classifier = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """N x 1 x H x W in [0, 1] -> N x 2 logits."""
+        return self.classifier(self.features(x))
+
+
+class BrainCVAE(nn.Module):
+    """Convolutional VAE: two stride-2 conv layers with ReLU, one linear layer to mean and
+    log-variance, reparameterisation, a linear layer (ReLU) back to the feature grid, then two
+    stride-2 transposed convs (ReLU between) and a sigmoid."""
+
+    def __init__(self, image_size: int = 128, latent_dim: int = 128,
+                 channels: Sequence[int] = (32, 64)):
+        super().__init__()
+        _check_size(image_size, 4, "BrainCVAE")
+        if latent_dim < 1:
+            raise BrainhpcError(f"BrainCVAE: latent_dim must be >= 1, got {latent_dim!r}")
+        if len(channels) != 2:
+            raise BrainhpcError(
+                f"BrainCVAE: channels must name 2 conv widths, got {list(channels)}")
+        c1, c2 = channels
+        self.image_size, self.latent_dim = image_size, latent_dim
+        self.grid = (c2, image_size // 4, image_size // 4)
+        n_flat = c2 * (image_size // 4) ** 2
+        self.encoder = nn.Sequential(
+            nn.Conv2d(1, c1, 4, stride=2, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(c1, c2, 4, stride=2, padding=1), nn.ReLU(inplace=True),
+            nn.Flatten(),
+        )
+        self.to_stats = nn.Linear(n_flat, 2 * latent_dim)  # mean and log-variance, split in two
+        self.from_latent = nn.Linear(latent_dim, n_flat)
+        self.decoder = nn.Sequential(
+            nn.ConvTranspose2d(c2, c1, 4, stride=2, padding=1), nn.ReLU(inplace=True),
+            nn.ConvTranspose2d(c1, 1, 4, stride=2, padding=1),
+        )
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mu, logvar = self.to_stats(self.encoder(x)).chunk(2, dim=1)
+        return mu, logvar
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.from_latent(z)).view(-1, *self.grid)
+        return torch.sigmoid(self.decoder(h))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (reconstruction, mu, logvar); samples z in training, uses z = mu in eval."""
+        mu, logvar = self.encode(x)
+        if self.training:
+            z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        else:
+            z = mu
+        return self.decode(z), mu, logvar
+
+    @torch.no_grad()
+    def error_maps(self, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """|x - x_hat| as N x H x W float in [0, 1]; deterministic (decodes the posterior mean),
+        so an image always yields the same map and threshold selection is reproducible."""
+        was_training = self.training
+        self.eval()
+        out = []
+        try:
+            for i in range(0, len(x), batch_size):
+                xb = x[i:i + batch_size]
+                x_hat, _, _ = self(xb)
+                out.append((xb - x_hat).abs()[:, 0].float().cpu())
+        finally:
+            self.train(was_training)
+        if not out:
+            return torch.zeros(0, self.image_size, self.image_size)
+        return torch.cat(out).clamp_(0.0, 1.0)
+
+
+def vae_loss(x_hat: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
+             kl_weight: float = 1.0, recon: str = "bce") -> tuple[torch.Tensor, dict[str, float]]:
+    """Reconstruction + kl_weight * KL, both summed over an image and averaged over the batch.
+
+    ``recon`` is "bce" (binary cross-entropy, the usual choice for images in [0, 1]) or "mse"
+    (sum of squared errors). Returns the loss tensor and its parts as floats for the metric log.
+    """
+    if recon not in RECON_LOSSES:
+        raise BrainhpcError(
+            f"vae_loss: recon must be one of {', '.join(RECON_LOSSES)}, got {recon!r}")
+    if kl_weight < 0:
+        raise BrainhpcError(f"vae_loss: kl_weight must be >= 0, got {kl_weight!r}")
+    n = x.shape[0]
+    if recon == "bce":
+        rec = F.binary_cross_entropy(x_hat.float(), x.float(), reduction="sum") / n
+    else:
+        rec = F.mse_loss(x_hat.float(), x.float(), reduction="sum") / n
+    kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp()) / n
+    loss = rec + kl_weight * kl
+    parts = {"loss": float(loss.detach()), "recon": float(rec.detach()), "kl": float(kl.detach())}
+    return loss, parts
