@@ -18,6 +18,10 @@ from brainhpc.errors import BrainhpcError
 COMMAND_MODULES = [
     "brainhpc.data.prepare",
     "brainhpc.smoke",
+    "brainhpc.generate",
+    "brainhpc.classify.run",
+    "brainhpc.classify.evaluate",
+    "brainhpc.sweep.cli",
 ]
 
 

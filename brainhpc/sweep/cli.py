@@ -1,0 +1,155 @@
+"""Command line of the sweep::
+
+    python -m brainhpc.sweep [JOBS_FILE] [--partition P] [--executor slurm|local|debug]
+                             [--dry-run] [--only STAGE] [--force] [--run-dir DIR] [--data PATH]
+    python -m brainhpc.sweep status RUN_DIR
+    python -m brainhpc.sweep aggregate RUN_DIR     (re-write RUN_DIR/results here and now)
+
+With SLURM it returns right after submitting and prints the job ids and what to run next.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from brainhpc.errors import BrainhpcError
+from brainhpc.fsio import write_json
+from brainhpc.sweep import submit as sub
+from brainhpc.sweep.aggregate import aggregate
+from brainhpc.sweep.cells import expand, read_marker
+from brainhpc.sweep.config import STAGES, load_sweep
+from brainhpc.sweep.status import cell_states, table
+
+DEFAULT_JOBS = "jobs/smoke.toml"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("jobs_file", nargs="?", default=DEFAULT_JOBS,
+                   help=f"sweep file (default {DEFAULT_JOBS}), or 'status' / 'aggregate'")
+    p.add_argument("target", nargs="?", help="RUN_DIR after 'status' or 'aggregate'")
+    p.add_argument("--executor", choices=sub.EXECUTORS, default="slurm")
+    p.add_argument("--partition", help="override every stage's partition")
+    p.add_argument("--profile", help="site profile name (slurm/profiles/) or .toml path")
+    p.add_argument("--data", type=Path, help="raw image folder (overrides [data] of the file)")
+    p.add_argument("--run-dir", type=Path, help="default: runs/<sweep name>")
+    p.add_argument("--only", choices=STAGES, help="this stage's cells only (no dependencies)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print cells, resources and sbatch scripts; submit nothing")
+    p.add_argument("--force", action="store_true",
+                   help="redo the selected cells, and take over a run dir of another sweep file")
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("sweep", help="run a jobs/*.toml study as SLURM arrays",
+                              description=__doc__.splitlines()[0])
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    if args.jobs_file in ("status", "aggregate"):
+        run_dir = args.target or args.run_dir
+        if run_dir is None:
+            raise BrainhpcError(f"{args.jobs_file} needs a run directory: "
+                                f"python -m brainhpc.sweep {args.jobs_file} RUN_DIR")
+        if args.jobs_file == "aggregate":
+            res = aggregate(run_dir)
+            print(f"{Path(run_dir) / 'results'}: {res['rows']} classify rows, "
+                  f"{res['generators']} generator rows, failed: {res['failed'] or 'none'}")
+            return 0
+        rows = cell_states(Path(run_dir))
+        print(table(rows))
+        return 1 if any(r["state"] in ("failed", "lost") for r in rows) else 0
+    t0 = time.monotonic()
+    sweep = load_sweep(args.jobs_file, data=args.data, partition=args.partition,
+                       profile=args.profile)
+    run_dir = (args.run_dir or Path("runs") / sweep.name).resolve()
+    plan = expand(sweep, run_dir)
+    stages = [args.only] if args.only else list(STAGES)
+    if args.dry_run:
+        print(dry_run(sweep, plan, run_dir, stages))
+        return 0
+    info = None
+    if args.executor == "slurm":
+        info = sub.cluster_info()
+        sub.check_partitions(sweep, [s for s in stages if plan[s]], info["partitions"])
+    sub.claim_run_dir(sweep, run_dir, args.force)
+    write_json(run_dir / "plan.json", {s: [{"id": c.id, "params": c.params} for c in plan[s]]
+                                       for s in STAGES})
+    queued = sub.queue_states() if args.executor == "slurm" else {}
+    cells, skipped = sub.todo(plan, run_dir, stages, args.force, queued)
+    n = sum(len(v) for v in cells.values())
+    note = f"{len(skipped['done'])} done, {len(skipped['queued'])} still queued"
+    if n == 0:
+        print(f"nothing to submit for {sweep.name} in {run_dir}: {note}")
+        for q in skipped["queued"]:
+            print(f"  queued: {q}")
+        return 0
+    if args.executor == "slurm":
+        records = sub.submit_slurm(sweep, cells, run_dir, args.force, info)
+        took = time.monotonic() - t0
+        print(f"submitted {n} cells of sweep {sweep.name} to SLURM cluster {info['cluster']} "
+              f"in {took:.1f} s ({note}; MaxArraySize {info['max_array_size']}):")
+        for r in records:
+            after = f" after {','.join(r['after'])} (afterany)" if r["after"] else ""
+            print(f"  {r['stage']:<10} {len(r['cells']):>4} cells  job {r['job_id']}{after}")
+        ids = ",".join(r["job_id"] for r in records)
+        print("next:")
+        print(f"  python -m brainhpc.sweep status {run_dir}")
+        print(f"  squeue -j {ids}")
+        print(f"  logs: {run_dir / 'logs'}/<stage>/; results: {run_dir / 'results'}/table.md "
+              f"(after job {records[-1]['job_id']})")
+        return 0
+    sub.run_here(args.executor, sweep, cells, run_dir, args.force)
+    rows = cell_states(run_dir, queued={})
+    print(table(rows))
+    print(f"{args.executor} run of {n} cells took {time.monotonic() - t0:.1f} s; results in "
+          f"{run_dir / 'results'}")
+    return 1 if any(r["state"] == "failed" for r in rows) else 0
+
+
+def dry_run(sweep, plan, run_dir: Path, stages: list[str]) -> str:
+    """The matrix, the resources and the sbatch script of each stage, as text."""
+    out = [f"sweep {sweep.name} ({sweep.source}), profile {sweep.profile}, run dir {run_dir}"]
+    prev = None
+    for stage in stages:
+        cells = plan[stage]
+        if not cells:
+            continue
+        r = sweep.resources[stage]
+        out.append(f"\n== {stage}: {len(cells)} cell(s) ==")
+        for c in cells:
+            state = (read_marker(c) or {}).get("status", "new")
+            params = ", ".join(f"{k}={v}" for k, v in c.params.items()
+                               if v not in (None, {}, ""))
+            out.append(f"  {c.id:<40} [{state}] {params}")
+        out.append(f"resources: partition={r.partition} gpus_per_node={r.gpus_per_node} "
+                   f"tasks_per_node={r.tasks} cpus_per_task={r.cpus_per_task} "
+                   f"mem_gb={r.mem_gb} time_min={r.time_min} "
+                   f"array_parallelism={r.array_parallelism}"
+                   + (f" account={r.account}" if r.account else ""))
+        dep = f"afterany:<{prev} job ids>" if prev else None
+        out.append(f"--- sbatch script ({stage}) ---")
+        out.append(sub.sbatch_script(sweep, stage, run_dir, len(cells), dep).rstrip())
+        prev = stage
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m brainhpc.sweep",
+                                     description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        return run(args)
+    except BrainhpcError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,126 @@
+"""Aggregate and status on a run directory whose cells left known outputs (written here by
+hand; the real cells are exercised in test_sweep_slurm.py), and a debug-executor cell."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from brainhpc.errors import BrainhpcError
+from brainhpc.fsio import write_json
+from brainhpc.sweep.aggregate import REFERENCE, aggregate
+from brainhpc.sweep.cells import Cell, CellRunner, expand
+from brainhpc.sweep.config import load_sweep
+from brainhpc.sweep.status import cell_states, table
+
+SWEEP = """
+name = "res"
+[data]
+phantom = 100
+size = 32
+[generate]
+archs = ["vae"]
+[[classify.cells]]
+model = "cnn"
+train_data = ["real", "mixed:vae:0.5", "mixed:vae:1"]
+[[classify.cells]]
+model = "vae"
+techniques = ["giaem"]
+train_data = ["real"]
+seeds = [0, 1]
+"""
+
+
+def _run_dir(tmp_path: Path) -> tuple[Path, dict]:
+    path = tmp_path / "s.toml"
+    path.write_text(SWEEP)
+    run = tmp_path / "run"
+    plan = expand(load_sweep(path), run)
+    write_json(run / "sweep.json", {"name": "res", "source": str(path)})
+    write_json(run / "plan.json", {s: [{"id": c.id, "params": c.params} for c in cells]
+                                   for s, cells in plan.items()})
+    return run, plan
+
+
+def _done(cell: Cell, metrics: dict | None = None, card: dict | None = None) -> None:
+    write_json(cell.marker, {"status": "done", "config_hash": cell.hash, "wall_seconds": 1.5,
+                             "log": "", "job_id": "9"})
+    if metrics is not None:
+        write_json(cell.folder / "metrics.json", {"status": "done", **metrics})
+    if card is not None:
+        write_json(cell.folder / "card.json", {"status": "done", **card})
+
+
+def test_aggregate_writes_every_planned_row(tmp_path):
+    run, plan = _run_dir(tmp_path)
+    gen = {c.id: c for c in plan["generate"]}
+    _done(gen["vae-healthy"], card={"epochs": 3, "steps": 30, "n_train": 50, "n_samples": 64,
+                                     "quality": {"fid": 12.5, "kid": 0.01,
+                                                 "memorisation": {"near_copy_share": 0.0}}})
+    write_json(gen["vae-tumour"].marker, {"status": "failed", "error": "BrainhpcError: boom",
+                                          "log": "/logs/7_1_0_log.out"})
+    cls = {c.id: c for c in plan["classify"]}
+    m = {"accuracy": 0.5, "precision": 0.25, "recall": 1.0, "f1": 0.4, "roc_auc": 0.6, "n": 20,
+         "n_train": 70, "epochs": 1, "brainhpc": "0.1", "config_hash": "abc"}
+    _done(cls["cnn-real-s0"], m)
+    _done(cls["cnn-mixed_vae_0.5-s0"], {**m, "f1": 0.5})
+    _done(cls["cnn-mixed_vae_1-s0"], {**m, "f1": 0.3})
+    _done(cls["vae-giaem-real-s0"], {**m, "accuracy": 0.6})
+    _done(cls["vae-giaem-real-s1"], {**m, "accuracy": 0.8})
+    res = aggregate(run)
+    assert res["failed"] == ["vae-tumour"]
+    out = run / "results"
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [r["cell"] for r in rows] == [c.id for c in plan["classify"]]
+    assert rows[1]["kind"] == "mixed" and rows[1]["generator"] == "vae" and rows[1]["p"] == "0.5"
+    gens = list(csv.DictReader((out / "generators.csv").open()))
+    assert gens[0]["fid"] == "12.5" and gens[1]["status"] == "failed"
+    md = (out / "table.md").read_text()
+    ref = " | ".join(f"{v:.2f}" for v in REFERENCE[("vae", "giaem", "real")])
+    assert (f"| VAE (GIAEM) | real | 70.00 ± 14.14 | 25.00 ± 0.00 | 100.00 ± 0.00 | "
+            f"40.00 ± 0.00 | 60.00 ± 0.00 | 2/2 | {ref} |") in md
+    assert "| CNN | mixed:vae:0.5 | 50.00 | 25.00 | 100.00 | 50.00 | 60.00 | 1/1 | - |" in md
+    assert (out / "proportion.png").stat().st_size > 1000
+    assert (out / "by_train_data.png").stat().st_size > 1000
+
+
+def test_aggregate_keeps_rows_of_cells_that_never_ran(tmp_path):
+    run, plan = _run_dir(tmp_path)
+    aggregate(run)
+    rows = list(csv.DictReader((run / "results" / "metrics.csv").open()))
+    assert len(rows) == 5 and {r["status"] for r in rows} == {"missing"}
+    assert "Cells without results" in (run / "results" / "table.md").read_text()
+    with pytest.raises(BrainhpcError, match="plan.json"):
+        aggregate(tmp_path / "elsewhere")
+
+
+def test_status_table_shows_queue_states_and_failures(tmp_path):
+    run, plan = _run_dir(tmp_path)
+    cls = plan["classify"]
+    _done(cls[0], {"f1": 1})
+    write_json(cls[1].marker, {"status": "failed", "error": "BrainhpcError: no shards",
+                               "log": "/run/logs/classify/5_1_0_log.out"})
+    write_json(cls[2].marker, {"status": "running", "log": "x"})  # its job is gone: lost
+    write_json(run / "jobs.json", [{"stage": "classify", "job_id": "5", "executor": "slurm",
+                                    "cells": [c.id for c in cls]}])
+    rows = cell_states(run, queued={"5_3": "RUNNING", "5_4": "PENDING"})
+    states = {r["cell"]: r["state"] for r in rows}
+    assert states == {cls[0].id: "done", cls[1].id: "failed", cls[2].id: "lost",
+                      cls[3].id: "running", cls[4].id: "pending"}
+    text = table(rows)
+    assert "error: BrainhpcError: no shards" in text
+    assert "log:   /run/logs/classify/5_1_0_log.out" in text
+    assert text.splitlines()[-1] == "1 done, 1 running, 1 pending, 1 failed, 1 lost"
+    with pytest.raises(BrainhpcError, match="not a sweep run directory"):
+        cell_states(tmp_path)
+
+
+def test_cell_runner_marks_failure_with_the_error(tmp_path):
+    run, plan = _run_dir(tmp_path)
+    cell = plan["generate"][0]  # no prepared data in this run dir
+    with pytest.raises(BrainhpcError, match="does not exist"):
+        CellRunner()(cell)
+    marker = json.loads(cell.marker.read_text())
+    assert marker["status"] == "failed" and "prepared dataset" in marker["error"]
+    assert marker["user_error"] is True and marker["config_hash"] == cell.hash
