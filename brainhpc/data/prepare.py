@@ -14,25 +14,22 @@ never split across train/val/test. The split is stratified by label and fixed by
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import multiprocessing as mp
 import os
 import shutil
-import signal
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-import cv2
 import numpy as np
 from tqdm import tqdm
 
 from brainhpc import __version__
-from brainhpc.data import layouts, phantom, preprocess
+from brainhpc.data import layouts, preprocess
 from brainhpc.data.shards import (
     DEFAULT_SHARD_SIZE,
     LABEL_NAMES,
@@ -134,33 +131,17 @@ def default_workers() -> int:
         return os.cpu_count() or 1
 
 
-def _init_worker() -> None:
-    cv2.setNumThreads(1)  # one image per process; OpenCV's own threads would only oversubscribe
-    # Forked workers inherit the parent's handlers (submitit's and the trainer's SIGTERM/SIGUSR
-    # handlers inside a SLURM cell), which would make them ignore the pool's shutdown.
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(sig, signal.SIG_DFL)
-
-
-def _phantom_task(task: tuple[int, int, int]) -> tuple[preprocess.Processed, np.ndarray, int, str]:
-    index, seed, size = task
-    p = phantom.make_slice(index, seed)
-    out, geom = preprocess.preprocess_array(p.image, size)
-    mask = preprocess.apply_geometry(p.mask, geom, size)
-    digest = hashlib.sha256(p.image.tobytes()).hexdigest()
-    return preprocess.Processed(index, digest, out, preprocess.phash(out)), mask, p.label, p.name
-
-
 def _map(func, tasks: list, workers: int, progress: bool, what: str) -> list:
     """Run ``func`` over ``tasks`` in a process pool (in-process for one worker), in order."""
     bar = dict(total=len(tasks), desc=what, unit="img", disable=not progress, mininterval=1.0)
     if workers <= 1 or len(tasks) < 64:
         return [func(t) for t in tqdm(tasks, **bar)]
     chunk = max(1, min(64, len(tasks) // (workers * 8)))
-    # fork: workers start in milliseconds and need no importable __main__; they only run OpenCV
-    # and numpy (single-threaded, see _init_worker), never torch, so fork-safety is not at stake.
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    pool = ctx.Pool(workers, initializer=_init_worker)
+    # forkserver, not fork: a forked child inherits OpenCV's and torch's thread pools mid-state
+    # and can deadlock in its first cv2 call. Workers import only brainhpc.data.preprocess.
+    methods = mp.get_all_start_methods()
+    ctx = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
+    pool = ctx.Pool(workers, initializer=preprocess.init_worker)
     try:
         results = list(tqdm(pool.imap(func, tasks, chunksize=chunk), **bar))
     except BaseException:
@@ -191,7 +172,7 @@ def _gather(cfg: PrepareConfig, workers: int) -> Items:
     size = cfg.size
     if cfg.phantom is not None:
         tasks = [(i, cfg.seed, size) for i in range(cfg.phantom)]
-        results = _map(_phantom_task, tasks, workers, cfg.progress, "phantom")
+        results = _map(preprocess.process_phantom, tasks, workers, cfg.progress, "phantom")
         procs = [r[0] for r in results]
         masks = np.stack([r[1] for r in results])[:, None]
         labels = np.array([r[2] for r in results], np.int64)

@@ -20,10 +20,13 @@ Output is uint8; scaling to [0, 1] happens when shards are read.
 from __future__ import annotations
 
 import hashlib
+import signal
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
+
+from brainhpc.data import phantom
 
 MARGIN = 0.02  # fraction of the bbox side kept around the brain
 MIN_BRAIN_FRACTION = 0.01  # a "brain" smaller than 1% of the image means we found nothing
@@ -178,3 +181,22 @@ def process_file(task: tuple[int, str, int]) -> Processed:
     except BadImage as e:
         return Processed(index, digest, error=str(e))
     return Processed(index, digest, out, phash(out))
+
+
+def process_phantom(task: tuple[int, int, int]) -> tuple[Processed, np.ndarray, int, str]:
+    """Worker entry point: (index, seed, size) -> (Processed, mask, label, name) of a phantom."""
+    index, seed, size = task
+    p = phantom.make_slice(index, seed)
+    out, geom = preprocess_array(p.image, size)
+    mask = apply_geometry(p.mask, geom, size)
+    digest = hashlib.sha256(p.image.tobytes()).hexdigest()
+    return Processed(index, digest, out, phash(out)), mask, p.label, p.name
+
+
+def init_worker() -> None:
+    """Pool initialiser: one image per process, default signal handling."""
+    cv2.setNumThreads(1)  # OpenCV's own threads would only oversubscribe the cores
+    # Workers must not inherit a SLURM cell's handlers (submitit bypasses SIGTERM), which would
+    # make them ignore the pool's shutdown.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_DFL)
