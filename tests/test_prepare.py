@@ -183,6 +183,13 @@ def test_write_failure_leaves_nothing_half_written(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_unwritable_out(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(BrainhpcError, match="cannot write --out"):
+        prepare(PrepareConfig(out=tmp_path / "file" / "sub" / "p", phantom=20, size=32,
+                              progress=False))
+
+
 def test_too_few_usable_images(tmp_path):
     for name in ("yes", "no"):
         (tmp_path / "d" / name).mkdir(parents=True)

@@ -408,8 +408,13 @@ def prepare(cfg: PrepareConfig) -> dict:
              len(items.labels), dup_stats["groups"], dup_stats["exact_groups"],
              dup_stats["largest_group"])
 
-    cfg.out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{cfg.out.name}.staging-", dir=cfg.out.parent))
+    try:
+        cfg.out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{cfg.out.name}.staging-", dir=cfg.out.parent))
+    except OSError as e:
+        raise BrainhpcError(f"cannot write --out {cfg.out} ({e.strerror or e}); give a writable "
+                            f"folder (in a container, mount one, e.g. -v \"$PWD/out:/out\")"
+                            ) from e
     try:
         attrs = {"size": cfg.size, "seed": cfg.seed, "config_hash": chash,
                  "source": "phantom" if cfg.data is None else str(cfg.data)}

@@ -1,0 +1,91 @@
+# brainhpc: the two commands a newcomer needs are `make smoke` and `make test`.
+# Both create .venv and install the project (editable, with dev tools) when missing or stale.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+RUN    ?= runs/smoke
+PARTITION ?= gpu
+DATA      ?= ../shared/datasets/brain-tumor-mri/Training
+RUN_DIR   ?= runs/paper
+PYTEST_ARGS ?=
+
+.PHONY: help install smoke test test-fast lint bench submit-all cluster-up cluster-down \
+        cluster-status clean image sif docker-smoke container-test
+
+help:
+	@echo "make smoke        install, then run the main job end to end on phantom data ($(RUN))"
+	@echo "make test         install, then run the test suite (SLURM tests need make cluster-up)"
+	@echo "make test-fast    the tests without the slow end-to-end ones"
+	@echo "make lint         ruff"
+	@echo "make bench        benchmarks: ratios against naive baselines, measured side by side"
+	@echo "make submit-all   submit the paper sweep to this cluster (PARTITION= DATA= RUN_DIR=)"
+	@echo "make image        build the container image (VARIANT=cpu|gpu); sif, docker-smoke"
+	@echo "make container-test  lint + podman build + smoke inside the image (as CI does)"
+	@echo "make cluster-up   start the local single-node SLURM cluster (root; see slurm/README.md)"
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade "pip>=23" "setuptools>=64" wheel
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(STAMP)
+
+smoke: $(STAMP)
+	$(BIN)/brainhpc smoke --out $(RUN)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check brainhpc tests benchmarks
+
+bench: $(STAMP)
+	@set -e; for b in benchmarks/bench_*.py; do \
+	  echo "=== $$b"; $(BIN)/python $$b; echo; \
+	done
+
+submit-all: $(STAMP)
+	$(BIN)/python -m brainhpc.sweep jobs/paper.toml --partition $(PARTITION) --data $(DATA) \
+	  --run-dir $(RUN_DIR)
+
+# ---- containers (containers/README.md) ----
+VARIANT ?= cpu
+IMAGE_TAG ?= brainhpc:$(VARIANT)
+SIF ?= brainhpc.sif
+# docker when its daemon answers, else podman (a docker client without a daemon is not enough)
+CONTAINER_ENGINE ?= $(shell if docker info >/dev/null 2>&1; then echo docker; \
+	elif command -v podman >/dev/null 2>&1; then echo podman; fi)
+
+image:  ## build the image: make image VARIANT=cpu|gpu
+	@test -n "$(CONTAINER_ENGINE)" || { echo "make image: needs docker (with a running daemon) or podman" >&2; exit 1; }
+	$(CONTAINER_ENGINE) build -f containers/Dockerfile --build-arg VARIANT=$(VARIANT) \
+	  --build-arg VCS_REF=$$(git rev-parse --short HEAD 2>/dev/null || echo unknown) -t $(IMAGE_TAG) .
+
+sif:  ## Apptainer image from the local Docker image brainhpc:gpu (make image VARIANT=gpu first)
+	@command -v apptainer >/dev/null 2>&1 || { echo "make sif: apptainer is not installed here; on a machine with Apptainer run 'make image VARIANT=gpu && make sif', or build from a registry: apptainer build $(SIF) docker://REGISTRY/brainhpc:gpu (containers/README.md)" >&2; exit 1; }
+	apptainer build $(SIF) containers/brainhpc.def
+
+docker-smoke:  ## run the smoke pipeline inside the image, no network
+	@test -n "$(CONTAINER_ENGINE)" || { echo "make docker-smoke: needs docker (with a running daemon) or podman" >&2; exit 1; }
+	$(CONTAINER_ENGINE) run --rm --network=none $(IMAGE_TAG) smoke --out /work/out/smoke
+
+container-test:  ## CI check: hadolint, spython, podman build (no registry), in-container smoke
+	bash containers/test.sh
+
+cluster-up:
+	bash slurm/cluster.sh up
+
+cluster-down:
+	bash slurm/cluster.sh down
+
+cluster-status:
+	bash slurm/cluster.sh status
+
+clean:
+	rm -rf $(RUN) .pytest_cache .ruff_cache
