@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import sys
 
@@ -23,6 +24,18 @@ COMMAND_MODULES = [
     "brainhpc.classify.evaluate",
     "brainhpc.sweep.cli",
 ]
+
+
+def parse_option(text: str) -> tuple[str, object]:
+    """``--opt KEY=VALUE`` for the stage commands: VALUE is read as JSON when it parses
+    (numbers, lists, booleans), else kept as a string."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--opt expects KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,7 +17,6 @@ torchrun/SLURM tasks every rank trains, rank 0 alone samples and writes.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -31,6 +30,7 @@ import torch
 
 from brainhpc import __version__, models
 from brainhpc import quality as qa
+from brainhpc.cli import parse_option
 from brainhpc.data.shards import LABELS, SHARD_FORMAT, load_split, write_shards
 from brainhpc.errors import BrainhpcError
 from brainhpc.fsio import config_hash, sha256_file, write_json
@@ -273,16 +273,6 @@ def _generate(cfg: GenerateConfig, ident: dict, manifest: dict, info, t_start: f
     return card
 
 
-def _option(text: str) -> tuple[str, object]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"--opt expects KEY=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
-
-
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "generate", help="train a generator for one label and write synthetic shards",
@@ -295,7 +285,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--n-samples", type=int, default=1500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, help="global batch (default: per architecture)")
-    p.add_argument("--opt", type=_option, action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--opt", type=parse_option, action="append", default=[], metavar="KEY=VALUE",
                    help="architecture option, e.g. --opt ema=0 --opt diffaugment=\"\" "
                         "(see brainhpc/models/<arch>.py Config)")
     p.add_argument("--min-images", type=int, default=64)

@@ -25,13 +25,7 @@ SIZE = 32
 FAST = dict(epochs=2, batch_size=16, latent_dim=16, progress=False, device="cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on the shared 2-core machine 2 threads stall on OpenMP barriers."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def phantom(rng, size, tumour, lesion=0.95):

@@ -20,14 +20,7 @@ TINY = {
     "ddpm": {"channels": 8, "res_blocks": 1, "timesteps": 40, "sample_steps": 4},
 }
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: with 2 threads a busy neighbour on the shared cores stalls every
-    OpenMP barrier (measured 0.9 s instead of 0.013 s per tiny step); 1 thread stays fast."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

@@ -19,14 +19,7 @@ make_prepared, phantom = _helpers.make_prepared, _helpers.phantom
 
 FEAT = qa.FeatureConfig(steps=40, batch_size=32, width=16, dim=64)
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: with 2 threads a busy neighbour on the shared cores stalls every
-    OpenMP barrier (measured 0.9 s instead of 0.013 s per tiny step); 1 thread stays fast."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

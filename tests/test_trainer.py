@@ -23,14 +23,7 @@ from brainhpc.train.trainer import DistributedBatchSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: with 2 threads a busy neighbour on the shared cores stalls every
-    OpenMP barrier (measured 0.9 s instead of 0.013 s per tiny step); 1 thread stays fast."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

@@ -31,7 +31,6 @@ Re-runs: same config and finished -> skipped; different config -> refused withou
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -64,6 +63,7 @@ from brainhpc.classify.techniques import (
     best_cut,
     select_and_apply,
 )
+from brainhpc.cli import parse_option
 from brainhpc.data.shards import LABELS, ShardData, load_split
 from brainhpc.errors import BrainhpcError
 from brainhpc.fsio import atomic_path, config_hash, sha256_file, write_json
@@ -589,17 +589,6 @@ def _classify(cfg: ClassifyConfig, ident: dict, size: int, info, t_start: float)
 
 # ------------------------------------------------------------------------------ command line
 
-def _option(text: str) -> tuple[str, object]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"--opt expects KEY=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
-    try:
-        value = json.loads(value)
-    except json.JSONDecodeError:
-        pass
-    return key, tuple(value) if isinstance(value, list) else value
-
-
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "classify", help="train a CNN or VAE classifier on real/synthetic/mixed data and score it",
@@ -625,7 +614,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--no-augment", action="store_true", help="no flips/shifts")
     p.add_argument("--balance", default="weighted", help="cnn: weighted (default) | none")
     p.add_argument("--criterion", default="f1", help=f"{' | '.join(CRITERIA)} (on validation)")
-    p.add_argument("--opt", type=_option, action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--opt", type=parse_option, action="append", default=[], metavar="KEY=VALUE",
                    help="technique option, e.g. --opt eps=3 --opt thresholds=[0.1,0.2] "
                         "(see TechniqueConfig in brainhpc/classify/techniques.py)")
     p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
@@ -637,12 +626,13 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
+    options = {k: tuple(v) if isinstance(v, list) else v for k, v in args.opt}  # grids: tuples
     cfg = ClassifyConfig(
         model=args.model, train_data=args.train_data, data=args.data, out=args.out,
         technique=args.technique, synthetic_dir=args.synthetic_dir, epochs=args.epochs,
         seed=args.seed, batch_size=args.batch_size, lr=args.lr, dropout=args.dropout,
         latent_dim=args.latent_dim, kl_weight=args.kl_weight, augment=not args.no_augment,
-        balance=args.balance, criterion=args.criterion, technique_options=dict(args.opt),
+        balance=args.balance, criterion=args.criterion, technique_options=options,
         force=args.force, checkpoint_every=args.checkpoint_every, device=args.device,
         num_workers=args.workers, progress=not args.no_progress)
     metrics = classify(cfg)
