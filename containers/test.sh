@@ -96,13 +96,19 @@ step "base image $BASE_IMAGE"
 if podman image exists "$BASE_IMAGE"; then
   echo "present (local)"
 else
-  mirror=$(grep -hoE 'https?://[^ ]+/debian/?' /etc/apt/sources.list /etc/apt/sources.list.d/* \
-             2>/dev/null | grep -v security | head -1 || true)
-  mirror=${mirror:-http://deb.debian.org/debian}
-  echo "debootstrap --variant=minbase bookworm from $mirror (a stand-in for the registry image)"
+  # Mirrors named by the machine's active apt sources (comment lines skipped), then Debian's own.
+  mirrors=$(grep -hv '^[[:space:]]*#' /etc/apt/sources.list /etc/apt/sources.list.d/* 2>/dev/null \
+              | grep -oE 'https?://[^ ]+/debian/?' | grep -v security | sed 's:/*$::' || true)
   t0=$SECONDS
-  debootstrap --variant=minbase bookworm "$WORK/rootfs" "$mirror" >"$WORK/debootstrap.log" 2>&1 \
-    || fail "debootstrap failed: $(tail -3 "$WORK/debootstrap.log")"
+  ok=0
+  for mirror in $(printf "%s\n" $mirrors http://deb.debian.org/debian | awk '!seen[$0]++'); do
+    echo "debootstrap --variant=minbase bookworm from $mirror (a stand-in for the registry image)"
+    rm -rf "$WORK/rootfs"
+    if debootstrap --variant=minbase bookworm "$WORK/rootfs" "$mirror" >"$WORK/debootstrap.log" 2>&1
+    then ok=1; break; fi
+    echo "  failed: $(tail -1 "$WORK/debootstrap.log")"
+  done
+  [ "$ok" = 1 ] || fail "debootstrap failed from every mirror: $(tail -3 "$WORK/debootstrap.log")"
   rm -rf "$WORK/rootfs/var/cache/apt/archives/"*.deb "$WORK/rootfs/var/lib/apt/lists/"*
   tar -C "$WORK/rootfs" -c . | podman import - "$BASE_IMAGE" >/dev/null
   rm -rf "$WORK/rootfs"
