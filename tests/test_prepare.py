@@ -229,8 +229,23 @@ def test_python_m_entry_point(tmp_path):
     assert "train" in r.stdout and (out / "manifest.json").is_file()
 
 
-def test_worker_pool_ends_under_a_sigterm_handler(tmp_path):
-    """Inside a submitit/SLURM cell SIGTERM is caught; the forked pool must still shut down."""
+def test_parallel_prepare_matches_serial(tmp_path):
+    """Worker threads change the speed, never the result (order, images, split, hashes)."""
+    outs = []
+    for workers in (1, 2):
+        outs.append(tmp_path / f"w{workers}")
+        prepare(PrepareConfig(out=outs[-1], phantom=100, size=32, workers=workers,
+                              progress=False))
+    for split in ("train", "val", "test"):
+        a, b = load_split(outs[0], split), load_split(outs[1], split)
+        assert a.sources == b.sources
+        assert np.array_equal(a.images, b.images) and np.array_equal(a.labels, b.labels)
+    m1, m2 = (json.loads((o / "manifest.json").read_text()) for o in outs)
+    assert m1["duplicates"] == m2["duplicates"] and m1["config_hash"] == m2["config_hash"]
+
+
+def test_prepare_finishes_under_a_sigterm_handler(tmp_path):
+    """Inside a submitit/SLURM cell SIGTERM is caught (bypassed); prepare must still finish."""
     code = (
         "import signal, sys\n"
         "from brainhpc.data.prepare import PrepareConfig, prepare\n"

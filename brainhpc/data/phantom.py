@@ -276,6 +276,6 @@ def generate(n: int, seed: int = 0, tumour_fraction: float = 0.5) -> list[Phanto
 
 
 def make_slice(index: int, seed: int = 0, tumour_fraction: float = 0.5) -> Phantom:
-    """Slice ``index`` of ``generate(n, seed, tumour_fraction)`` alone (for process pools)."""
+    """Slice ``index`` of ``generate(n, seed, tumour_fraction)`` alone (for parallel workers)."""
     rng = np.random.default_rng([int(seed), int(index)])
     return make_one(rng, int(index), bool(rng.random() < tumour_fraction))

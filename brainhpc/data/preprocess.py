@@ -1,6 +1,6 @@
 """Per-image pre-processing: decode, find the brain, crop, pad to a square, resize, hash.
 
-The steps (all OpenCV, one image at a time so a process pool can run them in parallel):
+The steps (all OpenCV, one image at a time so threads can run them in parallel):
 
 1. decode as 8-bit grayscale (RGB-encoded grayscale collapses to one channel); a file that does
    not decode, or a JPEG/PNG without its end marker (truncated download), is rejected with a reason;
@@ -20,7 +20,6 @@ Output is uint8; scaling to [0, 1] happens when shards are read.
 from __future__ import annotations
 
 import hashlib
-import signal
 from dataclasses import dataclass
 
 import cv2
@@ -191,12 +190,3 @@ def process_phantom(task: tuple[int, int, int]) -> tuple[Processed, np.ndarray, 
     mask = apply_geometry(p.mask, geom, size)
     digest = hashlib.sha256(p.image.tobytes()).hexdigest()
     return Processed(index, digest, out, phash(out)), mask, p.label, p.name
-
-
-def init_worker() -> None:
-    """Pool initialiser: one image per process, default signal handling."""
-    cv2.setNumThreads(1)  # OpenCV's own threads would only oversubscribe the cores
-    # Workers must not inherit a SLURM cell's handlers (submitit bypasses SIGTERM), which would
-    # make them ignore the pool's shutdown.
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(sig, signal.SIG_DFL)
