@@ -31,7 +31,7 @@ def test_same_arguments_same_slices_and_prefix_stable():
         assert np.array_equal(x.image, y.image) and np.array_equal(x.mask, y.mask)
     for x, y in zip(a[:3], short, strict=True):  # slice i does not depend on n
         assert np.array_equal(x.image, y.image) and x.name == y.name
-    one = phantom.make_slice(4, seed=3)  # what process pools call per index
+    one = phantom.make_slice(4, seed=3)  # what the parallel workers call per index
     assert np.array_equal(one.image, a[4].image) and one.name == a[4].name
     other = phantom.generate(3, seed=4)
     assert not all(x.image.shape == y.image.shape and np.array_equal(x.image, y.image)
