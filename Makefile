@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 RUN    ?= runs/smoke
 PARTITION ?= gpu
-DATA      ?= ../shared/datasets/brain-tumor-mri/Training
+DATA      ?= ~/data/brain-tumor-mri/Training
 RUN_DIR   ?= runs/paper
 PYTEST_ARGS ?=
 

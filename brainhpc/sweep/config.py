@@ -8,7 +8,7 @@ key or a bad value raises ``BrainhpcError`` naming the file and the key. Layout:
     name = "smoke"
     profile = "local"              # slurm/profiles/local.toml, or a path to a profile file
     [data]                         # exactly one of path / phantom
-    path = "../shared/..."         # relative to the directory you run the sweep from
+    path = "~/data/mri/Training"   # relative paths: from the directory you run the sweep in
     phantom = 200
     size = 64
     [generate]                     # archs x labels cells (optional stage)
