@@ -136,7 +136,7 @@ def load_synthetic(synthetic_dir: str | os.PathLike | None, generator: str) -> d
 
 
 def concat(parts: list[ShardData], attrs: dict | None = None) -> ShardData:
-    """One ShardData from several; masks survive only if every part has them."""
+    """One ShardData from several; masks and brain masks survive only if every part has them."""
     parts = [p for p in parts if len(p)]
     if not parts:
         raise BrainhpcError("no training images to concatenate")
@@ -146,15 +146,21 @@ def concat(parts: list[ShardData], attrs: dict | None = None) -> ShardData:
             f"training images differ in size {sorted(shapes)}: synthetic shards must be generated "
             "at the prepared dataset's size (re-run the generate cells on this prepared data)"
         )
-    masks = None
-    if all(p.masks is not None for p in parts):
-        masks = np.concatenate([p.masks for p in parts])
+    def joined(key: str):
+        got = [getattr(p, key) for p in parts]
+        return None if any(g is None for g in got) else np.concatenate(got)
+
+    patients = None
+    if any(p.patients is not None for p in parts):  # parts without grouping: one per image
+        patients = [s for p in parts for s in p.patient_ids()]
     return ShardData(
         images=np.concatenate([p.images for p in parts]),
         labels=np.concatenate([p.labels for p in parts]).astype(np.int64),
         sources=[s for p in parts for s in p.sources],
-        masks=masks,
+        masks=joined("masks"),
         attrs=dict(attrs if attrs is not None else parts[0].attrs),
+        brain=joined("brain"),
+        patients=patients,
     )
 
 

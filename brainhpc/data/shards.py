@@ -6,7 +6,12 @@ A shard is ``shard-NNNNN.h5`` holding
   brain slices compress poorly and compressed multi-image chunks kill random reads);
 * ``labels``  N int8 (0 healthy, 1 tumour);
 * ``sources`` N UTF-8 strings (source file relative to the dataset root, or a synthetic id);
-* ``masks``   N x 1 x H x W uint8 tumour masks, only when ground truth exists (phantom data);
+* ``masks``   N x 1 x H x W uint8 tumour masks (0/255), only when ground truth exists (phantom,
+  LGG, any layout with ``X_mask`` files);
+* ``brain``   N x 1 x H x W uint8 brain masks (0/255) from pre-processing: the head's largest
+  component, filled, eroded to drop the skull rim (what anomaly scores are limited to);
+* ``patients`` N UTF-8 strings, the patient (or volume) of each image, only for layouts that
+  know it (LGG case folders); without it every image is its own patient (``patient_ids``);
 * attributes: ``format``, ``size``, ``seed``, ``version``, ``config_hash`` and whatever
   the writer adds
   (a generator writes its architecture, checkpoint and seed).
@@ -51,6 +56,12 @@ class ShardData:
     sources: list[str]
     masks: np.ndarray | None = None  # N x 1 x H x W uint8 or None
     attrs: dict = field(default_factory=dict)
+    brain: np.ndarray | None = None  # N x 1 x H x W uint8 brain masks or None
+    patients: list[str] | None = None  # patient id per image, None when unknown
+
+    def patient_ids(self) -> list[str]:
+        """The patient of every image; without patient grouping each image is its own."""
+        return list(self.patients) if self.patients is not None else list(self.sources)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -60,9 +71,10 @@ class ShardData:
         idx = np.asarray(index)
         if idx.dtype == bool:
             idx = np.flatnonzero(idx)
-        masks = None if self.masks is None else self.masks[idx]
+        pick = (lambda a: None if a is None else a[idx])  # noqa: E731
+        patients = None if self.patients is None else [self.patients[i] for i in idx]
         return ShardData(self.images[idx], self.labels[idx], [self.sources[i] for i in idx],
-                         masks, dict(self.attrs))
+                         pick(self.masks), dict(self.attrs), pick(self.brain), patients)
 
 
 def as_float(images: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -79,6 +91,8 @@ def write_shards(
     masks: np.ndarray | None = None,
     attrs: dict | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
+    brain: np.ndarray | None = None,
+    patients: Sequence[str] | None = None,
 ) -> list[Path]:
     """Write ``images`` into ``out_dir/shard-NNNNN.h5`` files of at most ``shard_size`` images."""
     images = np.asarray(images)
@@ -89,8 +103,11 @@ def write_shards(
         raise ValueError(
             f"images ({len(images)}), labels ({len(labels)}) and sources ({len(sources)}) differ"
         )
-    if masks is not None and masks.shape != images.shape:
-        raise ValueError(f"masks shape {masks.shape} differs from images {images.shape}")
+    for name, extra in (("masks", masks), ("brain", brain)):
+        if extra is not None and extra.shape != images.shape:
+            raise ValueError(f"{name} shape {extra.shape} differs from images {images.shape}")
+    if patients is not None and len(patients) != len(images):
+        raise ValueError(f"{len(patients)} patient ids for {len(images)} images")
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     out_dir = Path(out_dir)
@@ -103,20 +120,28 @@ def write_shards(
         final = out_dir / f"shard-{k:05d}.h5"
         with atomic_path(final) as tmp:
             _write_one(tmp, images[lo:hi], labels[lo:hi], list(sources[lo:hi]),
-                       None if masks is None else masks[lo:hi], attrs)
+                       None if masks is None else masks[lo:hi], attrs,
+                       None if brain is None else brain[lo:hi],
+                       None if patients is None else list(patients[lo:hi]))
         paths.append(final)
     return paths
 
 
-def _write_one(path: Path, images, labels, sources, masks, attrs) -> None:
+def _write_one(path: Path, images, labels, sources, masks, attrs, brain=None,
+               patients=None) -> None:
     n, _, h, w = images.shape
+    chunks = (1, 1, h, w) if n else None
+    strings = h5py.string_dtype("utf-8")
     with h5py.File(path, "w") as f:
-        f.create_dataset("images", data=images, chunks=(1, 1, h, w) if n else None)
+        f.create_dataset("images", data=images, chunks=chunks)
         f.create_dataset("labels", data=np.asarray(labels, dtype=np.int8))
-        f.create_dataset("sources", data=np.array(sources, dtype=object),
-                         dtype=h5py.string_dtype("utf-8"))
+        f.create_dataset("sources", data=np.array(sources, dtype=object), dtype=strings)
         if masks is not None:
-            f.create_dataset("masks", data=masks, chunks=(1, 1, h, w) if n else None)
+            f.create_dataset("masks", data=masks, chunks=chunks)
+        if brain is not None:
+            f.create_dataset("brain", data=brain, chunks=chunks)
+        if patients is not None:
+            f.create_dataset("patients", data=np.array(patients, dtype=object), dtype=strings)
         for key, value in attrs.items():
             f.attrs[key] = value
 
@@ -146,10 +171,17 @@ def _read_attrs(f: h5py.File, path: Path) -> dict:
     return attrs
 
 
+def _strings(values) -> list[str]:
+    return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
+
+
 def read_shards(paths: Sequence[str | os.PathLike], label: int | None = None) -> ShardData:
-    """Read shards into memory, optionally keeping one label (0 healthy, 1 tumour)."""
-    images, labels, sources, masks, attrs = [], [], [], [], {}
-    has_masks = True
+    """Read shards into memory, optionally keeping one label (0 healthy, 1 tumour).
+
+    ``masks``, ``brain`` and ``patients`` survive only when every shard has them.
+    """
+    images, labels, sources, attrs = [], [], [], {}
+    extras: dict[str, list] = {"masks": [], "brain": [], "patients": []}
     for p in paths:
         p = Path(p)
         try:
@@ -158,27 +190,37 @@ def read_shards(paths: Sequence[str | os.PathLike], label: int | None = None) ->
                 lab = f["labels"][:].astype(np.int64)
                 keep = np.ones(len(lab), bool) if label is None else lab == label
                 idx = np.flatnonzero(keep)
-                if len(idx) == len(lab):
-                    images.append(f["images"][:])
-                    m = f["masks"][:] if "masks" in f else None
-                else:
-                    images.append(f["images"][:][idx])
-                    m = f["masks"][:][idx] if "masks" in f else None
+                whole = len(idx) == len(lab)
+                images.append(f["images"][:] if whole else f["images"][:][idx])
                 labels.append(lab[idx])
-                src = f["sources"][:]
-                sources.extend(s.decode() if isinstance(s, bytes) else str(s) for s in src[idx])
-                has_masks &= m is not None
-                masks.append(m)
+                sources.extend(_strings(f["sources"][:][idx]))
+                for key, got in extras.items():
+                    if key not in f:
+                        got.append(None)
+                    elif key == "patients":
+                        got.append(_strings(f[key][:][idx]))
+                    else:
+                        got.append(f[key][:] if whole else f[key][:][idx])
         except (OSError, KeyError) as e:
             raise BrainhpcError(f"{p}: not a readable brainhpc shard ({e})") from e
     if not images:
         raise BrainhpcError("no shards given")
+    joined = {}
+    for key, got in extras.items():
+        if any(g is None for g in got):
+            joined[key] = None
+        elif key == "patients":
+            joined[key] = [s for g in got for s in g]
+        else:
+            joined[key] = np.concatenate(got)
     return ShardData(
         images=np.concatenate(images),
         labels=np.concatenate(labels),
         sources=sources,
-        masks=np.concatenate(masks) if has_masks else None,
+        masks=joined["masks"],
         attrs=attrs,
+        brain=joined["brain"],
+        patients=joined["patients"],
     )
 
 
