@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "brainhpc.generate",
     "brainhpc.classify.run",
     "brainhpc.classify.evaluate",
+    "brainhpc.segment.run",
     "brainhpc.sweep.cli",
 ]
 

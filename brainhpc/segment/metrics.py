@@ -1,0 +1,197 @@
+"""Segmentation metrics for binary tumour masks: Dice per slice and per patient, HD95, slice-level
+detection, and the validation-chosen rules (minimum predicted area, intensity baseline).
+
+Dice and HD95 come from MONAI (``compute_dice``, ``compute_hausdorff_distance`` at the 95th
+percentile), the field's reference implementations; only counting and grouping live here.
+
+Empty masks, which every definition has to decide about:
+
+* per-slice Dice is averaged over **tumour slices** (non-empty truth) only; a tumour slice with an
+  empty prediction scores 0. Healthy slices show up in detection instead.
+* per-patient Dice stacks all slices of a patient into one volume (3D Dice: sums over the
+  volume, so slice order does not matter) and is averaged over patients whose volume holds
+  tumour; patients without tumour are counted, with how many of them got any predicted pixel.
+* HD95 (pixels at the prepared size; images are resized, so there is no physical spacing) is
+  computed per slice where truth and prediction are both non-empty; ``n_hd95`` says how many
+  slices that is and ``n_missed`` how many tumour slices had no prediction at all.
+* detection: a slice counts as true tumour when its truth mask is non-empty (not its label) and
+  as predicted tumour when its predicted mask has at least ``min_area`` pixels (a rule chosen on
+  validation; it does not touch the masks Dice and HD95 score); ``detection_any_pixel`` is the
+  same with any predicted pixel.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+from monai.metrics import compute_dice, compute_hausdorff_distance
+
+from brainhpc.errors import BrainhpcError
+
+# candidate minimum predicted areas (pixels) for the detection rule, cut at size*size/64
+AREA_GRID = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+def binary(masks: np.ndarray, what: str = "masks") -> np.ndarray:
+    """N x 1 x H x W or N x H x W masks (0/1, 0/255 or bool) -> N x H x W bool."""
+    a = np.asarray(masks)
+    if a.ndim == 4:
+        if a.shape[1] != 1:
+            raise BrainhpcError(f"{what}: expected one channel, got shape {a.shape}")
+        a = a[:, 0]
+    if a.ndim != 3:
+        raise BrainhpcError(f"{what}: expected N x 1 x H x W or N x H x W, got shape {a.shape}")
+    return a > 0
+
+
+def _t(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a)).float()[:, None]  # N x 1 x H x W
+
+
+def dice_per_slice(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Dice of each slice; NaN where the truth is empty (MONAI ``ignore_empty``)."""
+    if len(pred) == 0:
+        return np.zeros(0)
+    d = compute_dice(_t(pred), _t(truth), include_background=True, ignore_empty=True)
+    return d[:, 0].double().numpy()
+
+
+def hd95_per_slice(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """95th-percentile symmetric Hausdorff distance (pixels) of each slice; NaN unless truth and
+    prediction are both non-empty (the distance is undefined or infinite otherwise)."""
+    out = np.full(len(pred), np.nan)
+    both = np.flatnonzero(pred.any((1, 2)) & truth.any((1, 2)))
+    if len(both):
+        with warnings.catch_warnings():  # MONAI's own deprecated-argument notice, not ours
+            warnings.simplefilter("ignore", FutureWarning)
+            hd = compute_hausdorff_distance(_t(pred[both]), _t(truth[both]),
+                                            include_background=True, percentile=95)
+        out[both] = hd[:, 0].double().numpy()
+    return out
+
+
+def patient_groups(patients: list[str]) -> dict[str, np.ndarray]:
+    """Patient id -> indices of its slices, in first-seen order."""
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(patients):
+        groups.setdefault(p, []).append(i)
+    return {p: np.asarray(ix) for p, ix in groups.items()}
+
+
+def dice_per_patient(pred: np.ndarray, truth: np.ndarray, patients: list[str]) -> dict:
+    """Patient -> 3D Dice over its stacked slices (NaN for a patient without tumour)."""
+    if len(patients) != len(pred):
+        raise BrainhpcError(f"{len(patients)} patient ids for {len(pred)} slices")
+    groups = patient_groups(patients)
+    if len(groups) == len(pred):  # one slice per patient: the per-slice Dice, in one call
+        return dict(zip(groups, dice_per_slice(pred, truth)[np.concatenate(
+            list(groups.values()))].tolist(), strict=True)) if len(pred) else {}
+    out = {}
+    for p, ix in groups.items():
+        d = compute_dice(_t(pred[ix])[None, :, 0], _t(truth[ix])[None, :, 0],
+                         include_background=True, ignore_empty=True)  # 1 x 1 x D x H x W
+        out[p] = float(d[0, 0])
+    return out
+
+
+def detection(pred_any: np.ndarray, truth_any: np.ndarray) -> dict:
+    """Slice-level detection counts, sensitivity, specificity (None when undefined)."""
+    tp = int(np.sum(pred_any & truth_any))
+    fn = int(np.sum(~pred_any & truth_any))
+    fp = int(np.sum(pred_any & ~truth_any))
+    tn = int(np.sum(~pred_any & ~truth_any))
+    sens = tp / (tp + fn) if tp + fn else None
+    spec = tn / (tn + fp) if tn + fp else None
+    bal = None if sens is None or spec is None else (sens + spec) / 2
+    return {"sensitivity": sens, "specificity": spec, "balanced_accuracy": bal,
+            "tp": tp, "fn": fn, "fp": fp, "tn": tn}
+
+
+def _stats(values: np.ndarray, prefix: str) -> dict:
+    v = values[np.isfinite(values)]
+    if not len(v):
+        return {f"{prefix}_mean": None, f"{prefix}_median": None, f"{prefix}_std": None}
+    return {f"{prefix}_mean": float(v.mean()), f"{prefix}_median": float(np.median(v)),
+            f"{prefix}_std": float(v.std())}
+
+
+def segmentation_metrics(pred: np.ndarray, truth: np.ndarray, patients: list[str],
+                         min_area: int = 1, hd95: bool = True) -> dict:
+    """Every number of a segmenter on one split, as one JSON-ready dict (see module doc).
+
+    Dice and HD95 score the masks as given; ``min_area`` is the detection rule only (a slice is
+    predicted tumour when at least that many pixels are), ``detection_any_pixel`` is min_area 1.
+    """
+    pred, truth = binary(pred, "predicted masks"), binary(truth, "truth masks")
+    if pred.shape != truth.shape:
+        raise BrainhpcError(f"predicted masks {pred.shape} and truth masks {truth.shape} differ")
+    truth_any, pred_any = truth.any((1, 2)), pred.any((1, 2))
+    per_slice = dice_per_slice(pred, truth)
+    per_patient = dice_per_patient(pred, truth, patients)
+    groups = patient_groups(patients)
+    healthy_patients = [p for p, ix in groups.items() if not truth_any[ix].any()]
+    out = {
+        "n_slices": int(len(pred)), "n_tumour_slices": int(truth_any.sum()),
+        **_stats(per_slice, "dice_slice"),
+        "n_patients": len(groups), "n_tumour_patients": len(groups) - len(healthy_patients),
+        **_stats(np.array(list(per_patient.values()), dtype=float), "dice_patient"),
+        "fp_healthy_patients": int(sum(pred_any[groups[p]].any() for p in healthy_patients)),
+    }
+    if hd95:
+        h = hd95_per_slice(pred, truth)
+        out.update(_stats(h, "hd95"))
+        out["n_hd95"] = int(np.isfinite(h).sum())
+        out["n_missed"] = int(np.sum(truth_any & ~pred_any))
+        out["hd95_unit"] = "px"
+    out["detection"] = {"min_area": int(min_area),
+                        **detection(pred.sum((1, 2)) >= min_area, truth_any)}
+    out["detection_any_pixel"] = detection(pred_any, truth_any)
+    return out
+
+
+# ------------------------------------------------------------------------------ chosen rules
+
+def choose_min_area(pred: np.ndarray, truth: np.ndarray, size: int) -> tuple[int, float | None]:
+    """The minimum predicted area (pixels) that maximises validation detection balanced accuracy
+    (Youden's J), smallest on ties; ``(1, None)`` when validation lacks tumour or healthy slices
+    (nothing to trade off). Candidates: ``AREA_GRID`` up to size*size/64."""
+    pred, truth = binary(pred, "predicted masks"), binary(truth, "truth masks")
+    area, truth_any = pred.sum((1, 2)), truth.any((1, 2))
+    if truth_any.all() or not truth_any.any():
+        return 1, None
+    best, best_bal = 1, -1.0
+    for a in AREA_GRID:
+        if a > max(1, size * size // 64):
+            break
+        bal = detection(area >= a, truth_any)["balanced_accuracy"]
+        if bal > best_bal + 1e-12:
+            best, best_bal = a, bal
+    return best, best_bal
+
+
+def choose_intensity_threshold(images: np.ndarray, truth: np.ndarray,
+                               patients: list[str]) -> tuple[int, float]:
+    """The trivial baseline's rule: "tumour = pixels at or above intensity t" with the uint8 ``t``
+    that maximises mean per-patient Dice on the given (validation) split. Counts come from
+    per-slice histograms, so all 255 cuts cost one pass over the images."""
+    img = np.asarray(images).reshape(len(images), -1)
+    tru = binary(truth, "truth masks").reshape(len(images), -1)
+    n = len(img)
+    offset = (np.arange(n) * 256)[:, None]
+    all_h = np.bincount((img.astype(np.int64) + offset).ravel(), minlength=256 * n)
+    in_h = np.bincount((img.astype(np.int64) + offset)[tru], minlength=256 * n)
+    # pixels >= t, per slice and t: reverse cumulative sums over intensities
+    pred_n = np.cumsum(all_h.reshape(n, 256)[:, ::-1], axis=1)[:, ::-1]
+    inter = np.cumsum(in_h.reshape(n, 256)[:, ::-1], axis=1)[:, ::-1]
+    true_n = tru.sum(1)
+    best_t, best_d = 255, -1.0
+    groups = [ix for ix in patient_groups(patients).values() if true_n[ix].sum() > 0]
+    if not groups:
+        raise BrainhpcError("intensity baseline: no tumour pixels in the validation masks")
+    for t in range(1, 256):
+        d = [2 * inter[ix, t].sum() / (pred_n[ix, t].sum() + true_n[ix].sum()) for ix in groups]
+        if np.mean(d) > best_d:
+            best_t, best_d = t, float(np.mean(d))
+    return best_t, best_d
