@@ -90,8 +90,8 @@ def dice_per_patient(pred: np.ndarray, truth: np.ndarray, patients: list[str]) -
             list(groups.values()))].tolist(), strict=True)) if len(pred) else {}
     out = {}
     for p, ix in groups.items():
-        d = compute_dice(_t(pred[ix])[None, :, 0], _t(truth[ix])[None, :, 0],
-                         include_background=True, ignore_empty=True)  # 1 x 1 x D x H x W
+        vol_p, vol_t = _t(pred[ix])[:, 0][None, None], _t(truth[ix])[:, 0][None, None]
+        d = compute_dice(vol_p, vol_t, include_background=True, ignore_empty=True)  # 1x1xDxHxW
         out[p] = float(d[0, 0])
     return out
 
