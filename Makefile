@@ -6,7 +6,9 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 RUN    ?= runs/smoke
-PARTITION ?= gpu
+PROFILE   ?= gpu-cluster
+PARTITION ?=
+SUBMIT_ARGS ?=
 DATA      ?= ~/data/brain-tumor-mri/Training
 RUN_DIR   ?= runs/paper
 PYTEST_ARGS ?=
@@ -20,7 +22,7 @@ help:
 	@echo "make test-fast    the tests without the slow end-to-end ones"
 	@echo "make lint         ruff"
 	@echo "make bench        benchmarks: ratios against naive baselines, measured side by side"
-	@echo "make submit-all   submit the paper sweep to this cluster (PARTITION= DATA= RUN_DIR=)"
+	@echo "make submit-all   submit the paper sweep (PROFILE=gpu-cluster DATA= RUN_DIR= PARTITION= SUBMIT_ARGS=--dry-run)"
 	@echo "make image        build the container image (VARIANT=cpu|gpu); sif, docker-smoke"
 	@echo "make container-test  lint + podman build + smoke inside the image (as CI does)"
 	@echo "make cluster-up   start the local single-node SLURM cluster (root; see slurm/README.md)"
@@ -51,8 +53,8 @@ bench: $(STAMP)
 	done
 
 submit-all: $(STAMP)
-	$(BIN)/python -m brainhpc.sweep jobs/paper.toml --partition $(PARTITION) --data $(DATA) \
-	  --run-dir $(RUN_DIR)
+	$(BIN)/python -m brainhpc.sweep jobs/paper.toml --profile $(PROFILE) --data $(DATA) \
+	  --run-dir $(RUN_DIR) $(if $(PARTITION),--partition $(PARTITION)) $(SUBMIT_ARGS)
 
 # ---- containers (containers/README.md) ----
 VARIANT ?= cpu

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import submitit
 
 from brainhpc.errors import BrainhpcError
 from brainhpc.sweep import submit as sub
@@ -19,6 +20,7 @@ GOLDEN = Path(__file__).parent / "golden"
 
 TINY = """
 name = "tiny"
+profile = "local"
 [data]
 phantom = 100
 size = 32
@@ -88,7 +90,7 @@ def test_missing_data_and_profile_are_clear(tmp_path):
     with pytest.raises(BrainhpcError, match="data.path .* is not a folder"):
         load_sweep(write(tmp_path, TINY.replace("phantom = 100", 'path = "nowhere"')))
     with pytest.raises(BrainhpcError, match="profile 'mars' not found.*local"):
-        load_sweep(write(tmp_path, 'profile = "mars"\n' + TINY))
+        load_sweep(write(tmp_path, TINY.replace('"local"', '"mars"')))
     with pytest.raises(BrainhpcError, match="does not exist"):
         load_sweep(tmp_path / "absent.toml")
 
@@ -123,8 +125,9 @@ def test_todo_skips_done_and_queued_and_refuses_changed(tmp_path):
     run = tmp_path / "run"
     plan = expand(sweep, run)
     stages = ["prepare", "generate", "classify", "aggregate"]
-    cells, skipped = sub.todo(plan, run, stages, False, {})
+    cells, skipped, waiting = sub.todo(plan, run, stages, False, {})
     assert sum(map(len, cells.values())) == 1 + 2 + 6 + 1
+    assert not any(waiting.values())
     done = plan["generate"][0]
     done.marker.parent.mkdir(parents=True)
     done.marker.write_text(json.dumps({"status": "done", "config_hash": done.hash}))
@@ -134,15 +137,16 @@ def test_todo_skips_done_and_queued_and_refuses_changed(tmp_path):
     (run / "jobs.json").write_text(json.dumps([{"stage": "classify", "job_id": "77",
                                                 "executor": "slurm",
                                                 "cells": [c.id for c in plan["classify"]]}]))
-    cells, skipped = sub.todo(plan, run, stages, False, {"77_1": "PENDING"})
+    cells, skipped, waiting = sub.todo(plan, run, stages, False, {"77_1": "PENDING"})
     assert skipped["done"] == ["generate/vae-healthy"]
     assert skipped["queued"] == ["classify/cnn-synthetic_vae-s0 (job 77_1 PENDING)"]
+    assert waiting["classify"] == ["77"]  # later stages (aggregate) wait for it
     assert [c.id for c in cells["generate"]] == ["vae-tumour"]
     assert "cnn-real-s0" in [c.id for c in cells["classify"]]  # failed: submitted again
     done.marker.write_text(json.dumps({"status": "done", "config_hash": "stale"}))
     with pytest.raises(BrainhpcError, match="config changed.*generate/vae-healthy.*--force"):
         sub.todo(plan, run, stages, False, {})
-    cells, _ = sub.todo(plan, run, stages, True, {})
+    cells, _, _ = sub.todo(plan, run, stages, True, {})
     assert len(cells["generate"]) == 2
 
 
@@ -163,31 +167,219 @@ def test_no_sbatch_on_path_suggests_local(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "run" / "jobs.json").exists()
 
 
-def _normalise(text: str, run_dir: Path) -> str:
+def _normalise(text: str, run_dir: Path, data: Path | None = None) -> str:
     text = text.replace(str(run_dir), "RUN_DIR")
+    if data is not None:
+        text = text.replace(str(data), "DATA_DIR")
     return text.replace(sys.executable, "PYTHON")
 
 
-@pytest.mark.parametrize("case", ["smoke", "gpu-cluster"])
+def _golden_sweep(case: str, tmp_path: Path):
+    """(sweep, data dir) of each golden case."""
+    if case == "smoke":  # the local CPU profile
+        return load_sweep(REPO / "jobs" / "smoke.toml"), None
+    if case == "gpu-cluster":  # make submit-all: the paper sweep on the GPU profile
+        data = tmp_path / "Training"
+        data.mkdir()
+        return load_sweep(REPO / "jobs" / "paper.toml", data=data, profile="gpu-cluster"), data
+    if case == "cpu-cluster":
+        return load_sweep(REPO / "jobs" / "smoke.toml", profile="cpu-cluster"), None
+    # packed: small classify cells three to an array task, on the local profile
+    text = (REPO / "jobs" / "smoke.toml").read_text() + \
+        "\n[resources.classify]\ncells_per_task = 3\n"
+    return load_sweep(write(tmp_path, text, "smoke.toml")), None
+
+
+@pytest.mark.parametrize("case", ["smoke", "gpu-cluster", "cpu-cluster", "packed"])
 def test_sbatch_scripts_match_golden(tmp_path, case):
     """The generated sbatch scripts, paths normalised; UPDATE_GOLDEN=1 rewrites the files."""
-    if case == "smoke":
-        sweep = load_sweep(REPO / "jobs" / "smoke.toml")
-    else:  # a GPU site: DDP tasks per GPU, apptainer prefix, module setup lines
-        sweep = load_sweep(REPO / "jobs" / "smoke.toml", profile="gpu-cluster",
-                           partition="gpu")
+    sweep, data = _golden_sweep(case, tmp_path)
     run = tmp_path / "run"
     plan = expand(sweep, run)
     text = _normalise(dry_run(sweep, plan, run.resolve(), ["prepare", "generate", "classify",
-                                                           "aggregate"]), run.resolve())
-    text = re.sub(r"^sweep smoke \(.*?\)", "sweep smoke (SWEEP_FILE)", text)
+                                                           "aggregate"]), run.resolve(), data)
+    text = re.sub(r"^sweep (\w+) \(.*?\)", r"sweep \1 (SWEEP_FILE)", text)
     golden = GOLDEN / f"sweep-{case}.txt"
     if os.environ.get("UPDATE_GOLDEN"):
         golden.parent.mkdir(exist_ok=True)
         golden.write_text(text + "\n")
     assert text + "\n" == golden.read_text(), f"differs from {golden} (UPDATE_GOLDEN=1 to accept)"
+    scripts = dict(re.findall(r"--- sbatch script \((\w+)\) ---\n(.*?)(?=\n== |\Z)", text, re.S))
+    for stage, script in scripts.items():
+        assert "#SBATCH --requeue" in script and "--kill-on-bad-exit=1" in script, stage
+        assert "--wckey" not in script, stage  # only when a profile sets wckey
+        assert re.search(r"^srun .*--cpus-per-task=\d+ ", script, re.M), stage
+        assert 'scontrol requeue "$task"' in script.split("# teardown")[1], stage
     if case == "gpu-cluster":
-        assert "apptainer exec --nv --bind $PWD /shared/containers/brainhpc.sif python -u -m " \
-               "submitit.core._submit" in text
-        assert "#SBATCH --gpus-per-node=4" in text and "#SBATCH --ntasks-per-node=4" in text
-        assert "module load apptainer" in text
+        for stage in ("generate", "classify"):
+            assert "#SBATCH --gpus-per-node=1\n" in scripts[stage]
+            assert "#SBATCH --partition=gpu\n" in scripts[stage]
+            assert "#SBATCH --ntasks-per-node=1\n" in scripts[stage]
+        for stage in ("prepare", "aggregate"):
+            assert "--gpus" not in scripts[stage] and "#SBATCH --partition=cpu\n" in scripts[stage]
+        assert "apptainer exec --nv --bind RUN_DIR,DATA_DIR:DATA_DIR:ro " \
+               "/shared/containers/brainhpc.sif python -u -m submitit.core._submit" in text
+        assert "module load apptainer" in text and "device: cuda" in text
+    if case == "packed":
+        assert "#SBATCH --array=0-2%2" in scripts["classify"]  # 9 cells, 3 per task
+
+
+def test_gpu_profile_partitions_and_overrides(tmp_path):
+    """GPU stages take GPUs on the GPU partition, CPU stages none on the CPU partition;
+    --partition moves only the GPU stages, --cpu-partition only the CPU ones."""
+    data = tmp_path / "d"
+    data.mkdir()
+    paper = REPO / "jobs" / "paper.toml"
+    s = load_sweep(paper, data=data)
+    assert s.profile == "gpu-cluster"
+    got = {st: (r.partition, r.gpus_per_node, r.tasks, s.device(st))
+           for st, r in s.resources.items()}
+    assert got == {"prepare": ("cpu", 0, 1, "cpu"), "generate": ("gpu", 1, 1, "cuda"),
+                   "classify": ("gpu", 1, 1, "cuda"), "aggregate": ("cpu", 0, 1, "cpu")}
+    s = load_sweep(paper, data=data, partition="a100", cpu_partition="short")
+    assert {st: r.partition for st, r in s.resources.items()} == {
+        "prepare": "short", "generate": "a100", "classify": "a100", "aggregate": "short"}
+    # the file's per-stage partition of a CPU stage is that stage's own
+    text = paper.read_text() + '[resources.aggregate]\npartition = "login"\n'
+    s = load_sweep(write(tmp_path, text), data=data)
+    assert s.resources["aggregate"].partition == "login"
+    assert s.resources["prepare"].partition == "cpu"
+    # no GPUs in the profile: GPU stages run on the CPU
+    assert load_sweep(write(tmp_path, TINY)).device("generate") == "cpu"
+
+
+SITE = """
+name = "site"
+cluster = "brainhpc"
+setup = ["module load x"]
+[resources]
+partition = "gpu"
+cpu_partition = "debug"
+gpus_per_node = 2
+gpu_type = "a100"
+qos = "high"
+constraint = "a100&ib"
+exclude = "node07"
+reservation = "course"
+account = "proj"
+wckey = "mri"
+max_num_timeout = 5
+slurm_extra = { mail-type = "FAIL", exclusive = true }
+srun_args = ["--mpi=none"]
+[container]
+prefix = "apptainer exec --nv --bind {binds} /img.sif"
+binds = ["/scratch"]
+"""
+
+
+def test_site_knobs_reach_the_sbatch_script(tmp_path, monkeypatch):
+    monkeypatch.setenv("BRAINHPC_CACHE", str(tmp_path / "cache"))
+    write(tmp_path, SITE, "site.toml")
+    s = load_sweep(write(tmp_path, TINY.replace('"local"', '"site.toml"')))
+    gen = sub.sbatch_script(s, "generate", tmp_path / "run", 2)
+    for line in ("--gpus-per-node=a100:2", "--ntasks-per-node=2", "--qos=high",
+                 "--constraint='a100&ib'", "--exclude=node07", "--reservation=course",
+                 "--account=proj", "--wckey=mri", "--mail-type=FAIL", "--exclusive",
+                 "--partition=gpu"):
+        assert f"#SBATCH {line}\n" in gen, line
+    assert "--cpus-per-task=1 --kill-on-bad-exit=1 --mpi=none " in gen
+    assert f"--bind {tmp_path}/run,{tmp_path / 'cache'},/scratch /img.sif python" in gen
+    prep = sub.sbatch_script(s, "prepare", tmp_path / "run", 1)
+    assert "#SBATCH --partition=debug\n" in prep and "gpus" not in prep
+    assert s.resources["generate"].max_num_timeout == 5
+    gres = load_sweep(write(tmp_path, TINY.replace('"local"', '"site.toml"')
+                            + '[resources.classify]\ngpu_flag = "gres"\n'))
+    assert "#SBATCH --gres=gpu:a100:2\n" in sub.sbatch_script(gres, "classify", tmp_path, 1)
+
+
+def test_container_volumes_for_podman(tmp_path):
+    data = tmp_path / "raw"
+    data.mkdir()
+    text = TINY.replace("phantom = 100", f'path = "{data}"') + \
+        '[container]\nprefix = "podman run --rm {volumes} img"\n'
+    s = load_sweep(write(tmp_path, text))
+    assert sub.python_command(s, tmp_path / "run") == (
+        f"podman run --rm -v {tmp_path}/run:{tmp_path}/run -v {data}:{data}:ro img python")
+
+
+@pytest.mark.parametrize(("where", "text", "message"), [
+    ("[resources]", "nodes = 2", "multi-node cells are not supported"),
+    ("[resources]", 'slurm_extra = { partition = "x" }', "use resources.partition"),
+    ("[resources]", 'slurm_extra = { array = "0-3" }', "use resources.array_parallelism"),
+    ("[resources]", 'gpu_flag = "gpus"', "gpu_flag must be one of"),
+    ("[resources]", 'gpu_type = "a100"', "gpu_type = 'a100' needs gpus_per_node"),
+    ("[resources.classify]", "cells_per_task = 2\ngpus_per_node = 2",
+     "cells_per_task = 2 packs small"),
+    ("[resources]", "max_num_timeout = -1", "resources.max_num_timeout must be >= 0"),
+    ("[resources]", 'srun_args = "--x"\nqos = 3', "resources.qos must be str"),
+    ("[container]", 'prefix = "apptainer exec --bind {bind} i"', "unknown placeholder {bind}"),
+    ("[classify.options]", 'device = "cpu"', "may not set device"),
+])
+def test_bad_site_knobs_name_the_key(tmp_path, where, text, message):
+    path = write(tmp_path, TINY + f"\n{where}\n{text}\n")
+    with pytest.raises(BrainhpcError, match=re.escape(message)):
+        expand(load_sweep(path), tmp_path / "run")
+
+
+INFO = {"cluster": "prod", "max_array_size": 1001, "partitions": sub.parse_sinfo(
+    "gpu|2-00:00:00|gpu:a100:4(S:0-1)\ngpu|2-00:00:00|gpu:v100:2\ncpu*|04:00:00|(null)\n")}
+
+
+def test_sinfo_parsing():
+    assert INFO["partitions"] == {
+        "gpu": {"max_time_min": 2880, "gpus": {"a100": 4, "v100": 2, "": 4}},
+        "cpu": {"max_time_min": 240, "gpus": {}}}
+    assert [sub.parse_minutes(t) for t in ("infinite", "1-00:00:00", "30:00", "2:00:00", "45",
+                                           "1-12", "30:30")] == [None, 1440, 30, 120, 45,
+                                                                 2160, 30]
+
+
+def test_cluster_check_lists_every_problem(tmp_path):
+    data = tmp_path / "d"
+    data.mkdir()
+    ok = load_sweep(REPO / "jobs" / "paper.toml", data=data)  # gpu-cluster: gpu + cpu
+    sub.check_cluster(ok, ["prepare", "generate", "classify", "aggregate"], INFO)
+    text = (REPO / "jobs" / "paper.toml").read_text() + (
+        "[resources.generate]\ngpus_per_node = 8\n[resources.classify]\ngpus_per_node = 1\n"
+        'gpu_type = "h100"\n[resources.prepare]\ntime_min = 300\n[resources.aggregate]\n'
+        'partition = "nope"\n')
+    bad = load_sweep(write(tmp_path, text), data=data)
+    with pytest.raises(BrainhpcError) as err:
+        sub.check_cluster(bad, ["prepare", "generate", "classify", "aggregate"], INFO)
+    msg = str(err.value)
+    assert "resources.prepare.time_min = 300 exceeds the MaxTime of partition 'cpu' (240 min)" \
+        in msg
+    assert "resources.generate.gpus_per_node = 8: partition 'gpu' has at most 4 GPUs" in msg
+    assert "resources.classify.gpus_per_node = 1: partition 'gpu' has at most 0 GPUs of " \
+           "type 'h100'" in msg and "a100: 4" in msg
+    assert "resources.aggregate: partition 'nope'" in msg and "sinfo lists: cpu, gpu" in msg
+    local = load_sweep(write(tmp_path, TINY))
+    with pytest.raises(BrainhpcError, match="profile 'local' is written for cluster 'brainhpc'"
+                       ", this is cluster 'prod'"):
+        sub.check_cluster(local, ["generate"], {**INFO, "partitions": {"debug": {
+            "max_time_min": None, "gpus": {}}}})
+
+
+def test_slurm_needs_a_named_profile(tmp_path, capsys):
+    path = write(tmp_path, TINY.replace('profile = "local"\n', ""))
+    assert main([str(path), "--run-dir", str(tmp_path / "run"), "--dry-run"]) == 2
+    assert "--executor slurm needs a site profile" in capsys.readouterr().err
+    assert main([str(path), "--run-dir", str(tmp_path / "run"), "--dry-run",
+                 "--executor", "local"]) == 0
+
+
+def test_image_versions_are_compared_with_this_host(tmp_path):
+    fake = tmp_path / "image.sh"
+    fake.write_text("#!/bin/sh\necho '{\"brainhpc\": \"0.0.1\", \"submitit\": "
+                    f"\"{submitit.__version__}\", \"torch\": \"x\", \"cuda\": \"12.6\"}}'\n")
+    text = TINY + f'[container]\nprefix = "sh {fake}"\n'
+    s = load_sweep(write(tmp_path, text))
+    with pytest.raises(BrainhpcError, match=r"brainhpc 0\.0\.1 in the image, 0\.1\.0 here"):
+        sub.image_versions(s, tmp_path)
+    standin = REPO / "tests" / "container_standin.sh"
+    text = TINY + f'[container]\nprefix = "bash {standin} --bind {{binds}} {sys.executable}"\n'
+    found = sub.image_versions(load_sweep(write(tmp_path, text)), tmp_path)
+    assert found["brainhpc"] == "0.1.0" and found["submitit"] == submitit.__version__
+    broken = load_sweep(write(tmp_path, TINY + '[container]\nprefix = "/no/such/apptainer"\n'))
+    with pytest.raises(BrainhpcError, match="could not read brainhpc/submitit versions"):
+        sub.image_versions(broken, tmp_path)

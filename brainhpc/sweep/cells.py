@@ -13,12 +13,15 @@ Layout, chosen so the stages find each other's outputs::
     RUN_DIR/classify/<model>[-<technique>]-<train data>-s<seed>/
     RUN_DIR/aggregate/results/           -> RUN_DIR/results/ (metrics.csv, table.md, plots)
 
-Preemption: SLURM sends SIGUSR2 ``signal_delay_s`` before the time limit (and on preemption).
-submitit's handler calls ``checkpoint()`` and requeues at once, which would lose the steps since
-the trainer's last periodic save. So ``CellRunner`` puts its own SIGUSR2 handler in front: it asks
-the live trainer to checkpoint and stop at the next step boundary, and only after the stage
-function has returned "interrupted" hands over to submitit's handler (checkpoint + requeue).
-The requeued task runs the same cell, and the stage function resumes from the checkpoint.
+Preemption and time limits: SLURM sends SIGUSR2 ``signal_delay_s`` before the time limit, and
+SIGTERM on preemption. ``CellRunner`` handles both the same way: it asks the live trainer to
+checkpoint and stop at the next step boundary; once the stage function has returned
+"interrupted", submitit's handler dumps the requeued submission (``checkpoint()``: the same cells,
+never ``--force``) and counts time-outs against ``max_num_timeout``. The requeue itself is not
+done here: a cell may run in a container without Slurm's client, config or munge socket. The
+cell leaves a flag file (``requeue_flag``) and the sbatch script's teardown, on the host after
+``srun``, runs ``scontrol requeue`` for this array task (see ``submit.teardown_lines``). The
+requeued task runs the same cells, and the stage functions resume from their checkpoints.
 """
 
 from __future__ import annotations
@@ -120,10 +123,17 @@ def expand(sweep: Sweep, run_dir: Path) -> dict[str, list[Cell]]:
     return plan
 
 
-def stage_config(cell: Cell, force: bool = False):
-    """The typed config of the stage function a cell runs (thin adapter, no logic)."""
+def stage_config(cell: Cell, force: bool = False, device: str = "auto"):
+    """The typed config of the stage function a cell runs (thin adapter, no logic).
+
+    ``device`` comes from where the cell runs (``Sweep.device``: cuda when GPUs were requested),
+    never from the sweep file, so a cell cannot ask for GPUs and then train on the CPU."""
     rd = Path(cell.run_dir)
     p = dict(cell.params)
+    if "device" in p:
+        raise BrainhpcError(f"{cell.stage}/{cell.id}: options may not set device ({p['device']!r}):"
+                            " the sweep sets it from the resources (GPUs requested -> cuda, "
+                            "else cpu)")
     if cell.stage == "prepare":
         from brainhpc.data.prepare import PrepareConfig
 
@@ -132,18 +142,19 @@ def stage_config(cell: Cell, force: bool = False):
         from brainhpc.generate import GenerateConfig
 
         return GenerateConfig(data=prepared_dir(rd), out=cell.folder, force=force,
-                              progress=False, **p)
+                              progress=False, device=device, **p)
     if cell.stage == "classify":
         from brainhpc.classify.run import ClassifyConfig
 
         return ClassifyConfig(data=prepared_dir(rd), out=cell.folder,
-                              synthetic_dir=rd / "generate", force=force, progress=False, **p)
+                              synthetic_dir=rd / "generate", force=force, progress=False,
+                              device=device, **p)
     return None
 
 
-def run_stage(cell: Cell, force: bool = False) -> dict:
+def run_stage(cell: Cell, force: bool = False, device: str = "auto") -> dict:
     """Call the stage function of ``cell``; the result dict has a "status"."""
-    cfg = stage_config(cell, force)
+    cfg = stage_config(cell, force, device)
     if cell.stage == "prepare":
         from brainhpc.data.prepare import prepare
 
@@ -169,6 +180,16 @@ def read_marker(cell: Cell) -> dict | None:
         return None
 
 
+def is_done(cell: Cell) -> bool:
+    m = read_marker(cell) or {}
+    return m.get("status") == "done" and m.get("config_hash") == cell.hash
+
+
+def requeue_flag(folder: str | Path, job_id: str) -> Path:
+    """The file a cell leaves for the sbatch teardown (on the host) to requeue job ``job_id``."""
+    return Path(folder) / f"requeue-{job_id}"
+
+
 def _live_trainer():
     """The Trainer whose fit() is running in this process, found through its SIGTERM handler."""
     from brainhpc.train.trainer import Trainer
@@ -177,35 +198,81 @@ def _live_trainer():
     return owner if isinstance(owner, Trainer) else None
 
 
+def check_cuda(cell: Cell) -> None:
+    """A cell that asked for GPUs must get them: fail now instead of training on the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    raise BrainhpcError(
+        f"{cell.stage}/{cell.id}: GPUs were requested (device=cuda) but torch "
+        f"{torch.__version__} (CUDA build {torch.version.cuda or 'none'}) sees no CUDA device; "
+        f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '(unset)')}. Usual causes:"
+        " the container runs without --nv, the node's NVIDIA driver is older than this torch "
+        "build needs (containers/README.md), or the partition gave no GPU")
+
+
 class CellRunner(submitit.helpers.Checkpointable):
-    """What every array task runs: one cell, with its marker, its log path and requeue."""
+    """What every array task runs: one cell (or a pack of small cells, one after the other),
+    with its marker, its log path, its device, and requeue through the sbatch teardown."""
 
-    def __init__(self, force: bool = False):
+    def __init__(self, force: bool = False, device: str = "auto"):
         self.force = force
-        self._preempted = None  # (signum, submitit's handler) once SIGUSR2 came mid-training
+        self.device = device
+        self._signal = None  # SIGUSR2/SIGTERM received: requeue once the stage has stopped
+        self._submitit = None  # submitit's signal handler (checkpoint, count, requeue)
 
-    def __call__(self, cell: Cell) -> dict:
+    def __call__(self, cells: Cell | list[Cell]) -> dict | list[dict]:
         if not logging.getLogger().handlers:
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s "
                                 "%(name)s: %(message)s", datefmt="%H:%M:%S")
+        pack = list(cells) if isinstance(cells, (list, tuple)) else [cells]
         env = _job_env()
-        rank0 = env["rank"] == 0
         if env["tasks"] > 1 and env["executor"] in ("slurm", "local"):
             # DDP: MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK for the trainer
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         if env["executor"] == "slurm":
-            prev = signal.getsignal(signal.SIGUSR2)
-            if callable(prev):
-                signal.signal(signal.SIGUSR2, lambda s, f: self._on_usr2(s, f, prev))
+            handler = signal.getsignal(signal.SIGUSR2)
+            if callable(handler):
+                self._submitit = handler
+                signal.signal(signal.SIGUSR2, self._on_signal)
+                signal.signal(signal.SIGTERM, self._on_signal)
+        force = self.force
+        if force and env["restarts"]:
+            log.warning("restart %d of job %s: --force applied to the first run only; resuming",
+                        env["restarts"], env["job_id"])
+            force = False
+        results, failed = [], []
+        for cell in pack:
+            if self._signal is not None:
+                break  # between packed cells: requeue now, the rest run after it
+            try:
+                results.append(self._run(cell, env, force))
+            except Exception as e:
+                if len(pack) == 1:
+                    raise
+                log.error("%s/%s failed: %s", cell.stage, cell.id, e)
+                failed.append(f"{cell.id} ({type(e).__name__}: {e})")
+        if self._signal is not None:
+            self._requeue()
+        if failed:
+            raise BrainhpcError(f"{len(failed)} of {len(pack)} packed cells failed (see their "
+                                f"cell.json): {'; '.join(failed)}")
+        return results[0] if isinstance(cells, Cell) else results
+
+    def _run(self, cell: Cell, env: dict, force: bool) -> dict:
         base = {"cell": cell.id, "stage": cell.stage, "config_hash": cell.hash,
                 "params": cell.params, "job_id": env["job_id"], "log": env["log"],
-                "host": socket.gethostname(), "tasks": env["tasks"], "brainhpc": __version__,
-                "restarts": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)}
+                "host": socket.gethostname(), "tasks": env["tasks"], "device": self.device,
+                "brainhpc": __version__, "restarts": env["restarts"]}
+        rank0 = env["rank"] == 0
         t0 = time.time()
         if rank0:
             write_json(cell.marker, {**base, "status": "running", "started": t0})
         try:
-            result = run_stage(cell, self.force)
+            if self.device == "cuda":
+                check_cuda(cell)
+            result = run_stage(cell, force, self.device)
         except Exception as e:
             if rank0:
                 write_json(cell.marker, {
@@ -220,34 +287,59 @@ class CellRunner(submitit.helpers.Checkpointable):
             write_json(cell.marker, {**base, "status": status, "started": t0,
                                      "finished": time.time(),
                                      "wall_seconds": round(time.time() - t0, 3)})
-        if self._preempted is not None:
-            signum, handler = self._preempted
-            self._preempted = None
-            handler(signum, None)  # submitit: checkpoint() then requeue and exit
         return {"cell": cell.id, "status": status}
 
-    def _on_usr2(self, signum, frame, submitit_handler) -> None:
+    def _on_signal(self, signum, frame) -> None:
+        """SIGUSR2 (time limit ahead) or SIGTERM (preemption): stop at a safe point, requeue."""
+        if self._signal is not None:
+            return  # already stopping (the trainer passes SIGTERM on after its save)
+        self._signal = signum
         trainer = _live_trainer()
+        name = signal.Signals(signum).name
         if trainer is None:  # not training: nothing to save first, requeue now
-            submitit_handler(signum, frame)
+            log.warning("%s: requeueing", name)
+            self._requeue()
             return
-        log.warning("SIGUSR2: asking the trainer to checkpoint and stop, then requeueing")
+        log.warning("%s: asking the trainer to checkpoint and stop, then requeueing", name)
         trainer.request_checkpoint(stop=True)
-        self._preempted = (signum, submitit_handler)
 
-    def checkpoint(self, cell: Cell) -> submitit.helpers.DelayedSubmission:
-        """Called by submitit before the requeue: run the same cell again (it resumes)."""
+    def _requeue(self) -> None:
+        """submitit's handler: checkpoint() -> the requeued submission, time-out count, exit;
+        its requeue step replaced by a flag for the sbatch teardown (scontrol on the host)."""
+        signum, self._signal = self._signal, None
+        handler = getattr(self._submitit, "__self__", None)
+        if handler is None or not hasattr(handler, "env"):  # not submitit's: just call it
+            self._submitit(signum, None)
+            return
+        handler.env._requeue = self._leave_flag
+        handler.checkpoint_and_try_requeue(signum, None)
+
+    @staticmethod
+    def _leave_flag(countdown: int) -> None:
+        job = os.environ["SLURM_JOB_ID"]
+        flag = requeue_flag(os.environ["SUBMITIT_FOLDER"], job)
+        write_json(flag, {"job_id": job, "timeouts_left": countdown, "written": time.time()})
+        log.info("left %s: the sbatch script requeues job %s after srun (%d time-outs left)",
+                 flag, job, countdown)
+
+    def checkpoint(self, cells: Cell | list[Cell]) -> submitit.helpers.DelayedSubmission:
+        """Called by submitit before the requeue: the same cells again (they resume), minus
+        packed cells already done, and never with ``force`` (it would wipe the checkpoint)."""
         trainer = _live_trainer()
-        if trainer is not None:  # only when SIGUSR2 bypassed _on_usr2
+        if trainer is not None:  # only when a signal bypassed _on_signal
             trainer.request_checkpoint()
-        return submitit.helpers.DelayedSubmission(CellRunner(self.force), cell)
+        if isinstance(cells, (list, tuple)):
+            cells = [c for c in cells if not is_done(c)]
+        return submitit.helpers.DelayedSubmission(CellRunner(False, self.device), cells)
 
 
 def _job_env() -> dict:
     executor = os.environ.get("SUBMITIT_EXECUTOR") or "debug"
     try:
         env = submitit.JobEnvironment()
-        return {"executor": executor, "rank": env.global_rank, "tasks": env.num_tasks,
-                "job_id": str(env.job_id), "log": str(env.paths.stdout)}
+        out = {"executor": executor, "rank": env.global_rank, "tasks": env.num_tasks,
+               "job_id": str(env.job_id), "log": str(env.paths.stdout)}
     except (RuntimeError, KeyError):  # debug executor / a plain call: this process is the job
-        return {"executor": executor, "rank": 0, "tasks": 1, "job_id": "", "log": ""}
+        out = {"executor": executor, "rank": 0, "tasks": 1, "job_id": "", "log": ""}
+    out["restarts"] = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    return out

@@ -1,11 +1,15 @@
 """Command line of the sweep::
 
-    python -m brainhpc.sweep [JOBS_FILE] [--partition P] [--executor slurm|local|debug]
-                             [--dry-run] [--only STAGE] [--force] [--run-dir DIR] [--data PATH]
+    python -m brainhpc.sweep [JOBS_FILE] [--profile NAME] [--executor slurm|local|debug]
+                             [--partition P] [--cpu-partition P] [--dry-run] [--only STAGE]
+                             [--force] [--run-dir DIR] [--data PATH]
     python -m brainhpc.sweep status RUN_DIR
     python -m brainhpc.sweep aggregate RUN_DIR     (re-write RUN_DIR/results here and now)
 
-With SLURM it returns right after submitting and prints the job ids and what to run next.
+With SLURM it needs a site profile (``--profile`` or ``profile =`` in the file), checks it
+against the cluster (``sinfo``) and the container against this host, then returns right after
+submitting and prints the job ids and what to run next. ``--dry-run`` prints the sbatch scripts
+and, where a SLURM client is installed, the result of the cluster check.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from brainhpc.fsio import write_json
 from brainhpc.sweep import submit as sub
 from brainhpc.sweep.aggregate import aggregate
 from brainhpc.sweep.cells import expand, read_marker
-from brainhpc.sweep.config import STAGES, load_sweep
+from brainhpc.sweep.config import PROFILES, STAGE_TABLE, STAGES, load_sweep
 from brainhpc.sweep.status import cell_states, table
 
 DEFAULT_JOBS = "jobs/smoke.toml"
@@ -32,11 +36,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"sweep file (default {DEFAULT_JOBS}), or 'status' / 'aggregate'")
     p.add_argument("target", nargs="?", help="RUN_DIR after 'status' or 'aggregate'")
     p.add_argument("--executor", choices=sub.EXECUTORS, default="slurm")
-    p.add_argument("--partition", help="override every stage's partition")
     p.add_argument("--profile", help="site profile name (slurm/profiles/) or .toml path")
+    p.add_argument("--partition", help="partition of the GPU stages (and of the CPU stages "
+                   "when the profile has no cpu_partition)")
+    p.add_argument("--cpu-partition", help="partition of the CPU stages (prepare, aggregate)")
     p.add_argument("--data", type=Path, help="raw image folder (overrides [data] of the file)")
     p.add_argument("--run-dir", type=Path, help="default: runs/<sweep name>")
-    p.add_argument("--only", choices=STAGES, help="this stage's cells only (no dependencies)")
+    p.add_argument("--only", choices=STAGES, help="this stage's cells only (they still wait "
+                   "for queued cells of the stages they need)")
     p.add_argument("--dry-run", action="store_true",
                    help="print cells, resources and sbatch scripts; submit nothing")
     p.add_argument("--force", action="store_true",
@@ -66,22 +73,40 @@ def run(args) -> int:
         return 1 if any(r["state"] in ("failed", "lost") for r in rows) else 0
     t0 = time.monotonic()
     sweep = load_sweep(args.jobs_file, data=args.data, partition=args.partition,
-                       profile=args.profile)
+                       profile=args.profile, cpu_partition=args.cpu_partition)
     run_dir = (args.run_dir or Path("runs") / sweep.name).resolve()
     plan = expand(sweep, run_dir)
     stages = [args.only] if args.only else list(STAGES)
+    slurm = args.executor == "slurm"
+    if slurm and not sweep.profile:
+        have = ", ".join(sorted(p.stem for p in PROFILES.glob("*.toml")))
+        raise BrainhpcError(f"{args.jobs_file}: --executor slurm needs a site profile: pass "
+                            f"--profile NAME or set profile = \"NAME\" in the file (profiles in "
+                            f"{PROFILES}: {have}; copy gpu-cluster.toml for a GPU site)")
     if args.dry_run:
         print(dry_run(sweep, plan, run_dir, stages))
+        if slurm:
+            if sub.shutil.which("sbatch") is None:
+                print("\nnot checked against a cluster: no SLURM client here")
+            else:
+                info = sub.cluster_info()
+                sub.check_cluster(sweep, [s for s in stages if plan[s]], info)
+                print(f"\nchecked against cluster {info['cluster']} (sinfo): partitions, time "
+                      "limits and GPUs fit")
         return 0
     info = None
-    if args.executor == "slurm":
+    if slurm:
         info = sub.cluster_info()
-        sub.check_partitions(sweep, [s for s in stages if plan[s]], info["partitions"])
+        sub.check_cluster(sweep, [s for s in stages if plan[s]], info)
     sub.claim_run_dir(sweep, run_dir, args.force)
+    if slurm and sweep.container:
+        found = sub.image_versions(sweep, run_dir)
+        print(f"container: brainhpc {found['brainhpc']}, submitit {found['submitit']} (as here), "
+              f"torch {found.get('torch')} (CUDA build {found.get('cuda')})")
     write_json(run_dir / "plan.json", {s: [{"id": c.id, "params": c.params} for c in plan[s]]
                                        for s in STAGES})
-    queued = sub.queue_states() if args.executor == "slurm" else {}
-    cells, skipped = sub.todo(plan, run_dir, stages, args.force, queued)
+    queued = sub.queue_states() if slurm else {}
+    cells, skipped, waiting = sub.todo(plan, run_dir, stages, args.force, queued)
     n = sum(len(v) for v in cells.values())
     note = f"{len(skipped['done'])} done, {len(skipped['queued'])} still queued"
     if n == 0:
@@ -89,14 +114,15 @@ def run(args) -> int:
         for q in skipped["queued"]:
             print(f"  queued: {q}")
         return 0
-    if args.executor == "slurm":
-        records = sub.submit_slurm(sweep, cells, run_dir, args.force, info)
+    if slurm:
+        records = sub.submit_slurm(sweep, cells, run_dir, args.force, info, waiting)
         took = time.monotonic() - t0
         print(f"submitted {n} cells of sweep {sweep.name} to SLURM cluster {info['cluster']} "
               f"in {took:.1f} s ({note}; MaxArraySize {info['max_array_size']}):")
         for r in records:
             after = f" after {','.join(r['after'])} (afterany)" if r["after"] else ""
-            print(f"  {r['stage']:<10} {len(r['cells']):>4} cells  job {r['job_id']}{after}")
+            pack = f", {r['pack']} per task" if r.get("pack") else ""
+            print(f"  {r['stage']:<10} {len(r['cells']):>4} cells{pack}  job {r['job_id']}{after}")
         ids = ",".join(r["job_id"] for r in records)
         print("next:")
         print(f"  python -m brainhpc.sweep status {run_dir}")
@@ -112,10 +138,26 @@ def run(args) -> int:
     return 1 if any(r["state"] == "failed" for r in rows) else 0
 
 
+def _knobs(r) -> str:
+    """The resources of a stage as key=value, site knobs only where set."""
+    out = [f"partition={r.partition}", f"gpus_per_node={r.gpus_per_node}",
+           f"tasks_per_node={r.tasks}", f"cpus_per_task={r.cpus_per_task}", f"mem_gb={r.mem_gb}",
+           f"time_min={r.time_min}", f"array_parallelism={r.array_parallelism}",
+           f"max_num_timeout={r.max_num_timeout}"]
+    for key in ("gpu_type", "account", "qos", "constraint", "exclude", "reservation", "wckey"):
+        if getattr(r, key):
+            out.append(f"{key}={getattr(r, key)}")
+    if r.gpu_flag != "gpus-per-node" and r.gpus_per_node:
+        out.append(f"gpu_flag={r.gpu_flag}")
+    if r.cells_per_task > 1:
+        out.append(f"cells_per_task={r.cells_per_task}")
+    return " ".join(out)
+
+
 def dry_run(sweep, plan, run_dir: Path, stages: list[str]) -> str:
     """The matrix, the resources and the sbatch script of each stage, as text."""
-    out = [f"sweep {sweep.name} ({sweep.source}), profile {sweep.profile}, run dir {run_dir}"]
-    prev = None
+    out = [f"sweep {sweep.name} ({sweep.source}), profile {sweep.profile or '(none: local)'}, "
+           f"run dir {run_dir}"]
     for stage in stages:
         cells = plan[stage]
         if not cells:
@@ -127,15 +169,13 @@ def dry_run(sweep, plan, run_dir: Path, stages: list[str]) -> str:
             params = ", ".join(f"{k}={v}" for k, v in c.params.items()
                                if v not in (None, {}, ""))
             out.append(f"  {c.id:<40} [{state}] {params}")
-        out.append(f"resources: partition={r.partition} gpus_per_node={r.gpus_per_node} "
-                   f"tasks_per_node={r.tasks} cpus_per_task={r.cpus_per_task} "
-                   f"mem_gb={r.mem_gb} time_min={r.time_min} "
-                   f"array_parallelism={r.array_parallelism}"
-                   + (f" account={r.account}" if r.account else ""))
-        dep = f"afterany:<{prev} job ids>" if prev else None
+        out.append(f"resources: {_knobs(r)}")
+        out.append(f"device: {sweep.device(stage)}")
+        before = [s for s in STAGE_TABLE[stage].after if plan[s]]
+        dep = f"afterany:<{', '.join(before)} job ids>" if before else None
+        n_tasks = -(-len(cells) // r.cells_per_task)
         out.append(f"--- sbatch script ({stage}) ---")
-        out.append(sub.sbatch_script(sweep, stage, run_dir, len(cells), dep).rstrip())
-        prev = stage
+        out.append(sub.sbatch_script(sweep, stage, run_dir, n_tasks, dep).rstrip())
     return "\n".join(out)
 
 

@@ -1,9 +1,10 @@
-"""Sweep files (jobs/*.toml) -> typed, validated ``Sweep`` objects.
+"""Sweep files (jobs/*.toml) and site profiles -> typed, validated ``Sweep`` objects.
 
-A sweep file names the data, the cells of each stage and the resources; a site profile
-(``slurm/profiles/<name>.toml``) holds what differs between clusters (partition defaults,
-setup lines, container prefix). Every key is checked before anything is submitted: an unknown
-key or a bad value raises ``BrainhpcError`` naming the file and the key. Layout::
+A sweep file names the data, the cells of each stage and, optionally, resources for this study;
+a site profile (``slurm/profiles/<name>.toml``) holds what differs between clusters (partitions,
+GPUs per cell, site knobs, setup lines, container prefix). Every key is checked before anything
+is submitted: an unknown key or a bad value raises ``BrainhpcError`` naming the file and the key.
+``STAGE_TABLE`` below is the one place that lists the stages and which of them use GPUs. Layout::
 
     name = "smoke"
     profile = "local"              # slurm/profiles/local.toml, or a path to a profile file
@@ -20,13 +21,18 @@ key or a bad value raises ``BrainhpcError`` naming the file and the key. Layout:
     model = "vae"
     techniques = ["giaem", "dbscan"]
     train_data = ["real", "synthetic:vae"]
-    [resources]                    # every stage; [resources.<stage>] overrides one stage
+    [resources]                    # every stage (over the profile's); [resources.<stage>] one stage
     [container]
-    prefix = "apptainer exec --nv IMAGE"
+    prefix = "apptainer exec --nv --bind {binds} IMAGE"
+
+Resources, lowest to highest precedence: ``Resources()`` defaults, the profile's ``[resources]``,
+the profile's ``[resources.<stage>]``, the sweep file's ``[resources]``, its
+``[resources.<stage>]``, then ``--partition`` / ``--cpu-partition``.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 import tomllib
 from dataclasses import dataclass, field, fields, replace
@@ -44,10 +50,43 @@ _SHARE = Path(sys.prefix) / "share" / "brainhpc"
 JOBS = REPO / "jobs" if (REPO / "jobs").is_dir() else _SHARE / "jobs"
 PROFILES = (REPO / "slurm" / "profiles" if (REPO / "slurm" / "profiles").is_dir()
             else _SHARE / "profiles")
-STAGES = ("prepare", "generate", "classify", "aggregate")
-SINGLE_PROCESS = ("prepare", "aggregate")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """How a stage runs: ``gpu`` stages get ``gpus_per_node`` GPUs (one DDP task per GPU,
+    device=cuda) on a GPU profile; CPU stages run one task, no GPU, on ``cpu_partition``.
+    ``after``: the stages whose jobs must have ended (afterany) before this stage starts."""
+
+    gpu: bool
+    after: tuple[str, ...] = ()
+
+
+# The stages in submission order. Adding one: a line here, its cells in cells.expand and its
+# function in cells.stage_config / cells.run_stage (see README "Adding a stage").
+STAGE_TABLE: dict[str, Stage] = {
+    "prepare": Stage(gpu=False),
+    "generate": Stage(gpu=True, after=("prepare",)),
+    "classify": Stage(gpu=True, after=("prepare", "generate")),
+    "aggregate": Stage(gpu=False, after=("prepare", "generate", "classify")),
+}
+STAGES = tuple(STAGE_TABLE)
+GPU_STAGES = tuple(s for s, k in STAGE_TABLE.items() if k.gpu)
 CLASSIFY_MODELS = ("cnn", "vae")
 TECHNIQUES = ("giaem", "dbscan", "kmeans-single", "kmeans-global")
+GPU_FLAGS = ("gpus-per-node", "gres")
+# sbatch flags the sweep writes itself: slurm_extra may not set them (it names the knob instead)
+_OWN_FLAGS = {"job-name": "", "partition": "partition", "time": "time_min",
+              "cpus-per-task": "cpus_per_task", "mem": "mem_gb",
+              "ntasks-per-node": "tasks_per_node", "gpus-per-node": "gpus_per_node",
+              "gres": "gpus_per_node, gpu_type and gpu_flag", "gpus": "gpus_per_node",
+              "nodes": "nodes", "account": "account", "qos": "qos", "constraint": "constraint",
+              "exclude": "exclude", "reservation": "reservation", "wckey": "wckey",
+              "array": "array_parallelism", "dependency": "", "output": "", "error": "",
+              "open-mode": "", "signal": "", "requeue": ""}
+# container prefix placeholders: {binds} for apptainer (--bind a,b:b:ro), {volumes} for
+# podman/docker (-v a:a -v b:b:ro); ${VAR} is the shell's and left alone
+PLACEHOLDERS = ("binds", "volumes")
 
 
 class _Table:
@@ -104,16 +143,29 @@ def _positive(value, key: str, source: str, zero_ok: bool = False):
 
 @dataclass(frozen=True)
 class Resources:
-    """What one array task of a stage asks SLURM for."""
+    """What one array task of a stage asks SLURM for, and the site's pass-through knobs."""
 
     partition: str = "debug"
-    gpus_per_node: int = 0
+    cpu_partition: str = ""  # CPU stages (STAGE_TABLE) run here; "" = partition
+    gpus_per_node: int = 0  # GPUs per cell of a GPU stage; > 0 means device=cuda
+    gpu_type: str = ""  # typed request ("a100" -> --gpus-per-node=a100:1)
+    gpu_flag: str = "gpus-per-node"  # or "gres" (--gres=gpu[:type]:N) where cons_tres is off
     tasks_per_node: int = 0  # 0: gpus_per_node (one DDP task per GPU), at least 1
     cpus_per_task: int = 1
     mem_gb: float = 2
     time_min: int = 30
     array_parallelism: int = 2  # at most this many array tasks of one array at once
+    cells_per_task: int = 1  # > 1 packs small cells: one array task runs them one by one
+    max_num_timeout: int = 3  # requeues after a time-out (preemptions do not count)
+    nodes: int = 1  # a cell runs on one node (see _check_nodes)
     account: str = ""
+    qos: str = ""
+    constraint: str = ""
+    exclude: str = ""
+    reservation: str = ""
+    wckey: str = ""  # no --wckey unless set (sites that enforce wckeys reject unknown ones)
+    slurm_extra: dict = field(default_factory=dict)  # any other #SBATCH flag -> value
+    srun_args: tuple[str, ...] = ()  # appended to srun's own arguments
 
     @property
     def tasks(self) -> int:
@@ -121,16 +173,65 @@ class Resources:
 
     @classmethod
     def read(cls, t: _Table, base: Resources) -> Resources:
-        kinds = {"partition": str, "account": str, "mem_gb": (int, float)}
-        zero_ok = {"gpus_per_node", "tasks_per_node"}
+        """``base`` with the keys that ``t`` sets; validated one key at a time."""
         changes = {}
         for f in fields(cls):
-            value = t.get(f.name, kinds.get(f.name, int))
-            if value is not None:
-                if f.name not in ("partition", "account"):
-                    _positive(value, t.key(f.name), t.source, zero_ok=f.name in zero_ok)
-                changes[f.name] = value
+            if f.name == "srun_args":
+                value = t.strings(f.name)
+                value = None if value is None else tuple(value)
+            else:
+                kind = {"str": str, "int": int, "float": (int, float), "dict": dict}[
+                    f.type.split(" ")[0]]
+                value = t.get(f.name, kind)
+            if value is None:
+                continue
+            key = t.key(f.name)
+            if f.type in ("int", "float"):
+                _positive(value, key, t.source,
+                          zero_ok=f.name in ("gpus_per_node", "tasks_per_node", "max_num_timeout"))
+            if f.name == "mem_gb" and value <= 0:
+                raise BrainhpcError(f"{t.source}: {key} must be > 0, got {value!r}")
+            if f.name == "gpu_flag" and value not in GPU_FLAGS:
+                raise BrainhpcError(f"{t.source}: {key} must be one of {', '.join(GPU_FLAGS)}, "
+                                    f"got {value!r}")
+            if f.name == "nodes" and value != 1:
+                raise BrainhpcError(
+                    f"{t.source}: {key} = {value}: multi-node cells are not supported. A cell "
+                    "is one model that fits one node (a 128 px model, global batch 32); its DDP "
+                    "rendezvous and its one output folder assume one node. Ask for more GPUs "
+                    "on one node with gpus_per_node, or run more cells at once "
+                    "(array_parallelism)")
+            if f.name == "slurm_extra":
+                value = _slurm_extra(value, key, t.source)
+            changes[f.name] = value
         return replace(base, **changes)
+
+
+def _slurm_extra(extra: dict, key: str, source: str) -> dict:
+    out = {}
+    for name, value in extra.items():
+        flag = name.lstrip("-").replace("_", "-")
+        if flag in _OWN_FLAGS:
+            knob = _OWN_FLAGS[flag]
+            hint = f"use resources.{knob}" if knob else "the sweep writes it itself"
+            raise BrainhpcError(f"{source}: {key}.{name}: --{flag} is not a pass-through flag "
+                                f"({hint})")
+        if not isinstance(value, (str, int, float, bool)) or value is False:
+            raise BrainhpcError(f"{source}: {key}.{name} must be a string, a number or true "
+                                f"(a flag without value), got {value!r}")
+        out[flag] = value
+    return out
+
+
+def _check_stage(r: Resources, stage: str, source: str) -> None:
+    """Combinations that no single key can refuse on its own."""
+    where = f"{source}: resources.{stage}"
+    if r.gpu_type and not r.gpus_per_node:
+        raise BrainhpcError(f"{where}: gpu_type = {r.gpu_type!r} needs gpus_per_node >= 1")
+    if r.cells_per_task > 1 and r.tasks > 1:
+        raise BrainhpcError(f"{where}: cells_per_task = {r.cells_per_task} packs small "
+                            f"one-task cells; these cells run {r.tasks} DDP tasks each. Set "
+                            "cells_per_task = 1 or one task per cell")
 
 
 @dataclass(frozen=True)
@@ -181,10 +282,16 @@ class Sweep:
     data: DataSpec
     generate: GenerateSpec | None
     classify: tuple[ClassifyBlock, ...]
-    resources: dict  # stage -> Resources
+    resources: dict  # stage -> Resources (partition, GPUs and tasks already resolved per stage)
     setup: tuple[str, ...] = ()
-    container: str = ""
-    profile: str = ""
+    container: str = ""  # prefix template ({binds}, {volumes}); "" = the host's python
+    container_binds: tuple[str, ...] = ()  # more paths to bind besides run, data and cache
+    profile: str = ""  # the profile's name as given; "" when none was named (local defaults)
+    cluster: str = ""  # the ClusterName the profile was written for ("" = any)
+
+    def device(self, stage: str) -> str:
+        """What a SLURM cell of ``stage`` runs on: cuda exactly when GPUs were requested."""
+        return "cuda" if self.resources[stage].gpus_per_node else "cpu"
 
 
 def _read_profile(ref: str, source: str) -> dict:
@@ -199,6 +306,15 @@ def _read_profile(ref: str, source: str) -> dict:
         return tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise BrainhpcError(f"{path}: not valid TOML ({e})") from e
+
+
+def _check_prefix(prefix: str, key: str, source: str) -> str:
+    for name in re.findall(r"(?<!\$)\{([^{}]*)\}", prefix):
+        if name not in PLACEHOLDERS:
+            raise BrainhpcError(f"{source}: {key}: unknown placeholder {{{name}}}; valid: "
+                                f"{', '.join('{' + p + '}' for p in PLACEHOLDERS)} (shell "
+                                "variables are written ${VAR})")
+    return prefix
 
 
 def _read_data(t: _Table, data_override: Path | None) -> DataSpec:
@@ -289,9 +405,13 @@ def _read_block(t: _Table, defaults: dict, generators: tuple[str, ...]) -> Class
                          seeds=tuple(seeds), epochs=epochs, batch_size=batch, options=options)
 
 
+def _stage_tables(res: _Table) -> dict[str, _Table]:
+    return {s: _Table(res.get(s, dict, {}), res.key(s), res.source) for s in STAGES}
+
+
 def load_sweep(path: str | Path, data: Path | None = None, partition: str | None = None,
-               profile: str | None = None) -> Sweep:
-    """Read and validate a sweep file; ``data``/``partition``/``profile`` override the file."""
+               profile: str | None = None, cpu_partition: str | None = None) -> Sweep:
+    """Read and validate a sweep file; the keyword arguments override the file and profile."""
     path = Path(path)
     source = str(path)
     if not path.exists():
@@ -304,14 +424,19 @@ def load_sweep(path: str | Path, data: Path | None = None, partition: str | None
         raise BrainhpcError(f"{path}: not valid TOML ({e})") from e
     top = _Table(raw, "", source)
     name = top.get("name", str, path.stem)
-    profile_ref = profile or top.get("profile", str, "local")
-    top.seen.add("profile")
+    named = top.get("profile", str, "")
+    named = profile or named
+    profile_ref = named or "local"
     prof = _Table(_read_profile(profile_ref, source), "", f"profile {profile_ref}")
     prof.get("name", str)
+    cluster = prof.get("cluster", str, "")
     setup = prof.strings("setup", [])
-    base = Resources.read(prof.table("resources"), Resources())
+    prof_res = prof.table("resources")
+    prof_stages = _stage_tables(prof_res)
+    prof_common = Resources.read(prof_res, Resources())
     container = prof.table("container")
-    prefix = container.get("prefix", str, "")
+    prefix = _check_prefix(container.get("prefix", str, ""), "container.prefix", prof.source)
+    binds = container.strings("binds", [])
     container.done()
     prof.done()
 
@@ -328,23 +453,31 @@ def load_sweep(path: str | Path, data: Path | None = None, partition: str | None
     cls.done()
 
     res = top.table("resources")
+    stages = _stage_tables(res)
     resources = {}
-    per_stage = {s: res.get(s, dict) for s in STAGES}
-    common = Resources.read(res, base)
-    for stage in STAGES:
-        t = _Table(per_stage[stage] or {}, f"resources.{stage}", source)
-        resources[stage] = Resources.read(t, common)
+    for stage, kind in STAGE_TABLE.items():
+        r = prof_common
+        for t in (prof_stages[stage], res, stages[stage]):
+            r = Resources.read(t, r)
+            if t is not res and not kind.gpu and "partition" in t.data:
+                r = replace(r, cpu_partition=r.partition)  # a CPU stage's own partition
+        if partition:
+            r = replace(r, partition=partition)
+        if cpu_partition:
+            r = replace(r, cpu_partition=cpu_partition)
+        if not kind.gpu:  # one task, no GPU, on the CPU partition
+            r = replace(r, partition=r.cpu_partition or r.partition, gpus_per_node=0,
+                        gpu_type="", tasks_per_node=1)
+        _check_stage(r, stage, source)
+        resources[stage] = r
+    for t in (*prof_stages.values(), prof_res, *stages.values(), res):
         t.done()
-    res.done()
-    if partition:
-        resources = {s: replace(r, partition=partition) for s, r in resources.items()}
-    for stage in SINGLE_PROCESS:  # no DDP in these stages: one task, no GPU
-        resources[stage] = replace(resources[stage], gpus_per_node=0, tasks_per_node=1)
     cont = top.table("container")
-    prefix = cont.get("prefix", str, prefix)
+    prefix = _check_prefix(cont.get("prefix", str, prefix), "container.prefix", source)
+    binds = cont.strings("binds", binds)
     cont.done()
     setup = top.strings("setup", setup)
     top.done()
     return Sweep(name=name, source=path.resolve(), data=data_spec, generate=gen,
                  classify=classify, resources=resources, setup=tuple(setup), container=prefix,
-                 profile=profile_ref)
+                 container_binds=tuple(binds), profile=named, cluster=cluster)

@@ -33,6 +33,8 @@ def cell_states(run_dir: Path, queued: dict[str, str] | None = None) -> list[dic
             m = {}
         state = m.get("status", "not submitted")
         in_queue = queued.get(job, "")
+        if in_queue and m.get("job_id") == job and state in ("done", "failed"):
+            in_queue = ""  # finished inside a task that runs on (packed cells)
         if in_queue:
             state = "running" if in_queue in ("RUNNING", "COMPLETING") else "pending"
         elif state == "running" and job:
