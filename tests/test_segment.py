@@ -7,6 +7,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -394,3 +396,35 @@ def test_identity_ignores_run_only_settings(tmp_path):
                               checkpoint_every=3).identity()
     assert a["channels"] == list(srun.SegmentConfig.channels) and a["min_area"] is None
     assert a != SegmentConfig(**base, augment=False).identity()
+
+
+@pytest.mark.slow  # torchrun, 2 processes: ~25 s on 2 busy cores
+def test_two_process_ddp_cell(prepared_phantom, tmp_path):
+    """The cell under torchrun (gloo): both ranks train and validate, rank 0 alone evaluates and
+    writes; a rendezvous that never connects (a known transport problem of this sandbox, see
+    test_trainer) is an xfail, anything else a failure."""
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "SLURM_JOB_ID", "SLURM_NTASKS",
+                "SLURM_PROCID", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "brainhpc", "segment", "--train-data", "real", "--data", str(prepared_phantom),
+           "--out", str(out), "--epochs", "2", "--batch-size", "16", "--channels", "8,16",
+           "--strides", "2", "--device", "cpu", "--no-progress"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        log, _ = proc.communicate()
+        if "gloo" not in log:
+            pytest.xfail("gloo rendezvous never connected (sandbox transport problem)")
+        pytest.fail(f"torchrun segment hung after the rendezvous:\n{log[-6000:]}")
+    assert proc.returncode == 0, log[-6000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["world_size"] == 2 and m["steps"] == 2 * (166 // 16)
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["kind"] == "val" for r in records) == 2  # one writer: no duplicate records
+    assert load_segmenter(out)["image_size"] == 64
