@@ -32,17 +32,42 @@ def prepared_phantom(tmp_path_factory) -> Path:
     return out
 
 
-def real_data_root() -> Path | None:
-    """The shared Brain Tumor MRI folder: $BRAINHPC_REAL_DATA, else ../shared beside the repo."""
+def shared_dataset(name: str) -> Path | None:
+    """A shared real dataset (brain-tumor-mri, br35h, lgg-flair): $BRAINHPC_DATASETS/<name>,
+    else ../shared/datasets/<name> beside the repo ($BRAINHPC_REAL_DATA still names the
+    brain-tumor-mri folder itself)."""
     env = os.environ.get("BRAINHPC_REAL_DATA")
-    path = Path(env) if env else REPO.parent / "shared" / "datasets" / "brain-tumor-mri"
+    if name == "brain-tumor-mri" and env:
+        path = Path(env)
+    else:
+        base = os.environ.get("BRAINHPC_DATASETS")
+        path = (Path(base) if base else REPO.parent / "shared" / "datasets") / name
     return path if path.is_dir() else None
+
+
+def real_data_root() -> Path | None:
+    return shared_dataset("brain-tumor-mri")
+
+
+def _need(name: str) -> Path:
+    path = shared_dataset(name)
+    if path is None:
+        pytest.skip(f"real MRI data {name} not found: set BRAINHPC_DATASETS (or "
+                    f"BRAINHPC_REAL_DATA for brain-tumor-mri) or put the shared datasets at "
+                    f"../shared/datasets/{name}")
+    return path
 
 
 @pytest.fixture(scope="session")
 def real_data() -> Path:
-    path = real_data_root()
-    if path is None:
-        pytest.skip("real MRI data not found: set BRAINHPC_REAL_DATA or put the shared datasets "
-                    "at ../shared/datasets/brain-tumor-mri")
-    return path
+    return _need("brain-tumor-mri")
+
+
+@pytest.fixture(scope="session")
+def br35h_data() -> Path:
+    return _need("br35h")
+
+
+@pytest.fixture(scope="session")
+def lgg_data() -> Path:
+    return _need("lgg-flair")

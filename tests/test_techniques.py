@@ -133,9 +133,9 @@ def test_best_cut_hand_computed():
     s = np.array([0.1, 0.2, 0.3, 0.4])
     assert best_cut(s, np.array([0, 0, 1, 1])) == (pytest.approx(0.25), 1.0)
     # labels 0 1 0 1: F1 of top-1 2/3, top-2 1/2, top-3 0.8, all 2/3 -> cut between .1 and .2
-    assert best_cut(s, np.array([0, 1, 0, 1])) == (pytest.approx(0.15), pytest.approx(0.8))
-    # balanced accuracy ties at .75 for top-1 and top-3: the cut with fewer positives wins
-    cut, value = best_cut(s, np.array([0, 1, 0, 1]), "balanced_accuracy")
+    assert best_cut(s, np.array([0, 1, 0, 1]), "f1") == (pytest.approx(0.15), pytest.approx(0.8))
+    # balanced accuracy (the default) ties at .75 for top-1 and top-3: fewer positives win
+    cut, value = best_cut(s, np.array([0, 1, 0, 1]))
     assert cut == pytest.approx(0.35) and value == pytest.approx(0.75)
     # ties in score move together: no cut can split equal scores
     assert best_cut(np.array([0.5, 0.5, 0.1]), np.array([1, 0, 0]))[0] == pytest.approx(0.3)
@@ -246,7 +246,7 @@ def test_selection_finds_the_planted_signal_and_localises():
         assert out["test"]["f1"] > 0.9, technique
         assert out["test"]["roc_auc"] > 0.9, technique
         assert out["localisation"]["dice_mean"] > 0.5, technique
-        assert out["chosen"]["criterion"] == "f1" and "anomaly_threshold" in out["chosen"]
+        assert out["chosen"]["criterion"] == "balanced_accuracy" and "anomaly_threshold" in out["chosen"]
 
 
 def test_explicit_grids_and_balanced_accuracy():
@@ -278,7 +278,7 @@ def test_fitted_state_round_trips_through_torch_save(tmp_path):
 def test_bad_technique_config_is_refused():
     with pytest.raises(BrainhpcError, match="giaem, dbscan, kmeans-single, kmeans-global"):
         TechniqueConfig(technique="kmeans")
-    with pytest.raises(BrainhpcError, match="f1, balanced_accuracy"):
+    with pytest.raises(BrainhpcError, match="balanced_accuracy, f1"):
         TechniqueConfig(criterion="accuracy")
     with pytest.raises(BrainhpcError, match="alphas"):
         TechniqueConfig(technique="kmeans-global", alphas=(0.0, 2.0))

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from brainhpc.data.shards import LABEL_NAMES, LABELS, ShardData, load_split
+from brainhpc.data.shards import LABEL_NAMES, LABELS, OPTIONAL, ShardData, load_split
 from brainhpc.errors import BrainhpcError
 
 GENERATORS = ("vae", "dcgan", "wgan-gp", "ddpm")
@@ -136,7 +136,8 @@ def load_synthetic(synthetic_dir: str | os.PathLike | None, generator: str) -> d
 
 
 def concat(parts: list[ShardData], attrs: dict | None = None) -> ShardData:
-    """One ShardData from several; masks and brain masks survive only if every part has them."""
+    """One ShardData from several; an optional part (masks, brain, ...) survives only if every
+    part has it (patient ids: parts without them count one patient per image)."""
     parts = [p for p in parts if len(p)]
     if not parts:
         raise BrainhpcError("no training images to concatenate")
@@ -146,21 +147,19 @@ def concat(parts: list[ShardData], attrs: dict | None = None) -> ShardData:
             f"training images differ in size {sorted(shapes)}: synthetic shards must be generated "
             "at the prepared dataset's size (re-run the generate cells on this prepared data)"
         )
-    def joined(key: str):
+    extras = {}
+    for key, kind in OPTIONAL.items():
         got = [getattr(p, key) for p in parts]
-        return None if any(g is None for g in got) else np.concatenate(got)
-
-    patients = None
-    if any(p.patients is not None for p in parts):  # parts without grouping: one per image
-        patients = [s for p in parts for s in p.patient_ids()]
+        if key == "patients" and any(g is not None for g in got):
+            extras[key] = [s for p in parts for s in p.patient_ids()]  # ungrouped: one each
+        elif all(g is not None for g in got):
+            extras[key] = np.concatenate(got) if kind == "array" else [s for g in got for s in g]
     return ShardData(
         images=np.concatenate([p.images for p in parts]),
         labels=np.concatenate([p.labels for p in parts]).astype(np.int64),
         sources=[s for p in parts for s in p.sources],
-        masks=joined("masks"),
         attrs=dict(attrs if attrs is not None else parts[0].attrs),
-        brain=joined("brain"),
-        patients=patients,
+        **extras,
     )
 
 

@@ -37,7 +37,8 @@ Threshold selection (``fit_technique``) is a grid search on the real validation 
 ``anomaly_threshold`` over an explicit grid or, by default, quantiles of the validation pixel
 errors; for each, ``tumor_index`` is the best cut of the validation scores (midpoint between
 consecutive distinct scores; or an explicit grid) and ``alpha`` is taken from its grid. The
-criterion is F1 (default) or balanced accuracy on the validation labels; ties go to the higher
+criterion is balanced accuracy (default; F1 on a tumour-heavy split rewards "all tumour") or F1
+on the validation labels; ties go to the higher
 anomaly_threshold (fewer anomalous pixels, less work for dbscan), the smaller alpha and the cut
 with fewer positives. The result is a frozen
 ``FittedTechnique``; ``select_and_apply`` fits on validation and only then touches the test split.
@@ -62,7 +63,7 @@ from brainhpc.errors import BrainhpcError
 log = logging.getLogger(__name__)
 
 TECHNIQUES = ("giaem", "dbscan", "kmeans-single", "kmeans-global")
-CRITERIA = ("f1", "balanced_accuracy")
+CRITERIA = ("balanced_accuracy", "f1")
 DEFAULT_QUANTILES = (0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.998, 0.999)
 DEFAULT_ALPHAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 QUANTILE_SAMPLE = 1 << 22  # pixels that place the default threshold grid (strided, deterministic)
@@ -74,7 +75,7 @@ class TechniqueConfig:
     """One technique and the grid its thresholds are chosen from (on validation data only)."""
 
     technique: str = "giaem"
-    criterion: str = "f1"
+    criterion: str = "balanced_accuracy"
     thresholds: tuple[float, ...] | None = None  # anomaly_threshold grid; None: val quantiles
     threshold_quantiles: tuple[float, ...] = DEFAULT_QUANTILES
     tumor_indices: tuple[float, ...] | None = None  # None: exact best cut of the val scores
@@ -410,7 +411,8 @@ def _criterion(tp, fp, fn, tn, name: str) -> np.ndarray:
     return 0.5 * (tp / np.maximum(tp + fn, 1) + tn / np.maximum(tn + fp, 1))
 
 
-def best_cut(scores: np.ndarray, labels: np.ndarray, criterion: str = "f1") -> tuple[float, float]:
+def best_cut(scores: np.ndarray, labels: np.ndarray,
+             criterion: str = "balanced_accuracy") -> tuple[float, float]:
     """The cut t (predict tumour where score > t) maximising ``criterion``: (t, value).
 
     Candidates are every partition of the sorted scores (t halfway between consecutive distinct

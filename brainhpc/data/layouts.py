@@ -7,22 +7,34 @@ Supported layouts (folder names are matched case-insensitively, extensions too):
 - ``brain-tumor-mri`` (the 4-class Brain Tumor MRI Dataset): ``Training/`` and/or ``Testing/``
   holding ``glioma/ meningioma/ pituitary/`` (tumour) and ``notumor/`` (healthy), or just those
   class folders;
+- ``lgg`` (LGG FLAIR segmentation, Buda et al.): one folder per case, ``<case>/<case>_<n>.png``
+  (or the original download's 3-channel ``.tif``, whose channel 1 is FLAIR) beside
+  ``<case>_<n>_mask.png|tif``; the label is "the mask holds tumour", read when the image is
+  processed; the patient (``TCGA_<site>_<id>``) groups slices so no patient straddles splits.
+  The case folders may sit directly in the data folder or in one sub-folder (``kaggle_3m/``);
 - ``labels``: any folders, mapped explicitly with ``--labels tumour=a,b healthy=c``
   (paths relative to the data folder; their images are collected recursively).
 
-Files without an image extension inside class folders are reported as skipped, not silently lost.
+In every layout a file ``X_mask.<ext>`` beside ``X.<ext>`` is X's tumour mask, never an image of
+its own; a mask without its image is skipped with that reason. Files without an image extension
+inside class folders are reported as skipped, not silently lost.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from brainhpc.data.shards import LABELS
 from brainhpc.errors import BrainhpcError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
+MASK_SUFFIX = "_mask"
+LGG_FLAIR_CHANNEL = 1  # pre-contrast, FLAIR, post-contrast in the original 3-channel .tif
+TCGA_CASE = re.compile(r"^(TCGA_[A-Za-z0-9]+_[A-Za-z0-9]+)_\d{8}$")
 LABEL_ALIASES = {"tumor": "tumour"}
 BR35H = {"yes": "tumour", "no": "healthy"}
 BR35H_IGNORED = ("pred",)
@@ -32,8 +44,19 @@ FOUR_CLASS_SPLITS = ("training", "testing")
 SUPPORTED = (
     "br35h: yes/ (tumour) and no/ (healthy), optional unlabelled pred/ (ignored); "
     "brain-tumor-mri: Training/ and/or Testing/ with glioma/ meningioma/ pituitary/ notumor/, "
-    "or just those class folders; any other layout: --labels tumour=DIR[,DIR] healthy=DIR[,DIR]"
+    "or just those class folders; lgg: case folders of <case>_<n>.png|tif with "
+    "<case>_<n>_mask.png|tif; any other layout: --labels tumour=DIR[,DIR] healthy=DIR[,DIR]"
 )
+
+
+class Entry(NamedTuple):
+    """One image to prepare."""
+
+    rel: str  # path relative to the data folder
+    label: int | None  # None: labelled by its mask (lgg)
+    mask: str | None = None  # relative path of X_mask beside it
+    patient: str | None = None  # patient id (lgg case folders)
+    channel: int | None = None  # pick this channel of a colour file
 
 
 @dataclass
@@ -41,13 +64,16 @@ class Found:
     """The labelled image files of a dataset folder."""
 
     layout: str
-    files: list[tuple[str, int]]  # (path relative to the data folder, label), sorted by path
+    files: list[Entry]  # sorted by path
     skipped: list[dict] = field(default_factory=list)  # {"source", "reason"}
     notices: list[str] = field(default_factory=list)
 
 
-def parse_labels(spec: str | list[str]) -> dict[str, list[str]]:
-    """``"tumour=a,b healthy=c"`` (or its whitespace-split parts) -> {"tumour": [a, b], ...}."""
+def parse_labels(spec: str | list[str], one_class: bool = False) -> dict[str, list[str]]:
+    """``"tumour=a,b healthy=c"`` (or its whitespace-split parts) -> {"tumour": [a, b], ...}.
+
+    ``one_class`` accepts a single label (an external test folder of tumour scans only, say).
+    """
     parts = spec.split() if isinstance(spec, str) else [p for s in spec for p in s.split()]
     mapping: dict[str, list[str]] = {}
     for part in parts:
@@ -59,7 +85,7 @@ def parse_labels(spec: str | list[str]) -> dict[str, list[str]]:
                 f"{', '.join(LABELS)} (or tumor), e.g. --labels tumour=yes healthy=no")
         mapping.setdefault(name, []).extend(f for f in folders.split(",") if f)
     missing = [name for name in LABELS if name not in mapping]
-    if missing:
+    if missing and not (one_class and mapping):
         raise BrainhpcError(f"--labels: no folders given for {', '.join(missing)}; "
                             f"both labels are needed, e.g. --labels tumour=yes healthy=no")
     return mapping
@@ -71,27 +97,75 @@ def _subdirs(folder: Path) -> dict[str, Path]:
             if p.is_dir() and not p.name.startswith(".")}
 
 
-def _collect(folder: Path, root: Path, label: int, found: Found, recursive: bool) -> int:
-    """Add the image files of ``folder`` to ``found``; return how many were added."""
+def _mask_target(name: str) -> str | None:
+    """``X_mask.png`` -> ``X`` (the stem of the image it belongs to), else None."""
+    stem, ext = os.path.splitext(name)
+    if ext.lower() in IMAGE_EXTENSIONS and stem.lower().endswith(MASK_SUFFIX):
+        return stem[:-len(MASK_SUFFIX)]
+    return None
+
+
+def _collect(folder: Path, root: Path, label: int | None, found: Found, recursive: bool,
+             patient: str | None = None) -> int:
+    """Add the image files of ``folder`` (masks paired with their images) to ``found``;
+    return how many images were added."""
     n = 0
     walker = os.walk(folder) if recursive else [(str(folder), [], os.listdir(folder))]
     for dirpath, dirnames, filenames in walker:
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
+        names = sorted(f for f in filenames if not f.startswith("."))  # .DS_Store and friends
+        if not recursive:
+            names = [f for f in names if Path(dirpath, f).is_file()]
+        masks = {}
+        for name in names:
+            target = _mask_target(name)
+            if target is not None:
+                masks[target] = name
+        images = {os.path.splitext(f)[0] for f in names
+                  if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS}
+        for name in names:
             path = Path(dirpath, name)
-            if not recursive and not path.is_file():
-                continue
             rel = path.relative_to(root).as_posix()
-            if name.startswith("."):
-                continue  # .DS_Store and friends
-            if path.suffix.lower() in IMAGE_EXTENSIONS:
-                found.files.append((rel, label))
-                n += 1
-            else:
+            stem, ext = os.path.splitext(name)
+            target = _mask_target(name)
+            if target is not None and target in images:
+                continue  # a mask: it travels with its image
+            if target is not None and stem not in masks:  # an orphan X_mask file
+                found.skipped.append({"source": rel, "reason": f"mask without its image "
+                                      f"({target}.<{'|'.join(e[1:] for e in IMAGE_EXTENSIONS)}>)"})
+                continue
+            if ext.lower() not in IMAGE_EXTENSIONS:
                 reason = (f"not an image file (expected {'/'.join(IMAGE_EXTENSIONS)}, "
-                          f"got {path.suffix or 'none'})")
+                          f"got {ext or 'none'})")
                 found.skipped.append({"source": rel, "reason": reason})
+                continue
+            mask = masks.get(stem)
+            mask_rel = Path(dirpath, mask).relative_to(root).as_posix() if mask else None
+            channel = LGG_FLAIR_CHANNEL if label is None and ext.lower() in (".tif", ".tiff") \
+                else None
+            found.files.append(Entry(rel, label, mask_rel, patient, channel))
+            n += 1
     return n
+
+
+def _case_folders(root: Path) -> list[Path] | None:
+    """The LGG case folders under ``root`` (or under its one sub-folder), or None."""
+    for parent in (root, *[d for d in _subdirs(root).values()][:1]):
+        dirs = list(_subdirs(parent).values())
+        if not dirs:
+            continue
+        with_masks = [d for d in dirs if any(_mask_target(f) for f in os.listdir(d))]
+        if len(with_masks) >= max(1, len(dirs) // 2):
+            return with_masks
+        if parent is root and len(dirs) > 1:
+            return None
+    return None
+
+
+def patient_of(case: str) -> str:
+    """``TCGA_CS_4941_19960909`` -> ``TCGA_CS_4941``; other case names stand for themselves."""
+    m = TCGA_CASE.match(case)
+    return m.group(1) if m else case
 
 
 def _describe(root: Path) -> str:
@@ -108,8 +182,12 @@ def _check_classes(counts: dict[str, int], where: dict[str, str], root: Path) ->
                                 f"{'/'.join(IMAGE_EXTENSIONS)} files)")
 
 
-def discover(data: str | os.PathLike, labels: str | list[str] | dict | None = None) -> Found:
-    """List the labelled images under ``data``; raise a BrainhpcError that says what was found."""
+def discover(data: str | os.PathLike, labels: str | list[str] | dict | None = None,
+             one_class: bool = False) -> Found:
+    """List the labelled images under ``data``; raise a BrainhpcError that says what was found.
+
+    ``one_class`` lets an explicit ``labels`` mapping name one label only (external test sets).
+    """
     root = Path(data)
     if not root.exists():
         raise BrainhpcError(f"data path {root} does not exist (give the folder that holds the "
@@ -118,7 +196,7 @@ def discover(data: str | os.PathLike, labels: str | list[str] | dict | None = No
         raise BrainhpcError(f"data path {root} is not a folder")
 
     if labels:
-        mapping = labels if isinstance(labels, dict) else parse_labels(labels)
+        mapping = labels if isinstance(labels, dict) else parse_labels(labels, one_class)
         found = Found("labels", [])
         for name, folders in mapping.items():
             n = 0
@@ -162,6 +240,16 @@ def discover(data: str | os.PathLike, labels: str | list[str] | dict | None = No
                 if key in classes:
                     counts[name] += _collect(classes[key], root, LABELS[name], found, False)
         _check_classes(counts, where, root)
+        found.files.sort()
+        return found
+
+    cases = _case_folders(root)
+    if cases:
+        found = Found("lgg", [])
+        for case in cases:
+            _collect(case, root, None, found, recursive=False, patient=patient_of(case.name))
+        if not found.files:
+            raise BrainhpcError(f"{root}: case folders hold masks but no images")
         found.files.sort()
         return found
 

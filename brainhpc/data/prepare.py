@@ -3,13 +3,17 @@
 Output, built in a staging folder beside ``--out`` and renamed into place only when whole::
 
     OUT/train/shard-00000.h5 ...   images N x 1 x H x W uint8 (scaled to [0, 1] on read),
-    OUT/val/...  OUT/test/...      labels (0 healthy, 1 tumour), sources, masks (phantom only)
-    OUT/manifest.json              counts, duplicate groups, skipped files, shard checksums, config
+    OUT/val/...  OUT/test/...      labels (0 healthy, 1 tumour), sources, brain masks,
+                                   fingerprints; tumour masks and patient ids where known
+    OUT/manifest.json              counts, duplicate groups and the split audit, the confound
+                                   check, skipped files, shard checksums, config
     OUT/preview.png                a labelled grid of pre-processed training images
 
-Leakage: byte-identical files (SHA-256) and near-duplicates (64-bit perceptual hash of the
-pre-processed image, Hamming distance <= NEAR_DUP_BITS) are joined into groups, and a group is
-never split across train/val/test. The split is stratified by label and fixed by the seed.
+Leakage (``brainhpc.data.duplicates``): byte-identical files, near-duplicates (two detectors
+over 8 flips/rotations of a size-independent thumbnail) and slices of one patient are joined
+into groups, and a group is never split across train/val/test. The split is stratified by label
+and fixed by the seed, and does not depend on ``--size``. The manifest's ``confound`` block says
+how well trivial image statistics alone predict the label (``brainhpc.data.confound``).
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ import numpy as np
 from tqdm import tqdm
 
 from brainhpc import __version__
-from brainhpc.data import layouts, preprocess
+from brainhpc.data import duplicates, layouts, preprocess
+from brainhpc.data.confound import confound_check, image_statistics
 from brainhpc.data.shards import (
     DEFAULT_SHARD_SIZE,
     LABEL_NAMES,
@@ -45,12 +50,6 @@ from brainhpc.images import save_grid
 
 log = logging.getLogger(__name__)
 
-# Hamming distance (of 64 bits) up to which two pre-processed images count as near-duplicates.
-# Measured on the 5,708 shared real slices (hashes have 32 bits set, so distances are even):
-# pairs at 0-2 are re-saved copies (median pixel correlation 0.99-1.00), at 4 mostly the same
-# scan re-windowed or a neighbouring slice (median 0.93), with no pair across labels; at 6, 40
-# pairs join a tumour and a healthy scan, i.e. different patients. 4 is the largest safe value.
-NEAR_DUP_BITS = 4
 MIN_PER_LABEL = 3  # one image of each label for each split, at least
 PREVIEW_IMAGES = 32
 
@@ -67,7 +66,8 @@ class PrepareConfig:
     force: bool = False
     workers: int | None = None  # threads; None: every core this process may use
     shard_size: int = DEFAULT_SHARD_SIZE
-    near_dup_bits: int = NEAR_DUP_BITS
+    near_dup_bits: int = duplicates.NEAR_DUP_BITS
+    near_dup_corr: float = duplicates.NEAR_DUP_CORR
     progress: bool = True
 
     def __post_init__(self):
@@ -94,6 +94,9 @@ class PrepareConfig:
         if not isinstance(self.near_dup_bits, int) or not 0 <= self.near_dup_bits <= 32:
             raise BrainhpcError(f"prepare: near_dup_bits must be in 0..32, "
                                 f"got {self.near_dup_bits!r}")
+        if not isinstance(self.near_dup_corr, (int, float)) or not 0 < self.near_dup_corr <= 1:
+            raise BrainhpcError(f"prepare: near_dup_corr must be in (0, 1], "
+                                f"got {self.near_dup_corr!r}")
         if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 1):
             raise BrainhpcError(f"prepare: --workers must be an integer >= 1, got {self.workers!r}")
         if self.labels is not None and not isinstance(self.labels, str):
@@ -179,131 +182,104 @@ class Items:
     sources: list[str]
     labels: np.ndarray
     sha: list[str]
-    phash: np.ndarray  # uint64
+    thumbs: np.ndarray  # N x 32 x 32 uint8 (size-independent fingerprints)
     images: np.ndarray  # N x 1 x H x W uint8
+    brain: np.ndarray  # N x 1 x H x W uint8
+    aspect: np.ndarray  # N float
     masks: np.ndarray | None
+    patients: list[str] | None = None
     skipped: list[dict] = field(default_factory=list)
     notices: list[str] = field(default_factory=list)
     layout: str = ""
 
+    def data(self, attrs: dict) -> ShardData:
+        return ShardData(self.images, self.labels, self.sources, self.masks, attrs,
+                         brain=self.brain, patients=self.patients, thumbs=self.thumbs,
+                         sha256=self.sha)
 
-def _gather(cfg: PrepareConfig, workers: int) -> Items:
+
+def _stack(procs: list[preprocess.Processed], key: str, shape: tuple) -> np.ndarray:
+    if not procs:
+        return np.zeros((0, *shape), np.uint8)
+    return np.stack([getattr(p, key) for p in procs]).reshape(len(procs), *shape)
+
+
+def _items(procs: list[preprocess.Processed], sources: list[str], labels: list[int],
+           size: int, **kw) -> Items:
+    thumb = (preprocess.THUMB, preprocess.THUMB)
+    return Items(sources, np.array(labels, np.int64), [p.sha256 for p in procs],
+                 _stack(procs, "thumb", thumb), _stack(procs, "image", (1, size, size)),
+                 _stack(procs, "brain", (1, size, size)),
+                 np.array([p.aspect for p in procs], float), **kw)
+
+
+def _masks(procs: list[preprocess.Processed], labels: list[int], size: int,
+           notices: list[str]) -> np.ndarray | None:
+    """Tumour masks when every image has ground truth (a healthy image without a mask file has
+    an empty one; a tumour image without one leaves the dataset without masks)."""
+    have = [p.mask is not None for p in procs]
+    if not any(have):
+        return None
+    missing = [i for i, (h, y) in enumerate(zip(have, labels, strict=True)) if not h and y == 1]
+    if missing:
+        notices.append(f"{sum(have)} of {len(procs)} images have masks but {len(missing)} "
+                       "tumour images have none: masks are not stored")
+        return None
+    empty = np.zeros((size, size), np.uint8)
+    return np.stack([empty if p.mask is None else p.mask for p in procs])[:, None]
+
+
+def _gather(cfg: PrepareConfig, workers: int, one_class: bool = False) -> Items:
     size = cfg.size
     if cfg.phantom is not None:
         tasks = [(i, cfg.seed, size) for i in range(cfg.phantom)]
         results = _map(preprocess.process_phantom, tasks, workers, cfg.progress, "phantom")
         procs = [r[0] for r in results]
-        masks = np.stack([r[1] for r in results])[:, None]
-        labels = np.array([r[2] for r in results], np.int64)
-        sources = [r[3] for r in results]
-        return Items(sources, labels, [p.sha256 for p in procs],
-                     np.array([p.phash for p in procs], np.uint64),
-                     np.stack([p.image for p in procs])[:, None], masks, layout="phantom")
+        labels = [r[1] for r in results]
+        return _items(procs, [r[2] for r in results], labels, size,
+                      masks=_masks(procs, labels, size, []), layout="phantom")
 
-    found = layouts.discover(cfg.data, cfg.labels)
+    found = layouts.discover(cfg.data, cfg.labels, one_class=one_class)
     for notice in found.notices:
         log.info("%s", notice)
     root = cfg.data.resolve()
-    tasks = [(i, str(root / rel), size) for i, (rel, _) in enumerate(found.files)]
+    tasks = [preprocess.FileTask(i, str(root / e.rel), size,
+                                 None if e.mask is None else str(root / e.mask), e.channel)
+             for i, e in enumerate(found.files)]
     procs = _map(preprocess.process_file, tasks, workers, cfg.progress, "prepare")
     skipped = list(found.skipped)
     keep = []
-    for p, (rel, _) in zip(procs, found.files, strict=True):
+    for p, entry in zip(procs, found.files, strict=True):
         if p.error:
-            skipped.append({"source": rel, "reason": p.error})
+            skipped.append({"source": entry.rel, "reason": p.error})
         else:
             keep.append(p)
-    sources = [found.files[p.index][0] for p in keep]
-    labels = np.array([found.files[p.index][1] for p in keep], np.int64)
-    images = (np.stack([p.image for p in keep])[:, None] if keep
-              else np.zeros((0, 1, size, size), np.uint8))
-    return Items(sources, labels, [p.sha256 for p in keep],
-                 np.array([p.phash for p in keep], np.uint64), images, None, skipped,
-                 found.notices, found.layout)
+    entries = [found.files[p.index] for p in keep]
+    labels = [e.label if e.label is not None else p.mask_label
+              for e, p in zip(entries, keep, strict=True)]
+    patients = None
+    if any(e.patient is not None for e in entries):
+        patients = [e.patient or e.rel for e in entries]
+    notices = list(found.notices)
+    return _items(keep, [e.rel for e in entries], labels, size,
+                  masks=_masks(keep, labels, size, notices), patients=patients,
+                  skipped=skipped, notices=notices, layout=found.layout)
 
 
 def read_folder(data: str | os.PathLike, size: int, labels: str | None = None,
-                workers: int | None = None, progress: bool = False) -> tuple[ShardData, list[dict]]:
+                workers: int | None = None, progress: bool = False,
+                one_class: bool = False) -> tuple[ShardData, list[dict]]:
     """Pre-process a raw labelled folder in memory (no split, no files written).
 
     Used to evaluate a trained classifier on another dataset with exactly the same pre-processing.
+    ``one_class`` lets ``labels`` name a single class (a folder of tumour scans only, say).
     """
     cfg = PrepareConfig(out=Path(tempfile.gettempdir()), data=Path(data), size=size,
                         labels=labels, workers=workers, progress=progress)
-    items = _gather(cfg, cfg.workers or default_workers())
+    items = _gather(cfg, cfg.workers or default_workers(), one_class=one_class)
     if not len(items.labels):
         raise BrainhpcError(f"{data}: no usable images ({len(items.skipped)} skipped)")
-    attrs = {"size": size, "source": str(data), "layout": items.layout}
-    return ShardData(items.images, items.labels, items.sources, None, attrs), items.skipped
-
-
-# ----------------------------------------------------------------------------- duplicates
-
-class _Groups:
-    """Union-find over image indices."""
-
-    def __init__(self, n: int):
-        self.parent = np.arange(n)
-
-    def find(self, i: int) -> int:
-        root = i
-        while self.parent[root] != root:
-            root = self.parent[root]
-        while self.parent[i] != root:
-            self.parent[i], i = root, self.parent[i]
-        return root
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
-
-    def ids(self) -> np.ndarray:
-        return np.array([self.find(i) for i in range(len(self.parent))])
-
-
-def near_pairs(hashes: np.ndarray, max_bits: int, block: int = 1024) -> list[tuple[int, int]]:
-    """All pairs (i < j) whose 64-bit hashes differ in at most ``max_bits`` bits."""
-    h = hashes.astype(np.uint64)
-    pairs = []
-    for lo in range(0, len(h), block):
-        dist = np.bitwise_count(h[lo:lo + block, None] ^ h[None, :])
-        ii, jj = np.nonzero(dist <= max_bits)
-        ii = ii + lo
-        sel = ii < jj
-        pairs.extend(zip(ii[sel].tolist(), jj[sel].tolist(), strict=True))
-    return pairs
-
-
-def duplicate_groups(sha: list[str], hashes: np.ndarray, max_bits: int) -> tuple[np.ndarray, dict]:
-    """Group ids per image (exact copies and near-duplicates joined) and counts for the manifest."""
-    n = len(sha)
-    groups = _Groups(n)
-    first: dict[str, int] = {}
-    exact_members: dict[str, list[int]] = {}
-    for i, digest in enumerate(sha):
-        exact_members.setdefault(digest, []).append(i)
-        if digest in first:
-            groups.union(first[digest], i)
-        else:
-            first[digest] = i
-    exact = [m for m in exact_members.values() if len(m) > 1]
-    near = near_pairs(hashes, max_bits)
-    for i, j in near:
-        groups.union(i, j)
-    ids = groups.ids()
-    _, inverse, sizes = np.unique(ids, return_inverse=True, return_counts=True)
-    member_sizes = sizes[inverse]
-    stats = {
-        "near_dup_threshold_bits": max_bits,
-        "exact_groups": len(exact),
-        "exact_files": int(sum(len(m) for m in exact)),
-        "near_pairs": len(near),
-        "groups": int((sizes > 1).sum()),  # all duplicate groups (exact and/or near)
-        "grouped_files": int((member_sizes > 1).sum()),
-        "largest_group": int(sizes.max()) if n else 0,
-    }
-    return ids, stats
+    return items.data({"size": size, "source": str(data), "layout": items.layout}), items.skipped
 
 
 # ----------------------------------------------------------------------------- split
@@ -414,18 +390,24 @@ def prepare(cfg: PrepareConfig) -> dict:
         log.warning("%d file(s) skipped (reasons in manifest.json), e.g. %s: %s",
                     len(items.skipped), items.skipped[0]["source"], items.skipped[0]["reason"])
 
-    groups, dup_stats = duplicate_groups(items.sha, items.phash, cfg.near_dup_bits)
-    mixed = [g for g in np.unique(groups) if len(set(items.labels[groups == g].tolist())) > 1]
-    dup_stats["label_conflicts"] = len(mixed)
+    groups, dup_stats, pairs = duplicates.duplicate_groups(
+        items.sha, items.thumbs, items.labels, items.patients, cfg.near_dup_bits,
+        cfg.near_dup_corr)
     listed = []
     for g in np.unique(groups):
         idx = np.flatnonzero(groups == g)
         if len(idx) > 1:
             listed.append(sorted(items.sources[i] for i in idx))
     split = split_groups(groups, items.labels, cfg.split, cfg.seed)
-    log.info("%d images, %d duplicate groups (%d exact), largest %d: kept within one split",
+    dup_stats["audit"] = duplicates.audit(pairs, split, items.labels, items.patients)
+    log.info("%d images, %d duplicate groups (%d exact), largest %d: kept within one split; "
+             "%d near pairs at the audit thresholds still cross splits",
              len(items.labels), dup_stats["groups"], dup_stats["exact_groups"],
-             dup_stats["largest_group"])
+             dup_stats["largest_group"], dup_stats["audit"]["cross_split_audit_pairs"])
+    stats = image_statistics(items.images, items.brain, items.aspect)
+    train, test = split == 0, split == 2
+    confound = confound_check(stats[train], items.labels[train], groups[train], stats[test],
+                              items.labels[test], cfg.seed)
 
     try:
         cfg.out.parent.mkdir(parents=True, exist_ok=True)
@@ -441,14 +423,13 @@ def prepare(cfg: PrepareConfig) -> dict:
         for k, name in enumerate(SPLITS):
             idx = np.flatnonzero(split == k)
             idx = idx[np.argsort([items.sources[i] for i in idx], kind="stable")]
-            masks = None if items.masks is None else items.masks[idx]
-            paths = write_shards(staging / name, items.images[idx], items.labels[idx],
-                                 [items.sources[i] for i in idx], masks,
-                                 {**attrs, "split": name}, cfg.shard_size)
+            part = items.data(attrs).select(idx)
+            paths = write_shards(staging / name, part.images, part.labels, part.sources,
+                                 attrs={**attrs, "split": name}, shard_size=cfg.shard_size,
+                                 **part.optional())
             shards += [{"path": p.relative_to(staging).as_posix(), "sha256": sha256_file(p),
                         "images": int(min(cfg.shard_size, len(idx) - j * cfg.shard_size))}
                        for j, p in enumerate(paths)]
-        train = split == 0
         _preview(staging / "preview.png", items.images[train], items.labels[train], cfg.seed)
         wall = time.perf_counter() - t0
         n_seen = len(items.labels) + len(items.skipped)
@@ -463,7 +444,9 @@ def prepare(cfg: PrepareConfig) -> dict:
             "counts": _counts(items.labels, split),
             "total": int(len(items.labels)),
             "has_masks": items.masks is not None,
+            "patients": None if items.patients is None else len(set(items.patients)),
             "duplicates": dup_stats,
+            "confound": confound,
             "duplicate_groups": listed,
             "skipped": items.skipped,
             "notices": items.notices,
@@ -498,7 +481,7 @@ def add_parser(subparsers) -> None:
         description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", type=Path, help="labelled image folder (br35h, brain-tumor-mri, "
-                                               "or any layout with --labels)")
+                                               "lgg, or any layout with --labels)")
     src.add_argument("--phantom", type=int, metavar="N", help="N procedural phantom slices")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
@@ -523,6 +506,11 @@ def run(args) -> int:
     m = prepare(cfg)
     d = m["duplicates"]
     print(f"{cfg.out}: " + ", ".join(f"{s} {c['total']}" for s, c in m["counts"].items())
-          + f"; {d['groups']} duplicate groups ({d['exact_groups']} byte-identical); "
+          + f"; {d['groups']} duplicate groups ({d['exact_groups']} byte-identical), "
+          f"{d['audit']['cross_split_near_pairs']} near pairs across splits; "
           f"{len(m['skipped'])} skipped")
+    c = m["confound"]
+    if c.get("cv_auc") is not None:
+        print(f"image statistics alone: cross-validated ROC-AUC {c['cv_auc']:.3f}"
+              + "".join(f"; WARNING: {w}" for w in c["warnings"]))
     return 0

@@ -6,12 +6,14 @@ A shard is ``shard-NNNNN.h5`` holding
   brain slices compress poorly and compressed multi-image chunks kill random reads);
 * ``labels``  N int8 (0 healthy, 1 tumour);
 * ``sources`` N UTF-8 strings (source file relative to the dataset root, or a synthetic id);
-* ``masks``   N x 1 x H x W uint8 tumour masks (0/255), only when ground truth exists (phantom,
-  LGG, any layout with ``X_mask`` files);
-* ``brain``   N x 1 x H x W uint8 brain masks (0/255) from pre-processing: the head's largest
-  component, filled, eroded to drop the skull rim (what anomaly scores are limited to);
-* ``patients`` N UTF-8 strings, the patient (or volume) of each image, only for layouts that
-  know it (LGG case folders); without it every image is its own patient (``patient_ids``);
+* optional per-image datasets (``OPTIONAL``), each present only when the writer knows it:
+  ``masks`` N x 1 x H x W uint8 tumour masks (0/255: phantom, LGG, any layout with ``X_mask``
+  files); ``brain`` N x 1 x H x W uint8 brain masks (0/255) from pre-processing (the head's
+  filled largest component, eroded to drop the skull rim: what anomaly scores are limited to);
+  ``patients`` N strings, the patient of each image (LGG case folders; without it every image
+  is its own patient, see ``patient_ids``); ``thumbs`` N x 32 x 32 uint8 size-independent
+  thumbnails and ``sha256`` N strings (the source file's hash): the fingerprints that external
+  evaluation uses to drop copies of training images (``brainhpc.data.duplicates``);
 * attributes: ``format``, ``size``, ``seed``, ``version``, ``config_hash`` and whatever
   the writer adds
   (a generator writes its architecture, checkpoint and seed).
@@ -47,21 +49,31 @@ DEFAULT_SHARD_SIZE = 4096
 IN_MEMORY_LIMIT_BYTES = 4 << 30
 
 
+# optional per-image datasets: name -> kind ("array": N x ... uint8, "strings": N strings)
+OPTIONAL = {"masks": "array", "brain": "array", "patients": "strings", "thumbs": "array",
+            "sha256": "strings"}
+
+
 @dataclass
 class ShardData:
-    """All images of one or more shards, in memory."""
+    """All images of one or more shards, in memory (optional parts are None when absent)."""
 
     images: np.ndarray  # N x 1 x H x W uint8
     labels: np.ndarray  # N int64
     sources: list[str]
-    masks: np.ndarray | None = None  # N x 1 x H x W uint8 or None
+    masks: np.ndarray | None = None  # N x 1 x H x W uint8 tumour masks
     attrs: dict = field(default_factory=dict)
-    brain: np.ndarray | None = None  # N x 1 x H x W uint8 brain masks or None
-    patients: list[str] | None = None  # patient id per image, None when unknown
+    brain: np.ndarray | None = None  # N x 1 x H x W uint8 brain masks
+    patients: list[str] | None = None  # patient id per image
+    thumbs: np.ndarray | None = None  # N x 32 x 32 uint8 fingerprint thumbnails
+    sha256: list[str] | None = None  # source-file hashes
 
     def patient_ids(self) -> list[str]:
         """The patient of every image; without patient grouping each image is its own."""
         return list(self.patients) if self.patients is not None else list(self.sources)
+
+    def optional(self) -> dict:
+        return {k: getattr(self, k) for k in OPTIONAL}
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -71,10 +83,11 @@ class ShardData:
         idx = np.asarray(index)
         if idx.dtype == bool:
             idx = np.flatnonzero(idx)
-        pick = (lambda a: None if a is None else a[idx])  # noqa: E731
-        patients = None if self.patients is None else [self.patients[i] for i in idx]
+        extras = {k: None if v is None else (v[idx] if OPTIONAL[k] == "array"
+                                             else [v[i] for i in idx])
+                  for k, v in self.optional().items()}
         return ShardData(self.images[idx], self.labels[idx], [self.sources[i] for i in idx],
-                         pick(self.masks), dict(self.attrs), pick(self.brain), patients)
+                         attrs=dict(self.attrs), **extras)
 
 
 def as_float(images: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -91,10 +104,12 @@ def write_shards(
     masks: np.ndarray | None = None,
     attrs: dict | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
-    brain: np.ndarray | None = None,
-    patients: Sequence[str] | None = None,
+    **extras,
 ) -> list[Path]:
-    """Write ``images`` into ``out_dir/shard-NNNNN.h5`` files of at most ``shard_size`` images."""
+    """Write ``images`` into ``out_dir/shard-NNNNN.h5`` files of at most ``shard_size`` images.
+
+    ``extras``: further ``OPTIONAL`` per-image datasets (brain, patients, thumbs, sha256).
+    """
     images = np.asarray(images)
     labels = np.asarray(labels)
     if images.ndim != 4 or images.shape[1] != 1 or images.dtype != np.uint8:
@@ -103,11 +118,17 @@ def write_shards(
         raise ValueError(
             f"images ({len(images)}), labels ({len(labels)}) and sources ({len(sources)}) differ"
         )
-    for name, extra in (("masks", masks), ("brain", brain)):
-        if extra is not None and extra.shape != images.shape:
-            raise ValueError(f"{name} shape {extra.shape} differs from images {images.shape}")
-    if patients is not None and len(patients) != len(images):
-        raise ValueError(f"{len(patients)} patient ids for {len(images)} images")
+    unknown = sorted(set(extras) - set(OPTIONAL))
+    if unknown:
+        raise ValueError(f"unknown shard dataset(s) {unknown}; known: {sorted(OPTIONAL)}")
+    extras = {"masks": masks, **{k: v for k, v in extras.items() if v is not None}}
+    extras = {k: v for k, v in extras.items() if v is not None}
+    for name, value in extras.items():
+        if len(value) != len(images):
+            raise ValueError(f"{name}: {len(value)} entries for {len(images)} images")
+        if name in ("masks", "brain") and np.asarray(value).shape != images.shape:
+            raise ValueError(f"{name} shape {np.asarray(value).shape} differs from images "
+                             f"{images.shape}")
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     out_dir = Path(out_dir)
@@ -119,29 +140,26 @@ def write_shards(
         lo, hi = k * shard_size, min(len(images), (k + 1) * shard_size)
         final = out_dir / f"shard-{k:05d}.h5"
         with atomic_path(final) as tmp:
-            _write_one(tmp, images[lo:hi], labels[lo:hi], list(sources[lo:hi]),
-                       None if masks is None else masks[lo:hi], attrs,
-                       None if brain is None else brain[lo:hi],
-                       None if patients is None else list(patients[lo:hi]))
+            _write_one(tmp, images[lo:hi], labels[lo:hi], list(sources[lo:hi]), attrs,
+                       {name: value[lo:hi] for name, value in extras.items()})
         paths.append(final)
     return paths
 
 
-def _write_one(path: Path, images, labels, sources, masks, attrs, brain=None,
-               patients=None) -> None:
+def _write_one(path: Path, images, labels, sources, attrs, extras: dict) -> None:
     n, _, h, w = images.shape
-    chunks = (1, 1, h, w) if n else None
     strings = h5py.string_dtype("utf-8")
     with h5py.File(path, "w") as f:
-        f.create_dataset("images", data=images, chunks=chunks)
+        f.create_dataset("images", data=images, chunks=(1, 1, h, w) if n else None)
         f.create_dataset("labels", data=np.asarray(labels, dtype=np.int8))
         f.create_dataset("sources", data=np.array(sources, dtype=object), dtype=strings)
-        if masks is not None:
-            f.create_dataset("masks", data=masks, chunks=chunks)
-        if brain is not None:
-            f.create_dataset("brain", data=brain, chunks=chunks)
-        if patients is not None:
-            f.create_dataset("patients", data=np.array(patients, dtype=object), dtype=strings)
+        for name, value in extras.items():
+            if OPTIONAL[name] == "strings":
+                f.create_dataset(name, data=np.array(list(value), dtype=object), dtype=strings)
+            else:
+                value = np.asarray(value, dtype=np.uint8)
+                f.create_dataset(name, data=value,
+                                 chunks=(1, *value.shape[1:]) if n else None)
         for key, value in attrs.items():
             f.attrs[key] = value
 
@@ -178,10 +196,10 @@ def _strings(values) -> list[str]:
 def read_shards(paths: Sequence[str | os.PathLike], label: int | None = None) -> ShardData:
     """Read shards into memory, optionally keeping one label (0 healthy, 1 tumour).
 
-    ``masks``, ``brain`` and ``patients`` survive only when every shard has them.
+    An optional dataset (``OPTIONAL``) survives only when every shard has it.
     """
     images, labels, sources, attrs = [], [], [], {}
-    extras: dict[str, list] = {"masks": [], "brain": [], "patients": []}
+    extras: dict[str, list] = {k: [] for k in OPTIONAL}
     for p in paths:
         p = Path(p)
         try:
@@ -197,7 +215,7 @@ def read_shards(paths: Sequence[str | os.PathLike], label: int | None = None) ->
                 for key, got in extras.items():
                     if key not in f:
                         got.append(None)
-                    elif key == "patients":
+                    elif OPTIONAL[key] == "strings":
                         got.append(_strings(f[key][:][idx]))
                     else:
                         got.append(f[key][:] if whole else f[key][:][idx])
@@ -209,19 +227,12 @@ def read_shards(paths: Sequence[str | os.PathLike], label: int | None = None) ->
     for key, got in extras.items():
         if any(g is None for g in got):
             joined[key] = None
-        elif key == "patients":
+        elif OPTIONAL[key] == "strings":
             joined[key] = [s for g in got for s in g]
         else:
             joined[key] = np.concatenate(got)
-    return ShardData(
-        images=np.concatenate(images),
-        labels=np.concatenate(labels),
-        sources=sources,
-        masks=joined["masks"],
-        attrs=attrs,
-        brain=joined["brain"],
-        patients=joined["patients"],
-    )
+    return ShardData(images=np.concatenate(images), labels=np.concatenate(labels),
+                     sources=sources, attrs=attrs, **joined)
 
 
 def load_split(root: str | os.PathLike, split: str | None = None,
@@ -231,7 +242,8 @@ def load_split(root: str | os.PathLike, split: str | None = None,
 
 
 class ShardDataset(torch.utils.data.Dataset):
-    """Torch dataset over the shards of one split: ``(image float 1xHxW in [0,1], label int)``.
+    """Torch dataset over the shards of one split: ``(image float 1xHxW in [0,1], label int)``,
+    or, with ``masks=True``, ``(image, label, tumour mask float 1xHxW in {0, 1})``.
 
     ``in_memory=None`` loads everything when it fits under ``IN_MEMORY_LIMIT_BYTES`` (the usual
     case: a 128 px split of 3,000 images is 49 MB); otherwise each DataLoader worker opens the
@@ -239,17 +251,21 @@ class ShardDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, root: str | os.PathLike, split: str | None = None,
-                 label: int | None = None, in_memory: bool | None = None):
+                 label: int | None = None, in_memory: bool | None = None, masks: bool = False):
         self.paths = find_shards(root, split)
         index, nbytes = [], 0
         for k, p in enumerate(self.paths):
             with h5py.File(p, "r") as f:
                 _read_attrs(f, p)
+                if masks and "masks" not in f:
+                    raise BrainhpcError(f"{p}: holds no tumour masks (masks come from phantom "
+                                        "data, the LGG layout or X_mask files beside images)")
                 lab = f["labels"][:].astype(np.int64)
                 rows = np.flatnonzero(lab == label) if label is not None else np.arange(len(lab))
                 index.extend((k, int(r), int(lab[r])) for r in rows)
-                nbytes += int(np.prod(f["images"].shape[1:])) * len(rows)
+                nbytes += int(np.prod(f["images"].shape[1:])) * len(rows) * (1 + masks)
         self.index = index
+        self.with_masks = masks
         self.in_memory = nbytes <= IN_MEMORY_LIMIT_BYTES if in_memory is None else in_memory
         self.data = read_shards(self.paths, label=label) if self.in_memory else None
         self._files: dict[int, h5py.File] = {}
@@ -269,13 +285,17 @@ class ShardDataset(torch.utils.data.Dataset):
             self._files[k] = h5py.File(self.paths[k], "r")
         return self._files[k]
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, i: int):
         if self.data is not None:
             img, lab = self.data.images[i], int(self.data.labels[i])
+            mask = self.data.masks[i] if self.with_masks else None
         else:
             k, row, lab = self.index[i]
             img = self._file(k)["images"][row]
-        return as_float(img), lab
+            mask = self._file(k)["masks"][row] if self.with_masks else None
+        if mask is None:
+            return as_float(img), lab
+        return as_float(img), lab, torch.as_tensor(mask > 0, dtype=torch.float32)
 
     def __getstate__(self):
         state = dict(self.__dict__)
