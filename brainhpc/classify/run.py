@@ -102,7 +102,9 @@ class ClassifyConfig:
     kl_weight: float = 1.0  # vae
     augment: bool = True
     balance: str = "weighted"  # cnn: weighted | none
-    criterion: str = "f1"  # what thresholds (and the CNN's best epoch) maximise on validation
+    # what thresholds (and the CNN's best epoch) maximise on validation; balanced accuracy, not
+    # F1, by default: on a tumour-heavy split F1 rewards "call everything tumour"
+    criterion: str = "balanced_accuracy"
     technique_options: dict = field(default_factory=dict)  # TechniqueConfig fields (grids, eps..)
     force: bool = False
     checkpoint_every: int = 500
@@ -613,7 +615,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--kl-weight", type=float, default=1.0, help="vae KL weight")
     p.add_argument("--no-augment", action="store_true", help="no flips/shifts")
     p.add_argument("--balance", default="weighted", help="cnn: weighted (default) | none")
-    p.add_argument("--criterion", default="f1", help=f"{' | '.join(CRITERIA)} (on validation)")
+    p.add_argument("--criterion", default="balanced_accuracy",
+                   help=f"{' | '.join(CRITERIA)} (on validation; default balanced_accuracy)")
     p.add_argument("--opt", type=parse_option, action="append", default=[], metavar="KEY=VALUE",
                    help="technique option, e.g. --opt eps=3 --opt thresholds=[0.1,0.2] "
                         "(see TechniqueConfig in brainhpc/classify/techniques.py)")
