@@ -8,7 +8,7 @@ its epoch and decision rule chosen on the real validation split, scored on the r
     metrics.jsonl         training log (train records; one val record per epoch)
     model.pt              best-epoch weights, what rebuilds the U-Net, the frozen rule
                           (probability threshold, minimum area): ``load_segmenter``
-    overlays.png          real test slices, truth outline green, prediction outline red
+    overlays.png          real test slices, truth outline green, prediction red, both yellow
     metrics.json          written last (the completion marker): ``test`` and ``val`` blocks
                           (``brainhpc.segment.metrics``), ``chosen`` values, ``baselines``,
                           training counts, seed, times, device, config
@@ -306,14 +306,20 @@ def evaluate_segmenter(model_pt: str | Path | dict, data: ShardData,
 # ------------------------------------------------------------------------------ overlays
 
 def _outlined(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, scale: int) -> np.ndarray:
-    """One BGR tile: the slice, truth outline green, prediction outline red."""
+    """One BGR tile: the slice with the truth outline green, the prediction's red, both yellow."""
     def up(a):
         return cv2.resize(a, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
-    tile = cv2.cvtColor(up(image), cv2.COLOR_GRAY2BGR)
-    for mask, colour in ((truth, (0, 220, 0)), (pred, (0, 0, 255))):
+
+    def outline(mask):
         contours, _ = cv2.findContours(up(mask.astype(np.uint8)), cv2.RETR_EXTERNAL,
                                        cv2.CHAIN_APPROX_NONE)
-        cv2.drawContours(tile, contours, -1, colour, 1)
+        canvas = np.zeros((image.shape[0] * scale, image.shape[1] * scale), np.uint8)
+        return cv2.drawContours(canvas, contours, -1, 1, 1).astype(bool)
+    tile = cv2.cvtColor(up(image), cv2.COLOR_GRAY2BGR)
+    t, p = outline(truth), outline(pred)
+    tile[t & ~p] = (0, 220, 0)
+    tile[p & ~t] = (0, 0, 255)
+    tile[t & p] = (0, 230, 230)
     return tile
 
 
@@ -488,7 +494,7 @@ def _segment(cfg: SegmentConfig, ident: dict, size: int, info, t_start: float) -
     }
     dice = sm.dice_per_slice(test_pred, test_truth)
     save_overlays(cfg.out / "overlays.png", test.images, test_truth, test_pred, dice,
-                  f"U-Net on {spec}, test: truth green, prediction red")
+                  f"U-Net on {spec}, test: truth green, prediction red, both yellow")
     chosen = {"threshold": float(cfg.threshold), "min_area": min_area,
               "min_area_chosen_on_val": cfg.min_area is None, "val_balanced_accuracy": val_bal,
               "best_epoch": best.get("epoch"), "best_step": best.get("step"),
