@@ -3,11 +3,18 @@ dataset, with every threshold frozen as the classify cell chose it on its own va
 
 ``evaluate(EvaluateConfig) -> dict`` writes ``metrics.json`` (and, for the VAE,
 ``error_maps.png``) into ``cfg.out``. The data is either a prepared dataset (its ``test`` split by
-default, any one split, or ``all`` of them) or a raw image folder, which goes through the same
-pre-processing as ``brainhpc prepare`` (``brainhpc.data.prepare.read_folder``) at the
+default; ``--split train|val|all`` must be asked for) or a raw image folder, which goes through
+the same pre-processing as ``brainhpc prepare`` (``brainhpc.data.prepare.read_folder``) at the
 checkpoint's image size. A prepared dataset of another size is refused (re-prepare it).
-Re-runs with the same config (and the same checkpoint file) are skipped; a different one in the
-same folder needs ``force``.
+
+External validation is only honest on images the model has not seen: the checkpoint carries the
+fingerprints of its development images (train and validation splits), and every external image
+that is a byte-identical copy or a near-duplicate of one of them (``brainhpc.data.duplicates``,
+flips and rotations included) is dropped before scoring and counted in ``overlap`` (Br35H's
+healthy slices reappear, resized, in brain-tumor-mri's ``notumor/``). A folder holding one class
+only (``--labels tumour=scans``) is scored with the metrics that exist for it: that class's
+recall and the score distribution. Re-runs with the same config (and the same checkpoint file)
+are skipped; a different one in the same folder needs ``force``.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from brainhpc import __version__
@@ -25,7 +33,8 @@ from brainhpc.classify.data import concat
 from brainhpc.classify.metrics import classification_metrics
 from brainhpc.classify.run import check_size, load_classifier, save_error_maps, score_with
 from brainhpc.classify.techniques import localisation
-from brainhpc.data.shards import SPLITS, load_split
+from brainhpc.data.duplicates import copies_of
+from brainhpc.data.shards import SPLITS, ShardData, load_split
 from brainhpc.errors import BrainhpcError
 from brainhpc.fsio import config_hash, sha256_file, write_json
 from brainhpc.generate import check_prepared as read_manifest
@@ -86,8 +95,34 @@ def _load_data(cfg: EvaluateConfig, size: int):
                             "manifest.json) nor an image folder")
     from brainhpc.data.prepare import read_folder
 
-    data, skipped = read_folder(cfg.data, size, labels=cfg.labels, workers=cfg.workers)
+    data, skipped = read_folder(cfg.data, size, labels=cfg.labels, workers=cfg.workers,
+                                one_class=True)
     return data, skipped, "raw folder"
+
+
+def drop_overlap(data: ShardData, clf: dict) -> tuple[ShardData, dict]:
+    """``data`` without copies and near-copies of the classifier's development images, and the
+    counts (with a few examples) of what was dropped."""
+    dev = clf.get("development_images")
+    if dev is None or data.thumbs is None or data.sha256 is None:
+        why = ("the checkpoint has no development fingerprints (trained before they existed)"
+               if dev is None else "the data has no fingerprints (re-prepare it)")
+        log.warning("evaluate: overlap with the training data NOT checked: %s", why)
+        return data, {"checked": False, "reason": why}
+    exact, near = copies_of(data.sha256, data.thumbs, dev["sha256"],
+                            dev["thumbs"].numpy())
+    drop = exact | near
+    info = {"checked": True, "n_before": len(data), "exact_copies": int(exact.sum()),
+            "near_copies": int(near.sum()), "dropped": int(drop.sum()),
+            "examples": [data.sources[i] for i in np.flatnonzero(drop)[:10]]}
+    if drop.all():
+        raise BrainhpcError(f"evaluate: all {len(data)} images are copies or near-copies of the "
+                            "classifier's training/validation images; nothing external is left")
+    if drop.any():
+        log.warning("evaluate: dropped %d of %d images that copy the classifier's development "
+                    "images (%d byte-identical, %d near-duplicates)", info["dropped"], len(data),
+                    info["exact_copies"], info["near_copies"])
+    return data.select(~drop), info
 
 
 def evaluate(cfg: EvaluateConfig) -> dict:
@@ -113,6 +148,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
                             "another --out")
     size = int(clf["image_size"])
     data, skipped, kind = _load_data(cfg, size)
+    data, overlap = drop_overlap(data, clf)
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise BrainhpcError("evaluate: device 'cuda' requested but torch sees no CUDA device")
     device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
@@ -133,14 +169,22 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         "technique": clf["fitted"].technique if clf["model"] == "vae" else None,
         "train_data": clf.get("train_data"), "data": str(cfg.data), "data_kind": kind,
         "split": ident["split"], "image_size": size, **metrics,
-        "chosen": chosen, "frozen": True, "n_skipped": len(skipped), "skipped": skipped[:100],
+        "chosen": chosen, "frozen": True, "overlap": overlap, "n_skipped": len(skipped),
+        "skipped": skipped[:100],
         "wall_seconds": round(time.time() - t_start, 3), "device": str(device),
         "brainhpc": __version__, "config_hash": config_hash(ident), "config": ident,
     }
     write_json(path, result)
-    log.info("evaluate %s on %s: acc %.4f F1 %.4f (n %d)", clf["path"], cfg.data,
-             result["accuracy"], result["f1"], result["n"])
+    log.info("evaluate %s on %s: balanced acc %s, ROC-AUC %s, recall healthy %s tumour %s "
+             "(n %d)", clf["path"], cfg.data, *(_pct(v) for v in (
+                 result["balanced_accuracy"], result["roc_auc"],
+                 result["recall_per_class"]["healthy"], result["recall_per_class"]["tumour"])),
+             result["n"])
     return result
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
 
 
 def add_parser(subparsers) -> None:
@@ -154,9 +198,11 @@ def add_parser(subparsers) -> None:
                    help="prepared dataset folder or raw image folder")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--split", default="test",
-                   help=f"prepared data: {' | '.join(EVAL_SPLITS)} (default test)")
+                   help=f"prepared data: {' | '.join(EVAL_SPLITS)} (default test; the others "
+                        "must be asked for)")
     p.add_argument("--labels", nargs="+", metavar="LABEL=DIR[,DIR]",
-                   help="raw folders: explicit mapping, e.g. --labels tumour=yes healthy=no")
+                   help="raw folders: explicit mapping, e.g. --labels tumour=yes healthy=no; "
+                        "one label alone scores a one-class folder (--labels tumour=.)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--workers", type=int, help="pre-processing processes (raw folders)")
     p.add_argument("--force", action="store_true", help="overwrite a different evaluation")

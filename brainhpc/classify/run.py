@@ -351,6 +351,18 @@ class VAETask:
 
 # ------------------------------------------------------------------------------ saved classifier
 
+def development_fingerprints(prepared: Path) -> dict | None:
+    """Fingerprints of every image that shaped the model: the train split (directly, or through
+    the generators of synthetic training data) and the validation split (epoch and threshold
+    choice). External evaluation drops copies and near-copies of these (brainhpc.data.
+    duplicates); None for a dataset prepared before fingerprints existed."""
+    parts = [load_split(prepared, s) for s in ("train", "val")]
+    if any(p.thumbs is None or p.sha256 is None for p in parts):
+        return None
+    return {"sha256": [h for p in parts for h in p.sha256],
+            "thumbs": torch.from_numpy(np.concatenate([p.thumbs for p in parts]))}
+
+
 def build_model(kind: str, size: int, hparams: dict) -> torch.nn.Module:
     if kind == "cnn":
         return BrainCNN(size, dropout=float(hparams.get("dropout", 0.5)))
@@ -541,7 +553,7 @@ def _classify(cfg: ClassifyConfig, ident: dict, size: int, info, t_start: float)
     saved = {"format": MODEL_FORMAT, "model": cfg.model, "image_size": size, "hparams": hparams,
              "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
              "train_data": str(spec), "seed": cfg.seed, "config_hash": config_hash(ident),
-             "brainhpc": __version__}
+             "brainhpc": __version__, "development_images": development_fingerprints(cfg.data)}
     report: dict = {}
     if cfg.model == "cnn":
         val_score = cnn_scores(model, val.images, device)

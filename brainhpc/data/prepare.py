@@ -104,7 +104,7 @@ class PrepareConfig:
         if self.labels and self.data is None:
             raise BrainhpcError("prepare: --labels only applies to --data")
         if self.labels:
-            layouts.parse_labels(self.labels)  # fail now, not after scanning the folder
+            layouts.parse_labels(self.labels, one_class=True)  # fail now, not after the scan
 
     def identity(self) -> dict:
         """What defines the output: a folder prepared with the same identity is not redone."""

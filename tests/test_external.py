@@ -1,0 +1,86 @@
+"""External validation: a classifier scored on another dataset never gets credit for images it
+was developed on, and a one-class folder is scored with the metrics that exist for it."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from brainhpc.classify.evaluate import EvaluateConfig, evaluate
+from brainhpc.classify.run import ClassifyConfig, classify, load_classifier
+from brainhpc.data import phantom
+from brainhpc.data.prepare import PrepareConfig, prepare
+from brainhpc.data.shards import load_split
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def write_folder(root: Path, slices, name=lambda p: p.name) -> Path:
+    for p in slices:
+        folder = root / ("yes" if p.label else "no")
+        folder.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(folder / name(p)), p.image)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    base = tmp_path_factory.mktemp("external")
+    raw = write_folder(base / "raw", phantom.generate(60, seed=7))
+    prepared = base / "prepared"
+    prepare(PrepareConfig(out=prepared, data=raw, size=32, progress=False))
+    cell = base / "cnn"
+    classify(ClassifyConfig(model="cnn", train_data="real", data=prepared, out=cell, epochs=1,
+                            batch_size=8, progress=False, augment=False))
+    return raw, prepared, cell
+
+
+def test_checkpoint_carries_development_fingerprints(trained):
+    _, prepared, cell = trained
+    clf = load_classifier(cell)
+    dev = clf["development_images"]
+    n = len(load_split(prepared, "train")) + len(load_split(prepared, "val"))
+    assert len(dev["sha256"]) == n and tuple(dev["thumbs"].shape) == (n, 32, 32)
+
+
+def test_external_set_drops_copies_and_near_copies(trained, tmp_path):
+    raw, prepared, cell = trained
+    ext = tmp_path / "ext"
+    fresh = phantom.generate(12, seed=99)
+    write_folder(ext, fresh, name=lambda p: f"new-{p.name}")
+    train = load_split(prepared, "train").sources[:4]
+    val = load_split(prepared, "val").sources[:3]
+    for k, source in enumerate(train):  # byte-identical copies under new names
+        shutil.copy(raw / source, ext / source.split("/")[0] / f"copy-{k}.png")
+    for k, source in enumerate(val):  # mirrored and re-encoded: near-copies
+        img = cv2.imread(str(raw / source), cv2.IMREAD_GRAYSCALE)
+        cv2.imwrite(str(ext / source.split("/")[0] / f"flip-{k}.jpg"), img[:, ::-1])
+    m = evaluate(EvaluateConfig(checkpoint=cell, data=ext, out=tmp_path / "ev", workers=1))
+    assert m["overlap"]["checked"]
+    assert m["overlap"]["exact_copies"] == 4 and m["overlap"]["near_copies"] == 3
+    assert m["n"] == 12 and m["overlap"]["n_before"] == 19
+    assert {"balanced_accuracy", "roc_auc", "recall_per_class", "baselines",
+            "degenerate"} <= set(m)
+
+
+def test_one_class_folder_is_scored_not_refused(trained, tmp_path):
+    _, _, cell = trained
+    ext = tmp_path / "tumours"
+    ext.mkdir()
+    for k, p in enumerate(q for q in phantom.generate(30, seed=55) if q.label):
+        cv2.imwrite(str(ext / f"t{k}.png"), p.image)
+    m = evaluate(EvaluateConfig(checkpoint=cell, data=ext, out=tmp_path / "ev",
+                                labels="tumour=.", workers=1))
+    assert m["n_per_class"]["healthy"] == 0 and m["n_per_class"]["tumour"] == m["n"] > 5
+    assert m["balanced_accuracy"] is None and m["roc_auc"] is None
+    assert m["recall_per_class"]["healthy"] is None
+    assert 0.0 <= m["recall_per_class"]["tumour"] <= 1.0
+    assert m["score_summary"]["q50"] is not None
+    # without the one-label mapping a folder of loose images is no known layout
+    with pytest.raises(Exception, match="cannot recognise the layout"):
+        evaluate(EvaluateConfig(checkpoint=cell, data=ext, out=tmp_path / "ev2", workers=1))
+    assert np.isfinite(m["score_summary"]["mean"])
