@@ -4,6 +4,7 @@ import contextlib
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from brainhpc.classify.models import BrainCNN, BrainCVAE, vae_loss
@@ -68,10 +69,14 @@ def test_vae_shapes_and_error_maps(size):
     torch.manual_seed(0)
     model = BrainCVAE(image_size=size, latent_dim=16)
     x = torch.rand(2, 1, size, size)
-    x_hat, mu, logvar = model(x)
-    assert x_hat.shape == x.shape and mu.shape == logvar.shape == (2, 16)
-    assert x_hat.min() >= 0 and x_hat.max() <= 1
+    logits, mu, logvar = model(x)
+    assert logits.shape == x.shape and mu.shape == logvar.shape == (2, 16)
+    x_hat = model.decode(mu)  # the reconstruction: sigmoid of the logits
+    assert x_hat.shape == x.shape and x_hat.min() >= 0 and x_hat.max() <= 1
     maps = model.error_maps(x, batch_size=1)
+    model.eval()
+    torch.testing.assert_close(maps, (x - torch.sigmoid(model(x)[0]))[:, 0].abs())  # |x - x_hat|
+    model.train()
     assert maps.shape == (2, size, size) and maps.min() >= 0 and maps.max() <= 1
     assert torch.equal(maps, model.error_maps(x, batch_size=1))  # deterministic: decodes the mean
     torch.testing.assert_close(maps, model.error_maps(x))  # batching changes nothing
@@ -88,7 +93,7 @@ def test_vae_layout_follows_the_spec():
 
 def test_vae_loss_hand_computed():
     x = torch.full((2, 1, 2, 2), 0.5)
-    x_hat = torch.full((2, 1, 2, 2), 0.25)
+    x_hat = torch.logit(torch.full((2, 1, 2, 2), 0.25))  # logits of a 0.25 reconstruction
     mu, logvar = torch.zeros(2, 3), torch.zeros(2, 3)
     loss, parts = vae_loss(x_hat, x, mu, logvar, recon="mse")
     assert parts["recon"] == pytest.approx(4 * 0.0625)  # summed over 4 pixels, mean over batch
@@ -96,8 +101,26 @@ def test_vae_loss_hand_computed():
     mu = torch.ones(2, 3)  # KL = 0.5 * sum(mu^2) = 1.5 per image
     loss, parts = vae_loss(x_hat, x, mu, logvar, kl_weight=2.0, recon="mse")
     assert parts["kl"] == pytest.approx(1.5) and loss.item() == pytest.approx(0.25 + 3.0)
-    _, parts = vae_loss(x, x, torch.zeros(2, 3), logvar, recon="bce")
+    _, parts = vae_loss(torch.zeros_like(x), x, torch.zeros(2, 3), logvar, recon="bce")
     assert parts["recon"] == pytest.approx(4 * 0.693147, rel=1e-4)  # BCE of 0.5 vs 0.5 is ln 2
+
+
+def test_vae_loss_on_logits_matches_bce_and_survives_bf16_saturation():
+    torch.manual_seed(0)
+    x = torch.rand(4, 1, 8, 8)
+    logits = torch.randn(4, 1, 8, 8) * 3
+    mu, logvar = torch.zeros(4, 2), torch.zeros(4, 2)
+    _, parts = vae_loss(logits, x, mu, logvar)
+    ref = F.binary_cross_entropy(torch.sigmoid(logits), x, reduction="sum") / 4
+    assert parts["recon"] == pytest.approx(float(ref), rel=1e-5)
+    # a confident pixel in bf16: sigmoid(12) rounds to exactly 1.0, so BCE on probabilities
+    # against a target of 0 is log(0) (clamped to 100 by torch); on logits it is the true 12
+    big = torch.full((1, 1, 1, 1), 12.0, dtype=torch.bfloat16)
+    zero = torch.zeros(1, 1, 1, 1)
+    assert torch.sigmoid(big).item() == 1.0
+    assert F.binary_cross_entropy(torch.sigmoid(big).float(), zero).item() == pytest.approx(100)
+    _, parts = vae_loss(big, zero, torch.zeros(1, 2), torch.zeros(1, 2))
+    assert parts["recon"] == pytest.approx(12.0, rel=1e-3)
 
 
 def test_vae_loss_falls_with_a_few_steps():

@@ -3,6 +3,10 @@
 Both take 1 x H x W images in [0, 1] at any size divisible by 8 (CNN) or 4 (VAE), so the same
 code serves 32, 64 and 128 px. ``vae_loss`` is the VAE's training objective; ``error_maps``
 turns images into the |x - x_hat| maps the techniques in ``brainhpc.classify.techniques`` read.
+
+The VAE's ``forward`` returns decoder *logits* (``decode`` applies the sigmoid): the loss is
+binary cross-entropy with logits, computed in fp32, which stays exact under bf16 autocast where
+a bf16 sigmoid followed by BCE on probabilities saturates (p rounds to 1.0, log(1 - p) = -inf).
 """
 
 from __future__ import annotations
@@ -61,7 +65,8 @@ class BrainCNN(nn.Module):
 class BrainCVAE(nn.Module):
     """Convolutional VAE: two stride-2 conv layers with ReLU, one linear layer to mean and
     log-variance, reparameterisation, a linear layer (ReLU) back to the feature grid, then two
-    stride-2 transposed convs (ReLU between) and a sigmoid."""
+    stride-2 transposed convs (ReLU between) and a sigmoid (``decode``; ``forward`` returns the
+    logits before it)."""
 
     def __init__(self, image_size: int = 128, latent_dim: int = 128,
                  channels: Sequence[int] = (32, 64)):
@@ -92,18 +97,22 @@ class BrainCVAE(nn.Module):
         mu, logvar = self.to_stats(self.encoder(x)).chunk(2, dim=1)
         return mu, logvar
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
         h = F.relu(self.from_latent(z)).view(-1, *self.grid)
-        return torch.sigmoid(self.decoder(h))
+        return self.decoder(h)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """The reconstruction in [0, 1]."""
+        return torch.sigmoid(self.decode_logits(z).float())
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns (reconstruction, mu, logvar); samples z in training, uses z = mu in eval."""
+        """Returns (reconstruction logits, mu, logvar); samples z in training, z = mu in eval."""
         mu, logvar = self.encode(x)
         if self.training:
             z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
         else:
             z = mu
-        return self.decode(z), mu, logvar
+        return self.decode_logits(z), mu, logvar
 
     @torch.no_grad()
     def error_maps(self, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
@@ -115,8 +124,8 @@ class BrainCVAE(nn.Module):
         try:
             for i in range(0, len(x), batch_size):
                 xb = x[i:i + batch_size]
-                x_hat, _, _ = self(xb)
-                out.append((xb - x_hat).abs()[:, 0].float().cpu())
+                x_hat = self.decode(self.encode(xb)[0])
+                out.append((xb.float() - x_hat).abs()[:, 0].cpu())
         finally:
             self.train(was_training)
         if not out:
@@ -124,12 +133,14 @@ class BrainCVAE(nn.Module):
         return torch.cat(out).clamp_(0.0, 1.0)
 
 
-def vae_loss(x_hat: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
+def vae_loss(logits: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
              kl_weight: float = 1.0, recon: str = "bce") -> tuple[torch.Tensor, dict[str, float]]:
     """Reconstruction + kl_weight * KL, both summed over an image and averaged over the batch.
 
-    ``recon`` is "bce" (binary cross-entropy, the usual choice for images in [0, 1]) or "mse"
-    (sum of squared errors). Returns the loss tensor and its parts as floats for the metric log.
+    ``logits`` are BrainCVAE's decoder outputs (its ``forward``'s first value). ``recon`` is
+    "bce" (binary cross-entropy of sigmoid(logits) against x, computed as BCE-with-logits, the
+    usual choice for images in [0, 1]) or "mse" (sum of squared errors of sigmoid(logits)).
+    Everything is computed in fp32. Returns the loss tensor and its parts as floats for the log.
     """
     if recon not in RECON_LOSSES:
         raise BrainhpcError(
@@ -137,10 +148,11 @@ def vae_loss(x_hat: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: tor
     if kl_weight < 0:
         raise BrainhpcError(f"vae_loss: kl_weight must be >= 0, got {kl_weight!r}")
     n = x.shape[0]
+    logits, x, mu, logvar = logits.float(), x.float(), mu.float(), logvar.float()
     if recon == "bce":
-        rec = F.binary_cross_entropy(x_hat.float(), x.float(), reduction="sum") / n
+        rec = F.binary_cross_entropy_with_logits(logits, x, reduction="sum") / n
     else:
-        rec = F.mse_loss(x_hat.float(), x.float(), reduction="sum") / n
+        rec = F.mse_loss(torch.sigmoid(logits), x, reduction="sum") / n
     kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp()) / n
     loss = rec + kl_weight * kl
     parts = {"loss": float(loss.detach()), "recon": float(rec.detach()), "kl": float(kl.detach())}

@@ -15,7 +15,9 @@ Small-data aids (the issue's ~1,500 images per label):
 * ``hflip``: left-right mirroring of real images.
 
 Real and fake go through the discriminator in one concatenated forward (one DDP all-reduce per
-step); in the generator step the bare discriminator is used with its gradients switched off.
+step). The generator runs once per step: its output (detached) feeds the discriminator update,
+and the same output (with its graph) the generator update, against the bare, just-updated
+discriminator with its gradients switched off.
 """
 
 from __future__ import annotations
@@ -157,14 +159,14 @@ class GANTask:
     def noise(self, n: int, device) -> torch.Tensor:
         return torch.randn(n, self.cfg.latent, device=device)
 
-    def generator_step(self, t, n: int) -> torch.Tensor:
-        """One generator update against the bare critic (its weights frozen); returns G loss."""
+    def generator_step(self, t, fake: torch.Tensor) -> torch.Tensor:
+        """One generator update of ``fake`` (this step's generator output, with its graph)
+        against the bare critic (its weights frozen); returns G loss."""
         critic = t.raw("critic")
         critic.requires_grad_(False)
         try:
             with t.autocast():
-                fake = t.models["generator"](self.noise(n, t.device))
-                score = critic(diff_augment(fake, self.cfg.augments)).float()
+                score = critic(diff_augment(fake.float(), self.cfg.augments)).float()
             loss = self.generator_loss(score)
             opt = t.optimizers["generator"]
             opt.zero_grad(set_to_none=True)
@@ -184,24 +186,26 @@ class GANTask:
 class Task(GANTask):
     """Non-saturating GAN loss; one D and one G update per batch."""
 
+    arch = "dcgan"
+
     def generator_loss(self, score):
         return F.softplus(-score).mean()
 
     def training_step(self, t, batch):
         real = self.real(batch)
         n = len(real)
-        with torch.no_grad(), t.autocast():
-            fake = t.raw("generator")(self.noise(n, t.device))
         aug = self.cfg.augments
         with t.autocast():
+            fake = t.models["generator"](self.noise(n, t.device))
             score = t.models["critic"](torch.cat([diff_augment(real, aug),
-                                                  diff_augment(fake.float(), aug)])).float()
+                                                  diff_augment(fake.detach().float(), aug)])
+                                       ).float()
         d_real, d_fake = score[:n], score[n:]
         d_loss = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
         opt = t.optimizers["critic"]
         opt.zero_grad(set_to_none=True)
         d_loss.backward()
         opt.step()
-        g_loss = self.generator_step(t, n)
+        g_loss = self.generator_step(t, fake)
         return {"d_loss": d_loss.detach(), "g_loss": g_loss,
                 "d_real": d_real.detach().mean(), "d_fake": d_fake.detach().mean()}

@@ -178,6 +178,7 @@ def alphas_cumprod(schedule: str, timesteps: int) -> torch.Tensor:
 
 
 class Task:
+    arch = "ddpm"
     sample_model = "unet"
 
     def __init__(self, cfg: Config):

@@ -84,6 +84,7 @@ class VAE(nn.Module):
 
 
 class Task:
+    arch = "vae"
     sample_model = "vae"
 
     def __init__(self, cfg: Config):

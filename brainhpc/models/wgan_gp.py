@@ -6,9 +6,12 @@ The critic is updated on every batch (a training step = one critic step) and the
 every ``n_critic``-th step, with Adam(lr 1e-4, betas 0.0/0.9) as in the paper. DiffAugment, EMA
 and mirroring are the same options as DCGAN's (see ``brainhpc.models.dcgan``).
 
-Real, fake and interpolated images go through the critic in one forward; the penalty is the
-gradient with respect to the interpolates only (``autograd.grad`` on inputs), so the one
-``backward`` of the total loss is what DDP all-reduces.
+Real and fake go through the critic in one forward (bf16 when the run is); the penalty is
+computed in fp32 in a second forward of the interpolates through the bare critic (the gradient
+norm is compared with 1, and bf16's 8-bit mantissa would blur it): the gradient with respect to
+the interpolates only (``autograd.grad`` on inputs), so the one ``backward`` of the total loss is
+what DDP all-reduces. On generator steps the generator runs once, with its graph, and its output
+feeds both the critic and the generator update.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class Config(dcgan.Config):
 
 
 class Task(GANTask):
+    arch = "wgan-gp"
     betas = (0.0, 0.9)
 
     def generator_loss(self, score):
@@ -49,16 +53,18 @@ class Task(GANTask):
         real = self.real(batch)
         n = len(real)
         aug = self.cfg.augments
-        with torch.no_grad(), t.autocast():
-            fake = t.raw("generator")(self.noise(n, t.device))
-        real_a, fake_a = diff_augment(real, aug), diff_augment(fake.float(), aug)
+        g_turn = (t.step + 1) % self.cfg.n_critic == 0
+        with torch.set_grad_enabled(g_turn), t.autocast():
+            fake = t.models["generator"](self.noise(n, t.device))
+        real_a, fake_a = diff_augment(real, aug), diff_augment(fake.detach().float(), aug)
+        with t.autocast():
+            score = t.models["critic"](torch.cat([real_a, fake_a])).float()
+        d_real, d_fake = score[:n], score[n:]
         eps = torch.rand(n, 1, 1, 1, device=t.device)
         mix = (eps * real_a + (1 - eps) * fake_a).requires_grad_(True)
-        with t.autocast():
-            score = t.models["critic"](torch.cat([real_a, fake_a, mix])).float()
-        d_real, d_fake, d_mix = score[:n], score[n:2 * n], score[2 * n:]
+        d_mix = t.raw("critic")(mix)  # fp32, see the module docstring
         grad, = torch.autograd.grad(d_mix.sum(), mix, create_graph=True)
-        gp = ((grad.float().flatten(1).norm(dim=1) - 1) ** 2).mean()
+        gp = ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
         wdist = d_real.mean() - d_fake.mean()
         d_loss = -wdist + self.cfg.gp_weight * gp + self.cfg.drift * (d_real ** 2).mean()
         opt = t.optimizers["critic"]
@@ -66,8 +72,8 @@ class Task(GANTask):
         d_loss.backward()
         opt.step()
         out = {"d_loss": d_loss.detach(), "wdist": wdist.detach(), "gp": gp.detach()}
-        if (t.step + 1) % self.cfg.n_critic == 0:
-            self.last_g = self.generator_step(t, n)
+        if g_turn:
+            self.last_g = self.generator_step(t, fake)
         out["g_loss"] = getattr(self, "last_g", torch.zeros((), device=t.device))
         return out
 

@@ -135,6 +135,18 @@ def slurm_environment(env: Mapping[str, str]) -> dict[str, str] | None:
             "MASTER_ADDR": first_host(nodelist), "MASTER_PORT": port}
 
 
+def allocated_cpus(env: Mapping[str, str] | None = None) -> int:
+    """CPUs this process may use: the cores it may run on, capped by SLURM's ``--cpus-per-task``
+    (a job on a node without CPU binding still sees every core, but was granted only these)."""
+    env = os.environ if env is None else env
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+        (os.cpu_count() or 1)
+    granted = env.get("SLURM_CPUS_PER_TASK", "") if env.get("SLURM_JOB_ID") else ""
+    if granted.isdigit() and int(granted) > 0:
+        cpus = min(cpus, int(granted))
+    return max(1, cpus)
+
+
 def cpu_threads(local_world_size: int, current: int | None = None,
                 cpus: int | None = None) -> int:
     """Intra-op threads for one of ``local_world_size`` CPU ranks sharing this node's cores.
@@ -144,10 +156,19 @@ def cpu_threads(local_world_size: int, current: int | None = None,
     barrier for a descheduled thread, which is what makes CPU DDP crawl.
     """
     if cpus is None:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
-            (os.cpu_count() or 1)
+        cpus = allocated_cpus()
     current = torch.get_num_threads() if current is None else current
     return max(1, min(current, cpus // max(1, local_world_size)))
+
+
+def fit_threads(local_world_size: int = 1) -> int:
+    """Lower torch's intra-op threads to this rank's share of the allocation; returns them."""
+    threads = cpu_threads(local_world_size)
+    if threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+        log.info("%d CPU threads (%d allocated CPUs, %d rank(s) on this node)", threads,
+                 allocated_cpus(), local_world_size)
+    return threads
 
 
 def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
@@ -167,6 +188,7 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> Dis
                      slurm["MASTER_ADDR"], slurm["MASTER_PORT"])
             world = int(slurm["WORLD_SIZE"])
     if not world or world <= 1:
+        fit_threads(1)
         return DistInfo(device=_pick_device(device, 0))
 
     rank = _env_int("RANK")
@@ -179,11 +201,7 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> Dis
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if backend == "gloo":
         # before the group exists (and before any pool is used): ranks share the node's cores
-        local_world = _env_int("LOCAL_WORLD_SIZE", world) or world
-        threads = cpu_threads(local_world)
-        if threads != torch.get_num_threads():
-            torch.set_num_threads(threads)
-            log.info("%d CPU threads per rank (%d ranks on this node)", threads, local_world)
+        fit_threads(_env_int("LOCAL_WORLD_SIZE", world) or world)
         if (os.environ["MASTER_ADDR"] in LOOPBACK and "GLOO_SOCKET_IFNAME" not in os.environ):
             os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # all ranks are here: no NIC guessing
     dist.init_process_group(backend=backend, rank=rank, world_size=world,

@@ -6,7 +6,10 @@ which is what HPC life needs:
 
 * process group and device (``brainhpc.train.distributed``), DDP wrapping, a deterministic
   distributed batch sampler (global ``batch_size`` split over ranks), per-rank seeding;
-* bf16 autocast on CUDA where supported (tasks use ``with t.autocast():``), nothing on CPU;
+* precision (``brainhpc.train.precision``): ``auto`` resolves per architecture to bf16 autocast
+  with channels_last models and batches (tasks use ``with t.autocast():``) where that was measured
+  faster, else fp32; fused Adam/AdamW/SGD; intra-op threads that fit the allocation;
+* validation every ``val_every`` epochs and after the last one;
 * EMA copies of chosen models (``task.ema_decay``);
 * atomic checkpoints every N steps, every M minutes, on ``request_checkpoint()`` and on
   SIGUSR1/SIGTERM (saved at the next step boundary; SIGTERM then stops the run, and a handler
@@ -49,6 +52,7 @@ from brainhpc import __version__
 from brainhpc.errors import BrainhpcError
 from brainhpc.fsio import atomic_path, write_text
 from brainhpc.train.distributed import DistInfo, init_distributed, teardown
+from brainhpc.train.precision import PRECISIONS, fused_optimizers, resolve
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +64,11 @@ class Task(Protocol):
     """What the trainer trains. Required: ``models``, ``optimizers``, ``training_step``.
 
     Optional (looked up with ``getattr``): ``schedulers(optimizers) -> dict`` (stepped after
-    every training step), ``validate(t) -> dict[str, float]`` (run on every rank after each
-    epoch, under ``torch.no_grad()`` with models in eval mode), ``ema_decay: dict[str, float]``
-    (models to keep an EMA copy of, in ``t.ema``), ``state_dict()``/``load_state_dict()`` for
-    extra task state that must survive a resume.
+    every training step), ``validate(t) -> dict[str, float]`` (run on every rank after every
+    ``val_every``-th epoch and the last, under ``torch.no_grad()`` with models in eval mode),
+    ``ema_decay: dict[str, float]`` (models to keep an EMA copy of, in ``t.ema``),
+    ``state_dict()``/``load_state_dict()`` for extra task state that must survive a resume,
+    ``arch: str`` (the name ``precision.SPEEDUP`` knows it by; default: its model class names).
     """
 
     def models(self) -> dict[str, nn.Module]: ...
@@ -85,7 +90,8 @@ class TrainConfig:
     shuffle: bool = True
     num_workers: int = 0
     device: str = "auto"  # auto | cpu | cuda
-    amp: bool = True  # bf16 autocast on CUDA when supported; never on CPU
+    precision: str = "auto"  # auto | bf16 | fp32 (brainhpc.train.precision)
+    val_every: int = 1  # epochs between validations (the last epoch is always validated)
     checkpoint_every: int = 500  # steps; 0: only at the end, on request and by time
     checkpoint_minutes: float = 15.0  # wall-clock safety net for long epochs; 0: off
     log_every: int = 10  # steps between metric records
@@ -97,7 +103,7 @@ class TrainConfig:
 
     def __post_init__(self):
         self.out = Path(self.out)
-        for key in ("epochs", "batch_size", "log_every"):
+        for key in ("epochs", "batch_size", "log_every", "val_every"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise BrainhpcError(f"train config: {key} must be an integer >= 1, "
                                     f"got {getattr(self, key)!r}")
@@ -111,6 +117,9 @@ class TrainConfig:
         if self.checkpoint_minutes < 0:
             raise BrainhpcError(f"train config: checkpoint_minutes must be >= 0, "
                                 f"got {self.checkpoint_minutes}")
+        if self.precision not in PRECISIONS:
+            raise BrainhpcError(f"train config: precision must be one of {', '.join(PRECISIONS)}"
+                                f", got {self.precision!r}")
         if self.best_mode not in ("max", "min"):
             raise BrainhpcError(
                 f"train config: best_mode must be 'max' or 'min', got {self.best_mode!r}")
@@ -157,14 +166,32 @@ class DistributedBatchSampler(torch.utils.data.Sampler):
             yield order[lo:lo + self.local]
 
 
-def _to_device(batch: Any, device: torch.device) -> Any:
+def _to_device(batch: Any, device: torch.device,
+               memory_format: torch.memory_format = torch.contiguous_format) -> Any:
+    """Tensors to ``device``; image batches (4-D) also to ``memory_format``."""
     if isinstance(batch, torch.Tensor):
+        if batch.dim() == 4:
+            return batch.to(device, non_blocking=True, memory_format=memory_format)
         return batch.to(device, non_blocking=True)
     if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(b, device) for b in batch)
+        return type(batch)(_to_device(b, device, memory_format) for b in batch)
     if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
+        return {k: _to_device(v, device, memory_format) for k, v in batch.items()}
     return batch
+
+
+def _image_size(dataset) -> int | None:
+    """The last dimension of the first image-like tensor of item 0 (None if there is none)."""
+    try:
+        item = dataset[0]
+    except Exception:  # an empty or lazy dataset: the precision table is then keyed by arch only
+        return None
+    items = item.values() if isinstance(item, dict) else \
+        item if isinstance(item, (list, tuple)) else [item]
+    for x in items:
+        if isinstance(x, (torch.Tensor, np.ndarray)) and x.ndim >= 2:
+            return int(x.shape[-1])
+    return None
 
 
 def _rng_state() -> dict:
@@ -241,8 +268,13 @@ class Trainer:
         self.sampler = DistributedBatchSampler(len(dataset), cfg.batch_size, self.rank,
                                                self.world_size, cfg.seed, cfg.shuffle)
         self._loader_gen = torch.Generator()
+        workers = cfg.num_workers
+        if workers and isinstance(dataset, torch.utils.data.TensorDataset):
+            # in memory already: worker processes would only add start-up and copies
+            log.info("in-memory dataset: no DataLoader workers (num_workers=%d ignored)", workers)
+            workers = 0
         self.loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=self.sampler, num_workers=cfg.num_workers,
+            dataset, batch_sampler=self.sampler, num_workers=workers,
             pin_memory=self.device.type == "cuda", generator=self._loader_gen,
             persistent_workers=False, collate_fn=collate_fn)
 
@@ -250,8 +282,15 @@ class Trainer:
         raw = task.models()
         if not raw:
             raise BrainhpcError(f"task {type(task).__name__}.models() returned no models")
-        self._raw = {k: m.to(self.device) for k, m in raw.items()}
+        arch = getattr(task, "arch", None) or "+".join(sorted({type(m).__name__
+                                                                for m in raw.values()}))
+        self.precision = resolve(cfg.precision, self.device, arch, _image_size(dataset))
+        self.memory_format = (torch.channels_last if self.precision.channels_last
+                              else torch.contiguous_format)
+        self._raw = {k: m.to(self.device, memory_format=self.memory_format)
+                     for k, m in raw.items()}
         self.optimizers = task.optimizers(self._raw)
+        self.fused = fused_optimizers(self.optimizers)
         sched = getattr(task, "schedulers", None)
         self.schedulers = sched(self.optimizers) if sched else {}
         self.ema_decay = dict(getattr(task, "ema_decay", {}) or {})
@@ -272,9 +311,13 @@ class Trainer:
         }
         resumed = cfg.resume and self.last_path.exists()
         rng = self._load(self.last_path) if resumed else None
+        if resumed:
+            fused_optimizers(self.optimizers)  # the loaded param groups carry the saved flags
         self.models = {k: self._wrap(m) for k, m in self._raw.items()}
-        self.amp_dtype = (torch.bfloat16 if cfg.amp and self.device.type == "cuda"
-                          and torch.cuda.is_bf16_supported() else None)
+        self.amp_dtype = self.precision.dtype
+        if self.is_main:
+            log.info("%s: %s (%s), %d threads, fused optimisers: %s", arch, self.precision.name,
+                     self.precision.reason, torch.get_num_threads(), ", ".join(self.fused) or "-")
         if rng is not None:
             _set_rng_state(rng)
         else:
@@ -291,7 +334,7 @@ class Trainer:
         return self._raw[name]
 
     def autocast(self):
-        """bf16 autocast on CUDA where supported (and ``cfg.amp``); a no-op elsewhere."""
+        """bf16 autocast when the run's precision is bf16; a no-op in fp32."""
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
@@ -335,7 +378,8 @@ class Trainer:
                 self._loader_gen.manual_seed(cfg.seed * 7919 + self.epoch)
                 self._train_mode(True)
                 for batch in self.loader:
-                    out = self.task.training_step(self, _to_device(batch, self.device))
+                    batch = _to_device(batch, self.device, self.memory_format)
+                    out = self.task.training_step(self, batch)
                     for s in self.schedulers.values():
                         s.step()
                     self._update_ema()
@@ -369,7 +413,8 @@ class Trainer:
 
     def _end_epoch(self) -> None:
         validate = getattr(self.task, "validate", None)
-        if validate is not None:
+        due = (self.epoch + 1) % self.cfg.val_every == 0 or self.epoch + 1 >= self.cfg.epochs
+        if validate is not None and due:
             self._train_mode(False)
             with torch.no_grad():
                 metrics = {k: float(v) for k, v in validate(self).items()}
@@ -507,7 +552,9 @@ class Trainer:
     def _summary(self, status: str) -> dict:
         return {"status": status, "step": self.step, "epoch": self.epoch,
                 "train_seconds": round(self.train_seconds, 3), "checkpoint": str(self.last_path),
-                "best": self.best, "resumed": self.resumed}
+                "best": self.best, "resumed": self.resumed,
+                "precision": self.precision.as_dict(), "threads": torch.get_num_threads(),
+                "fused_optimizers": self.fused}
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
