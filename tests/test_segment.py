@@ -246,6 +246,8 @@ def test_missing_masks_are_refused_with_the_fix(prepared_phantom, tmp_path):
     (dict(loss="focal"), "unknown loss 'focal'; valid: dicece, dice, ce"),
     (dict(device="tpu"), "unknown device 'tpu'"),
     (dict(dropout=1.0), r"dropout must be in \[0, 1\)"),
+    (dict(precision="fp16"), "unknown precision 'fp16'; valid: auto, bf16, fp32"),
+    (dict(val_every=0), "val_every must be an integer >= 1, got 0"),
 ])
 def test_config_validation(tmp_path, kw, message):
     base = dict(train_data="real", data=tmp_path, out=tmp_path / "o")
@@ -281,6 +283,7 @@ def test_real_cell_learns_beats_baselines_and_reloads(real_cell, prepared_phanto
     cfg, m = real_cell
     out = cfg.out
     assert m["status"] == "done" and m["image_size"] == 64 and m["world_size"] == 1
+    assert m["precision"]["requested"] == "auto" and m["precision"]["name"] in ("fp32", "bf16")
     t, base = m["test"], m["baselines"]
     # the network delineates lesions the trivial rules do not: Dice on test tumour slices
     assert base["empty"]["dice_slice_mean"] == 0.0
@@ -327,9 +330,12 @@ def test_rerun_skips_different_config_refused_force_redoes(real_cell, prepared_p
         segment(SegmentConfig(train_data="real", data=prepared_phantom, out=cfg.out, epochs=2,
                               **FAST))
     redone = segment(SegmentConfig(train_data="real", data=prepared_phantom, out=cfg.out,
-                                   epochs=2, force=True, **FAST))
-    assert redone["epochs"] == 2 and not redone.get("skipped") and not redone["resumed"]
-    assert redone["steps"] == 2 * 10
+                                   epochs=3, val_every=2, precision="fp32", force=True, **FAST))
+    assert redone["epochs"] == 3 and not redone.get("skipped") and not redone["resumed"]
+    assert redone["steps"] == 3 * 10 and redone["precision"]["name"] == "fp32"
+    log = [json.loads(x) for x in (cfg.out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log if r["kind"] == "val"] == [1, 2]  # every 2nd, and the last
+    assert redone["chosen"]["best_epoch"] in (1, 2)
 
 
 @pytest.mark.slow
@@ -377,7 +383,9 @@ def test_synthetic_and_mixed_cells_with_patients(prepared_phantom, tmp_path):
     shutil.copy(prepared_phantom / "manifest.json", grouped / "manifest.json")
     syn = make_synthetic(tmp_path / "syn", prepared_phantom)
     kw = dict(data=grouped, synthetic_dir=syn, epochs=2, **FAST)
-    m = segment(SegmentConfig(train_data="synthetic:dcgan", out=tmp_path / "s", **kw))
+    m = segment(SegmentConfig(train_data="synthetic:dcgan", out=tmp_path / "s", precision="bf16",
+                              **kw))
+    assert m["precision"]["name"] == "bf16"  # autocast + channels_last through MONAI's U-Net
     assert m["n_train"]["total"] == 80 and m["n_train"]["synthetic"] == 80
     assert m["n_train"]["tumour_slices"] == 40 and m["test"]["n_patients"] == 5
     assert m["test"]["n_slices"] == 25

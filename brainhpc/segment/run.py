@@ -17,7 +17,9 @@ Model and loss: MONAI ``UNet`` (2D, one input channel, one logit channel) and ``
 (sigmoid) with ``batch=True``: the Dice term is taken over the whole batch, because per-image Dice
 on the many tumour-free slices is undefined (MONAI smooths it to a constant that pulls towards
 empty predictions). Augmentation flips and shifts image and mask together (one 2-channel tensor
-through ``brainhpc.classify.run.augment_batch``).
+through ``brainhpc.classify.run.augment_batch``). Training runs in ``precision`` (``auto``: bf16
+autocast + channels_last only where measured faster, see ``brainhpc.train.precision``; the
+resolved choice is recorded in metrics.json); validation and test predictions are fp32.
 
 Selection (no test peeking): best.pt is the epoch with the highest mean per-patient validation
 Dice at probability 0.5. The probability threshold stays fixed at ``threshold`` (0.5 by default:
@@ -62,6 +64,7 @@ from brainhpc.segment import metrics as sm
 from brainhpc.segment.data import load_real, require_masks, training_data
 from brainhpc.train import TrainConfig, Trainer, init_distributed
 from brainhpc.train.distributed import DEVICES, barrier, teardown
+from brainhpc.train.precision import PRECISIONS
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +93,8 @@ class SegmentConfig:
     augment: bool = True
     threshold: float = 0.5  # on the sigmoid probability
     min_area: int | None = None  # None: chosen on validation; 1: any predicted pixel counts
+    precision: str = "auto"  # auto | bf16 | fp32 (training; brainhpc.train.precision)
+    val_every: int = 1  # epochs between validations (the last epoch is always validated)
     force: bool = False
     checkpoint_every: int = 500
     device: str = "auto"
@@ -106,7 +111,7 @@ class SegmentConfig:
             raise BrainhpcError(
                 f"training data {spec} needs --synthetic-dir: the folder holding the generate "
                 f"cells' outputs ({spec.generator}-healthy/ and {spec.generator}-tumour/)")
-        for key in ("epochs", "batch_size"):
+        for key in ("epochs", "batch_size", "val_every"):
             _int(key, getattr(self, key), 1)
         for key in ("res_units", "checkpoint_every", "num_workers"):
             _int(key, getattr(self, key), 0)
@@ -131,6 +136,9 @@ class SegmentConfig:
             raise BrainhpcError(f"segment: threshold must be in (0, 1), got {self.threshold!r}")
         if self.min_area is not None:
             _int("min_area", self.min_area, 1)
+        if self.precision not in PRECISIONS:
+            raise BrainhpcError(f"segment: unknown precision {self.precision!r}; valid: "
+                                f"{', '.join(PRECISIONS)}")
         if self.loss not in LOSSES:
             raise BrainhpcError(f"segment: unknown loss {self.loss!r}; valid: {', '.join(LOSSES)}")
         if self.device not in DEVICES:
@@ -435,7 +443,7 @@ def _segment(cfg: SegmentConfig, ident: dict, size: int, info, t_start: float) -
     tcfg = TrainConfig(out=cfg.out, epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
                        checkpoint_every=cfg.checkpoint_every, num_workers=cfg.num_workers,
                        device=cfg.device, progress=cfg.progress, best_metric="val_dice",
-                       best_mode="max")
+                       best_mode="max", precision=cfg.precision, val_every=cfg.val_every)
     if info.is_main:
         write_json(cfg.out / "config.json", {"status": "running", "config": ident,
                                              "brainhpc": __version__})
@@ -506,6 +514,7 @@ def _segment(cfg: SegmentConfig, ident: dict, size: int, info, t_start: float) -
         "train_seconds": result["train_seconds"],
         "wall_seconds": round(time.time() - t_start, 3), "resumed": result["resumed"],
         "device": str(device), "world_size": info.world_size,
+        "precision": result.get("precision"), "threads": result.get("threads"),
         "checkpoint": str(ckpt), "checkpoint_sha256": sha256_file(ckpt),
         "brainhpc": __version__, "config_hash": config_hash(ident), "config": ident,
     }
@@ -552,6 +561,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--min-area", type=int,
                    help="fixed minimum predicted area in px (default: chosen on validation)")
     p.add_argument("--no-augment", action="store_true", help="no flips/shifts")
+    p.add_argument("--precision", default="auto",
+                   help="training precision: auto (bf16 where measured faster) | bf16 | fp32")
+    p.add_argument("--val-every", type=int, default=1,
+                   help="epochs between validations (best epoch among these; last always)")
     p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
@@ -567,7 +580,8 @@ def run(args) -> int:
         batch_size=args.batch_size, lr=args.lr, channels=_ints(args.channels),
         strides=_ints(args.strides), res_units=args.res_units, dropout=args.dropout,
         loss=args.loss, threshold=args.threshold, min_area=args.min_area,
-        augment=not args.no_augment, force=args.force, checkpoint_every=args.checkpoint_every,
+        augment=not args.no_augment, precision=args.precision, val_every=args.val_every,
+        force=args.force, checkpoint_every=args.checkpoint_every,
         device=args.device, num_workers=args.workers, progress=not args.no_progress)
     metrics = segment(cfg)
     if metrics.get("status") in ("done", "worker"):
