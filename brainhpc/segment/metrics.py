@@ -11,6 +11,7 @@ Empty masks, which every definition has to decide about:
 * per-patient Dice stacks all slices of a patient into one volume (3D Dice: sums over the
   volume, so slice order does not matter) and is averaged over patients whose volume holds
   tumour; patients without tumour are counted, with how many of them got any predicted pixel.
+  A dataset without patient ids counts each image as its patient (then it equals per-slice).
 * HD95 (pixels at the prepared size; images are resized, so there is no physical spacing) is
   computed per slice where truth and prediction are both non-empty; ``n_hd95`` says how many
   slices that is and ``n_missed`` how many tumour slices had no prediction at all.

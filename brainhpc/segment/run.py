@@ -77,6 +77,8 @@ OVERLAY_MIN_PX = 128  # tiles are upscaled (nearest) to at least this, so outlin
 
 @dataclass
 class SegmentConfig:
+    """One segment cell; the defaults are sized for CPUs (see benchmarks/bench_segment.py)."""
+
     train_data: str  # real | synthetic:<gen> | mixed:<gen> | mixed:<gen>:<p>
     data: Path  # prepared dataset with masks (val and test always come from here)
     out: Path
