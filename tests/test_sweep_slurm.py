@@ -42,6 +42,7 @@ needs_cluster = pytest.mark.skipif(_PROBLEM is not None, reason=str(_PROBLEM))
 
 BASE = """
 name = "{name}"
+profile = "local"
 [data]
 phantom = 120
 size = 32
@@ -62,7 +63,13 @@ partition = "debug"
 time_min = 15
 array_parallelism = 2
 """
+STANDIN = REPO / "tests" / "container_standin.sh"
 CLASSIFY = """
+[[classify.cells]]               # deliberately failing: a batch larger than the training set
+model = "cnn"
+train_data = ["real"]
+seeds = [1]
+batch_size = 100000
 [[classify.cells]]
 model = "cnn"
 train_data = ["real", "synthetic:vae"]
@@ -70,11 +77,8 @@ train_data = ["real", "synthetic:vae"]
 model = "vae"
 techniques = ["giaem"]
 train_data = ["mixed:vae"]
-[[classify.cells]]               # deliberately failing: a batch larger than the training set
-model = "cnn"
-train_data = ["real"]
-seeds = [1]
-batch_size = 100000
+[resources.classify]             # two cells per array task: the failing one comes first in its
+cells_per_task = 2               # task, and its task-mate must still run
 """
 
 
@@ -117,8 +121,9 @@ def markers(run_dir: Path, stage: str) -> dict[str, dict]:
 def test_unknown_partition_lists_the_real_ones(tmp_path):
     s = load_sweep(sweep_file(tmp_path, "p"), partition="nope")
     info = sub.cluster_info()
+    assert info["cluster"] == "brainhpc" and "debug" in info["partitions"]
     with pytest.raises(BrainhpcError, match=r"partition 'nope'.*sinfo lists: debug, gpu"):
-        sub.check_partitions(s, ["generate"], info["partitions"])
+        sub.check_cluster(s, ["generate"], info)
     out = sweep(str(tmp_path / "p.toml"), "--partition", "nope", "--run-dir",
                 str(tmp_path / "run"))
     assert out.returncode == 2 and "sinfo lists" in out.stderr
@@ -137,7 +142,9 @@ def test_sweep_completes_reports_failed_cell_and_reruns_only_it(tmp_path):
     assert "python -m brainhpc.sweep status" in out.stdout
     recs = sub.read_jobs(run)
     assert [r["stage"] for r in recs] == ["prepare", "generate", "classify", "aggregate"]
-    assert recs[2]["after"] == [recs[1]["job_id"]] and recs[3]["after"] == [recs[2]["job_id"]]
+    ids = [r["job_id"] for r in recs]
+    assert recs[2]["after"] == ids[:2] and recs[3]["after"] == ids[:3]
+    assert recs[2]["pack"] == 2 and len(recs[2]["cells"]) == 4  # two array tasks
     wait_sweep(run)
 
     cls = markers(run, "classify")
@@ -200,36 +207,203 @@ def _weights(folder: Path) -> dict:
     return state["models"]
 
 
+def wait_for(what: str, cond, timeout: float = WAIT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.5)
+    pytest.fail(f"not within {timeout} s: {what}")
+
+
+def _lines(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
 @needs_cluster
 @pytest.mark.slow
-def test_interrupted_cell_is_requeued_and_resumes(tmp_path):
-    """SIGUSR2 (what SLURM sends before the time limit) mid-training: the trainer saves, the
-    task is requeued, resumes from that checkpoint and ends equal to an uninterrupted run."""
+def test_containerised_cell_is_requeued_from_the_host_and_resumes(tmp_path):
+    """A cell in a stand-in container (no Slurm client inside), submitted with --force, gets
+    SIGUSR2 (time limit ahead) and later SIGTERM (preemption) mid-training: each time it
+    saves, leaves the flag, the sbatch teardown requeues it on the host, and it resumes (not
+    forced again) to end equal to an uninterrupted run."""
     run = tmp_path / "run"
-    path = sweep_file(tmp_path, "requeue", labels='["healthy"]', gen_epochs=60)
-    out = sweep(str(path), "--run-dir", str(run))
+    prefix = f"bash {STANDIN} --bind {{binds}} {sys.executable}"
+    path = sweep_file(tmp_path, "requeue", f'[container]\nprefix = "{prefix}"\n',
+                      labels='["healthy"]', gen_epochs=60)
+    out = sweep(str(path), "--run-dir", str(run), "--force")
     assert out.returncode == 0, out.stderr
+    assert "container: brainhpc 0.1.0, submitit" in out.stdout  # the image check ran
     gen_job = next(r["job_id"] for r in sub.read_jobs(run) if r["stage"] == "generate")
-    metrics = run / "generate" / "vae-healthy" / "metrics.jsonl"
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline and not (metrics.exists() and metrics.read_text()):
-        time.sleep(0.5)
-    assert metrics.exists(), "training never started"
+    folder = run / "generate" / "vae-healthy"
+    metrics = folder / "metrics.jsonl"
+    wait_for("training started", lambda: _lines(metrics) > 0)
     subprocess.run(["scancel", "--signal=USR2", gen_job], check=True, timeout=30)
-    # the uninterrupted reference, in this process's machine, same cell config
+    at_signal = _lines(metrics)
+    wait_for("the requeued task trains again", lambda: (
+        (markers(run, "generate").get("vae-healthy") or {}).get("restarts", 0) >= 1
+        and _lines(metrics) > at_signal + 1))
+    subprocess.run(["scancel", "--signal=TERM", gen_job], check=True, timeout=30)
+    # the uninterrupted reference: the same cell through SLURM (same CPU threads per task)
     ref = tmp_path / "ref"
-    done = sweep(str(path), "--run-dir", str(ref), "--executor", "local", timeout=WAIT_S)
+    done = sweep(str(path), "--run-dir", str(ref))
     assert done.returncode == 0, done.stdout + done.stderr
     wait_sweep(run)
+    wait_sweep(ref)
+    assert markers(ref, "generate")["vae-healthy"]["restarts"] == 0
     cell = markers(run, "generate")["vae-healthy"]
-    assert cell["status"] == "done" and cell["restarts"] >= 1, cell
-    card = json.loads((run / "generate" / "vae-healthy" / "card.json").read_text())
+    assert cell["status"] == "done" and cell["restarts"] >= 2, cell
+    card = json.loads((folder / "card.json").read_text())
     assert card["resumed"], "the requeued task started over instead of resuming"
-    assert "requeue" in Path(cell["log"]).read_text().lower()
-    a, b = _weights(run / "generate" / "vae-healthy"), _weights(ref / "generate" / "vae-healthy")
+    log = Path(cell["log"]).read_text()
+    assert "container_standin: binds " + str(run) in log  # the cell ran through the prefix
+    assert log.count("brainhpc: requeued job") >= 2, log[-3000:]  # by the host's teardown
+    assert "SIGUSR2: asking the trainer" in log and "SIGTERM" in log
+    assert log.count("resumed from") >= 2, "a restart did not resume (--force survived?)"
+    a, b = _weights(folder), _weights(ref / "generate" / "vae-healthy")
     for name in a:
         for key in a[name]:
             assert torch.equal(a[name][key], b[name][key]), f"{name}.{key} differs"
-    sa = load_split(run / "generate" / "vae-healthy" / "shards").images
+    sa = load_split(folder / "shards").images
     sb = load_split(ref / "generate" / "vae-healthy" / "shards").images
     assert np.array_equal(sa, sb)
+
+
+GPU_PROFILE = """
+name = "local-gpu"
+cluster = "brainhpc"
+[resources]
+partition = "gpu"          # the local cluster's fake GPUs
+cpu_partition = "debug"
+gpus_per_node = {gpus}
+time_min = 15
+array_parallelism = 2
+"""
+GPU_SWEEP = """
+name = "gpu"
+profile = "{profile}"
+[data]
+phantom = 120
+size = 32
+[generate]
+archs = ["vae"]
+labels = ["healthy"]
+epochs = 1
+batch_size = 8
+n_samples = 48
+min_images = 16
+quality = false
+[[classify.cells]]
+model = "cnn"
+train_data = ["real"]
+epochs = 1
+batch_size = 16
+"""
+
+
+def _gpu_sweep(tmp_path: Path, gpus: int) -> Path:
+    profile = tmp_path / f"local-gpu{gpus}.toml"
+    profile.write_text(GPU_PROFILE.format(gpus=gpus))
+    path = tmp_path / f"gpu{gpus}.toml"
+    path.write_text(GPU_SWEEP.format(profile=profile))
+    return path
+
+
+@needs_cluster
+def test_gpu_profile_dry_run_is_checked_against_sinfo(tmp_path):
+    out = sweep(str(_gpu_sweep(tmp_path, 1)), "--dry-run", "--run-dir", str(tmp_path / "r"))
+    assert out.returncode == 0, out.stderr
+    assert "checked against cluster brainhpc (sinfo)" in out.stdout
+    scripts = out.stdout.split("--- sbatch script (")[1:]
+    by_stage = {s.split(")", 1)[0]: s for s in scripts}
+    for stage in ("generate", "classify"):
+        assert "#SBATCH --gpus-per-node=1\n" in by_stage[stage]
+        assert "#SBATCH --partition=gpu\n" in by_stage[stage]
+    for stage in ("prepare", "aggregate"):
+        assert "#SBATCH --gpus" not in by_stage[stage]
+        assert "#SBATCH --partition=debug\n" in by_stage[stage]
+    too_many = sweep(str(_gpu_sweep(tmp_path, 3)), "--dry-run", "--run-dir", str(tmp_path / "r"))
+    assert too_many.returncode == 2
+    assert "gpus_per_node = 3: partition 'gpu' has at most 2 GPUs per node" in too_many.stderr
+    assert not (tmp_path / "r").exists()
+
+
+@needs_cluster
+@pytest.mark.slow
+def test_gpu_cells_fail_loudly_without_cuda_and_the_rest_runs(tmp_path):
+    """On the fake GPUs the jobs get CUDA_VISIBLE_DEVICES but torch sees no CUDA: the GPU cells
+    must fail saying so (not train on the CPU); prepare and aggregate run on the CPU partition."""
+    run = tmp_path / "run"
+    out = sweep(str(_gpu_sweep(tmp_path, 1)), "--run-dir", str(run))
+    assert out.returncode == 0, out.stderr
+    wait_sweep(run)
+    recs = {r["stage"]: r["job_id"] for r in sub.read_jobs(run)}
+    for stage, partition in (("generate", "gpu"), ("prepare", "debug")):
+        info = subprocess.run(["scontrol", "-o", "show", "job", recs[stage]],
+                              capture_output=True, text=True, timeout=30).stdout
+        assert f"Partition={partition} " in info, info
+        assert ("gres:gpu:1" in info) == (stage == "generate"), info
+    assert markers(run, "prepare")["data"]["status"] == "done"
+    for stage in ("generate", "classify"):
+        (m,) = markers(run, stage).values()
+        assert m["status"] == "failed" and m["device"] == "cuda", m
+        assert "GPUs were requested (device=cuda)" in m["error"], m["error"]
+        assert "CUDA_VISIBLE_DEVICES=0" in m["error"], m["error"]
+    assert markers(run, "aggregate")["results"]["status"] == "done"
+    assert "failed" in (run / "results" / "metrics.csv").read_text()
+
+
+@needs_cluster
+def test_rejected_sbatch_then_rerun_waits_for_queued_jobs(tmp_path):
+    """sbatch refuses the classify array (a reservation that does not exist): the error names
+    what was submitted; the re-run submits the rest, waiting for the still-queued (held) jobs."""
+    run = tmp_path / "run"
+    held = "[resources.prepare]\nslurm_extra = { hold = true }\n" \
+           "[resources.generate]\nslurm_extra = { hold = true }\n"
+    path = sweep_file(tmp_path, "reject", CLASSIFY.replace(
+        "cells_per_task = 2", 'cells_per_task = 2\nreservation = "no-such-reservation"') + held)
+    try:
+        out = sweep(str(path), "--run-dir", str(run))
+        assert out.returncode == 2, out.stdout + out.stderr
+        first = sub.read_jobs(run)
+        assert [r["stage"] for r in first] == ["prepare", "generate"]
+        assert "sbatch refused the classify array (4 cells)" in out.stderr
+        assert "Requested reservation is invalid" in out.stderr
+        assert (f"already submitted in this run: prepare job {first[0]['job_id']} (1 cells); "
+                f"generate job {first[1]['job_id']} (2 cells)") in out.stderr
+        assert "Traceback" not in out.stderr
+        path.write_text(path.read_text().replace('reservation = "no-such-reservation"', ""))
+        again = sweep(str(path), "--run-dir", str(run))
+        assert again.returncode == 0, again.stderr
+        assert "0 done, 3 still queued" in again.stdout
+        recs = sub.read_jobs(run)
+        ids = [r["job_id"] for r in first]
+        assert [(r["stage"], r["after"]) for r in recs[2:]] == [
+            ("classify", ids), ("aggregate", ids + [recs[2]["job_id"]])]
+        dep = subprocess.run(["scontrol", "-o", "show", "job", recs[2]["job_id"]],
+                             capture_output=True, text=True, timeout=30).stdout
+        assert all(f"afterany:{i}" in dep for i in ids), dep
+    finally:
+        left = [r["job_id"] for r in sub.read_jobs(run)]
+        if left:
+            subprocess.run(["scancel", *left], timeout=30)
+
+
+@needs_cluster
+def test_srun_kills_the_other_ranks_when_one_fails(tmp_path):
+    """The sweep's srun arguments (--kill-on-bad-exit=1): a crashed rank ends the step instead
+    of leaving the others waiting (in NCCL, for 30 minutes)."""
+    s = load_sweep(sweep_file(tmp_path, "kill"))
+    args = " ".join(sub.slurm_params(s, "generate", tmp_path)["srun_args"])
+    out = tmp_path / "out.txt"
+    job = subprocess.run(
+        ["sbatch", "--parsable", "-n", "2", "-p", "debug", "-t", "5", "-o", str(out), "--wrap",
+         f"srun -n 2 {args} bash -c 'if [ $SLURM_PROCID = 1 ]; then exit 3; fi; "
+         "sleep 120; echo rank0 survived'"],
+        capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+    wait_for(f"job {job} to end", lambda: not subprocess.run(
+        ["squeue", "-h", "-j", job], capture_output=True, text=True, timeout=30).stdout.strip(),
+        timeout=300)
+    text = out.read_text()
+    assert "rank0 survived" not in text, text
+    assert "exit code 3" in text, text

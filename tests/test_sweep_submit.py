@@ -1,0 +1,140 @@
+"""Submission bookkeeping through fake SLURM commands (sbatch, squeue, sinfo, scontrol on PATH:
+the boundary only): a rejected sbatch mid-way reports what was submitted, and a re-run while
+earlier cells are still queued makes the rest wait for them. The same through the real cluster:
+test_sweep_slurm.py::test_rejected_sbatch_then_rerun_waits_for_queued_jobs."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from brainhpc.sweep import submit as sub
+from brainhpc.sweep.cli import main
+from brainhpc.sweep.status import cell_states
+
+SWEEP = """
+name = "tiny"
+profile = "local"
+[data]
+phantom = 100
+size = 32
+[generate]
+archs = ["vae"]
+epochs = 1
+[[classify.cells]]
+model = "cnn"
+train_data = ["real", "synthetic:vae"]
+seeds = [0, 1, 2]
+"""
+
+FAKE_SBATCH = r"""#!/usr/bin/env bash
+# records each script; refuses those matching $FAKE/reject (like a QOS limit would)
+n=$(( $(ls "$FAKE"/script-*.sh 2>/dev/null | wc -l) + 101 ))
+if [ -s "$FAKE/reject" ] && grep -q -f "$FAKE/reject" "$1"; then
+  echo "sbatch: error: Batch job submission failed: Job violates accounting/QOS policy" \
+       "(job submit limit, user's size and/or time limits)" >&2
+  exit 1
+fi
+cp "$1" "$FAKE/script-$n.sh"
+echo "Submitted batch job $n"
+"""
+FAKE_OTHERS = {
+    "srun": "exit 0",
+    "squeue": 'cat "$FAKE/queue" 2>/dev/null; exit 0',
+    "sinfo": 'echo "debug*|infinite|(null)"',
+    "scontrol": 'printf "ClusterName = brainhpc\\nMaxArraySize = 1001\\n"',
+}
+
+
+@pytest.fixture
+def fake_slurm(tmp_path, monkeypatch):
+    fake = tmp_path / "fake"
+    (fake / "bin").mkdir(parents=True)
+    (fake / "bin" / "sbatch").write_text(FAKE_SBATCH)
+    for name, body in FAKE_OTHERS.items():
+        (fake / "bin" / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
+    for f in (fake / "bin").iterdir():
+        f.chmod(0o755)
+    monkeypatch.setenv("FAKE", str(fake))
+    monkeypatch.setenv("PATH", f"{fake / 'bin'}:/usr/bin:/bin")
+    return fake
+
+
+def _script(fake: Path, job: str) -> str:
+    return (fake / f"script-{job}.sh").read_text()
+
+
+def test_rejected_sbatch_reports_what_was_submitted_then_rerun_waits(tmp_path, fake_slurm,
+                                                                     capsys):
+    path = tmp_path / "tiny.toml"
+    path.write_text(SWEEP)
+    run = tmp_path / "run"
+    (fake_slurm / "reject").write_text("job-name=tiny-classify\n")
+    assert main([str(path), "--run-dir", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "sbatch refused the classify array (6 cells)" in err and "QOS policy" in err
+    assert "already submitted in this run: prepare job 101 (1 cells); generate job 102 " \
+           "(2 cells)" in err
+    assert "run the same command again" in err and "Traceback" not in err
+    assert [(r["stage"], r["job_id"]) for r in sub.read_jobs(run)] == [("prepare", "101"),
+                                                                       ("generate", "102")]
+    assert "--dependency=afterany:101\n" in _script(fake_slurm, "102")
+
+    # the cause is fixed; prepare and generate are still queued
+    (fake_slurm / "reject").write_text("")
+    (fake_slurm / "queue").write_text("101|RUNNING\n102_0|PENDING\n102_1|PENDING\n")
+    assert main([str(path), "--run-dir", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "0 done, 3 still queued" in out
+    recs = sub.read_jobs(run)
+    assert [(r["stage"], r["job_id"], r["after"]) for r in recs[2:]] == [
+        ("classify", "103", ["101", "102"]), ("aggregate", "104", ["101", "102", "103"])]
+    assert "#SBATCH --dependency=afterany:101:102\n" in _script(fake_slurm, "103")
+    assert "#SBATCH --dependency=afterany:101:102:103\n" in _script(fake_slurm, "104")
+
+
+def test_only_one_stage_still_waits_for_queued_cells_it_needs(tmp_path, fake_slurm, capsys):
+    path = tmp_path / "tiny.toml"
+    path.write_text(SWEEP)
+    run = tmp_path / "run"
+    assert main([str(path), "--run-dir", str(run)]) == 0  # 101 prepare, 102 generate, ...
+    (fake_slurm / "queue").write_text("102_1|PENDING\n")  # one generate cell not finished
+    assert main([str(path), "--run-dir", str(run), "--only", "classify", "--force"]) == 0
+    rec = sub.read_jobs(run)[-1]
+    assert rec["stage"] == "classify" and rec["after"] == ["102"]
+    assert "#SBATCH --dependency=afterany:102\n" in _script(fake_slurm, rec["job_id"])
+
+
+def test_packed_cells_map_to_their_array_task(tmp_path, fake_slurm):
+    path = tmp_path / "tiny.toml"
+    path.write_text(SWEEP + "[resources.classify]\ncells_per_task = 4\n")
+    run = tmp_path / "run"
+    assert main([str(path), "--run-dir", str(run)]) == 0
+    rec = next(r for r in sub.read_jobs(run) if r["stage"] == "classify")
+    assert rec["pack"] == 4 and len(rec["cells"]) == 6
+    script = _script(fake_slurm, rec["job_id"])
+    assert "#SBATCH --array=0-1%2" in script  # 6 cells, 4 per task -> 2 tasks
+    jobs = sub.cell_jobs(run)
+    tasks = [jobs[("classify", c)] for c in rec["cells"]]
+    assert tasks == [f"{rec['job_id']}_0"] * 4 + [f"{rec['job_id']}_1"] * 2
+    # a packed cell that finished inside a still-running task shows done, its mates running
+    first = run / "classify" / rec["cells"][0] / "cell.json"
+    first.parent.mkdir(parents=True)
+    first.write_text(json.dumps({"status": "done", "job_id": tasks[0], "wall_seconds": 1.0}))
+    rows = {r["cell"]: r["state"] for r in cell_states(run, queued={tasks[0]: "RUNNING"})
+            if r["stage"] == "classify"}
+    assert rows[rec["cells"][0]] == "done" and rows[rec["cells"][1]] == "running"
+    assert rows[rec["cells"][4]] == "lost"  # its task left the queue without a marker
+
+
+def test_submitted_scripts_requeue_on_the_host(tmp_path, fake_slurm):
+    path = tmp_path / "tiny.toml"
+    path.write_text(SWEEP)
+    run = tmp_path / "run"
+    assert main([str(path), "--run-dir", str(run)]) == 0
+    script = _script(fake_slurm, "102")
+    assert re.search(r"^srun .* --cpus-per-task=1 --kill-on-bad-exit=1 ", script, re.M)
+    assert "#SBATCH --requeue" in script and "--wckey" not in script
+    flag = f"flag={run}/logs/generate/requeue-$SLURM_JOB_ID"
+    assert flag in script and script.index("# command") < script.index(flag)
