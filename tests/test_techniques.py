@@ -20,6 +20,7 @@ from brainhpc.classify.techniques import (
     global_kmeans_margin,
     kmeans_single_scores,
     localisation,
+    scaled_dbscan,
     select_and_apply,
     two_means_1d,
 )
@@ -60,6 +61,13 @@ def test_giaem_hand_computed():
     np.testing.assert_allclose(score, [3 / 64, 10 / 64, 0.0])
 
 
+def test_dbscan_parameters_scale_with_the_image():
+    c = TechniqueConfig(technique="dbscan")  # eps 2, min_samples 5, max_points 4096 at 64 px
+    assert scaled_dbscan(c, 64) == (2.0, 5, 4096)
+    assert scaled_dbscan(c, 128) == (4.0, 20, 16384)
+    assert scaled_dbscan(c, 32) == (1.0, 1, 1024)
+
+
 def test_dbscan_hand_computed():
     maps = np.zeros((3, 8, 8), np.float32)
     maps[0, 1:4, 1:4] = 0.8  # a 3x3 block: one cluster of 9
@@ -74,9 +82,11 @@ def test_dbscan_hand_computed():
     expect1 = np.zeros((8, 8), bool)
     expect1[5:7, 2:5] = True
     assert (regions[0] == expect0).all() and (regions[1] == expect1).all() and not regions[2].any()
-    pred, _ = fitted("dbscan", anomaly_threshold=0.5, tumor_index=0.1).predict(maps)
-    assert pred.tolist() == [1, 0, 0]  # default eps=2, min_samples=5: 9 and 6 of 64
-    f = FittedTechnique(TechniqueConfig(technique="dbscan", eps=1.5, min_samples=5),
+    # config values mean 64 px images: at 8 px, eps=16 and min_samples=320 are 2 and 5
+    f = FittedTechnique(TechniqueConfig(technique="dbscan", eps=16, min_samples=320),
+                        {"anomaly_threshold": 0.5, "tumor_index": 0.1}, 0.0)
+    assert f.predict(maps)[0].tolist() == [1, 0, 0]  # eps=2, min_samples=5: 9 and 6 of 64
+    f = FittedTechnique(TechniqueConfig(technique="dbscan", eps=12, min_samples=320),
                         {"anomaly_threshold": 0.5, "tumor_index": 0.09}, 0.0)
     # eps 1.5: a 2x3 block's corner pixels have only 4 neighbours (self included), yet they are
     # border points of the two core pixels in the middle: the cluster keeps all 6
@@ -246,7 +256,8 @@ def test_selection_finds_the_planted_signal_and_localises():
         assert out["test"]["f1"] > 0.9, technique
         assert out["test"]["roc_auc"] > 0.9, technique
         assert out["localisation"]["dice_mean"] > 0.5, technique
-        assert out["chosen"]["criterion"] == "balanced_accuracy" and "anomaly_threshold" in out["chosen"]
+        assert out["chosen"]["criterion"] == "balanced_accuracy"
+        assert "anomaly_threshold" in out["chosen"]
 
 
 def test_explicit_grids_and_balanced_accuracy():

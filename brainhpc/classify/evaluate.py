@@ -152,34 +152,39 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise BrainhpcError("evaluate: device 'cuda' requested but torch sees no CUDA device")
     device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
-    pred, score, maps = score_with(clf, data.images, device)
-    metrics = classification_metrics(data.labels, pred, score)
+    scored = score_with(clf, data, device)
     if clf["model"] == "cnn":
-        chosen = {"threshold": clf["threshold"]}
+        metrics = classification_metrics(data.labels, *scored["cnn"])
+        extra = {"chosen": {"threshold": clf["threshold"]}}
     else:
-        chosen = clf["fitted"].chosen()
-        if data.masks is not None:
-            metrics["localisation"] = localisation(clf["fitted"].regions(maps), data.masks)
+        metrics, techniques = {}, {}
+        for name, fitted in clf["fitted"].items():
+            block = classification_metrics(data.labels, *scored[name])
+            block["chosen"] = fitted.chosen()
+            if data.masks is not None:
+                block["localisation"] = localisation(fitted.regions(scored["maps"]), data.masks)
+            techniques[name] = block
+        extra = {"techniques": techniques}
         cfg.out.mkdir(parents=True, exist_ok=True)
-        save_error_maps(cfg.out / "error_maps.png", data.images, maps,
-                        clf["fitted"].regions(maps), data.labels, pred, score,
-                        f"vae {clf['fitted'].technique} on {cfg.data.name} ({kind})")
+        save_error_maps(cfg.out / "error_maps.png", data, scored["inputs"], scored["maps"],
+                        clf["fitted"], f"vae on {cfg.data.name} ({kind})")
     result = {
-        "status": "done", "model": clf["model"],
-        "technique": clf["fitted"].technique if clf["model"] == "vae" else None,
-        "train_data": clf.get("train_data"), "data": str(cfg.data), "data_kind": kind,
-        "split": ident["split"], "image_size": size, **metrics,
-        "chosen": chosen, "frozen": True, "overlap": overlap, "n_skipped": len(skipped),
+        "status": "done", "model": clf["model"], "train_data": clf.get("train_data"),
+        "data": str(cfg.data), "data_kind": kind, "split": ident["split"], "image_size": size,
+        **metrics, **extra, "frozen": True, "overlap": overlap, "n_skipped": len(skipped),
         "skipped": skipped[:100],
         "wall_seconds": round(time.time() - t_start, 3), "device": str(device),
         "brainhpc": __version__, "config_hash": config_hash(ident), "config": ident,
     }
     write_json(path, result)
-    log.info("evaluate %s on %s: balanced acc %s, ROC-AUC %s, recall healthy %s tumour %s "
-             "(n %d)", clf["path"], cfg.data, *(_pct(v) for v in (
-                 result["balanced_accuracy"], result["roc_auc"],
-                 result["recall_per_class"]["healthy"], result["recall_per_class"]["tumour"])),
-             result["n"])
+    for block_name, block in ([("cnn", result)] if clf["model"] == "cnn"
+                              else result["techniques"].items()):
+        rec = block["recall_per_class"]
+        log.info("evaluate %s (%s) on %s: balanced acc %s, ROC-AUC %s, recall healthy %s "
+                 "tumour %s (n %d)", clf["path"], block_name, cfg.data,
+                 _pct(block["balanced_accuracy"]),
+                 "-" if block["roc_auc"] is None else f"{block['roc_auc']:.3f}",
+                 _pct(rec["healthy"]), _pct(rec["tumour"]), block["n"])
     return result
 
 

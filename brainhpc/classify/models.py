@@ -157,3 +157,60 @@ def vae_loss(logits: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: to
     loss = rec + kl_weight * kl
     parts = {"loss": float(loss.detach()), "recon": float(rec.detach()), "kl": float(kl.detach())}
     return loss, parts
+
+
+class SpatialVAE(nn.Module):
+    """A VAE with a fully convolutional bottleneck, the detector with capacity beside the
+    paper's BrainCVAE (whose one linear bottleneck reconstructs every brain as a blur).
+
+    Encoder: three stride-2 4x4 convs (32, 64, 128 channels; batch norm, LeakyReLU) to a grid of
+    size/8 x size/8, then a 1x1 conv to the mean and log-variance of ``latent_channels`` per grid
+    cell (a spatial latent: each cell describes its neighbourhood, so anatomy is kept in place).
+    Decoder: the mirror (transposed convs, batch norm, ReLU) to one channel of logits. The
+    bottleneck (size/8)^2 x ``latent_channels`` (2,048 numbers at 128 px) is small enough that a
+    lesion unseen in healthy training slices is not copied through. Same interface as BrainCVAE:
+    ``forward`` -> (logits, mu, logvar), ``encode``, ``decode``, ``error_maps``.
+    """
+
+    def __init__(self, image_size: int = 128, latent_channels: int = 8,
+                 channels: Sequence[int] = (32, 64, 128)):
+        super().__init__()
+        _check_size(image_size, 8, "SpatialVAE")
+        if latent_channels < 1:
+            raise BrainhpcError(f"SpatialVAE: latent_channels must be >= 1, got "
+                                f"{latent_channels!r}")
+        self.image_size, self.latent_dim = image_size, latent_channels
+        layers, c_in = [], 1
+        for c in channels:
+            layers += [nn.Conv2d(c_in, c, 4, 2, 1, bias=False), nn.BatchNorm2d(c),
+                       nn.LeakyReLU(0.2, inplace=True)]
+            c_in = c
+        self.encoder = nn.Sequential(*layers)
+        self.to_stats = nn.Conv2d(c_in, 2 * latent_channels, 1)
+        layers = [nn.Conv2d(latent_channels, c_in, 1), nn.BatchNorm2d(c_in), nn.ReLU(inplace=True)]
+        for c in reversed((1, *channels[:-1])):
+            last = c == 1
+            layers.append(nn.ConvTranspose2d(c_in, c, 4, 2, 1, bias=last))
+            if not last:
+                layers += [nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
+            c_in = c
+        self.decoder = nn.Sequential(*layers)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mu, logvar = self.to_stats(self.encoder(x)).chunk(2, dim=1)
+        return mu, logvar.clamp(-30.0, 20.0)
+
+    def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """The reconstruction in [0, 1]."""
+        return torch.sigmoid(self.decode_logits(z).float())
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(reconstruction logits, mu, logvar); z sampled in training, z = mu in eval."""
+        mu, logvar = self.encode(x)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if self.training else mu
+        return self.decode_logits(z), mu, logvar
+
+    error_maps = BrainCVAE.error_maps

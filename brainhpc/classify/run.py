@@ -1,5 +1,5 @@
-"""The ``classify`` cell: train BrainCNN or the BrainCVAE anomaly detector on one training-data
-variant, choose every threshold on the real validation split, and score the real test split.
+"""The ``classify`` cell: train BrainCNN or a VAE anomaly detector on one training-data variant,
+choose every threshold on the real validation split, and score the real test split.
 
 ``classify(ClassifyConfig) -> dict`` writes into ``cfg.out``::
 
@@ -7,11 +7,21 @@ variant, choose every threshold on the real validation split, and score the real
     checkpoints/last.pt   trainer resume state; checkpoints/best.pt the best validation epoch
     metrics.jsonl         training log (train records, one val record per epoch)
     model.pt              the classifier for ``brainhpc evaluate``: best-epoch weights plus the
-                          frozen decision rule (CNN score threshold, or the fitted technique)
-    error_maps.png        VAE only: test images with their error maps and detected regions,
-                          true/false positives/negatives
-    metrics.json          written last (the completion marker): test metrics at the top level,
-                          ``val`` metrics, ``chosen`` values, localisation, seed, times, version
+                          frozen decision rule (CNN score threshold, or the VAE's standardiser
+                          and every fitted technique), and its development-image fingerprints
+    error_maps.png        VAE only: test slices, their residual maps, tumour masks (where the
+                          data has them) and each technique's detected region
+    metrics.json          written last (the completion marker). CNN: test metrics at the top
+                          level. VAE: one block per technique under ``techniques``, the
+                          localisation of the residual maps, the intensity-threshold baseline.
+                          Both: ``val`` metrics, ``chosen`` values, the dataset's image-statistics
+                          baseline, seed, times, version
+
+The VAE detector (``model="vae"``) trains **once** per (training data, seed) on healthy slices
+and scores every technique (GIAEM, DBSCAN, single-image and global KMeans) from the same
+residual maps; what it looks at is in ``brainhpc.classify.anomaly`` (intensity standardisation
+fitted on healthy training slices, residuals limited to the brain mask and median-filtered, an
+SSIM residual option). ``vae_arch`` picks the paper's BrainCVAE or the spatial-latent VAE.
 
 Leakage: the CNN's best epoch (``best_metric``) and its score threshold, and the VAE's best
 epoch (healthy validation loss) and technique thresholds, are chosen on the validation split;
@@ -45,6 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from brainhpc import __version__
+from brainhpc.classify import anomaly
 from brainhpc.classify.data import (
     assemble_training_data,
     class_counts,
@@ -54,7 +65,7 @@ from brainhpc.classify.data import (
     synthetic_shard_dir,
 )
 from brainhpc.classify.metrics import classification_metrics
-from brainhpc.classify.models import BrainCNN, BrainCVAE, vae_loss
+from brainhpc.classify.models import BrainCNN, BrainCVAE, SpatialVAE, vae_loss
 from brainhpc.classify.techniques import (
     CRITERIA,
     TECHNIQUES,
@@ -75,6 +86,7 @@ from brainhpc.train.distributed import DEVICES, barrier, teardown
 log = logging.getLogger(__name__)
 
 MODELS = ("cnn", "vae")
+VAE_ARCHS = ("paper", "spatial")  # BrainCVAE as specified | SpatialVAE
 BALANCE = ("weighted", "none")
 DEFAULT_EPOCHS = {"cnn": 20, "vae": 30}
 DEFAULT_LR = {"cnn": 1e-3, "vae": 1e-3}
@@ -91,15 +103,22 @@ class ClassifyConfig:
     train_data: str  # real | synthetic:<gen> | mixed:<gen> | mixed:<gen>:<p>
     data: Path  # prepared dataset (val and test always come from here)
     out: Path
-    technique: str | None = None  # vae only: giaem | dbscan | kmeans-single | kmeans-global
+    # vae only: any of giaem, dbscan, kmeans-single, kmeans-global (a comma string is fine);
+    # None: all four, scored from one trained VAE
+    techniques: tuple[str, ...] | str | None = None
     synthetic_dir: Path | None = None  # holds the generate cells' <gen>-<label>/ folders
     epochs: int | None = None  # None: DEFAULT_EPOCHS[model]
     seed: int = 0
     batch_size: int = 32
     lr: float | None = None  # None: DEFAULT_LR[model] (Adam)
     dropout: float = 0.5  # cnn
-    latent_dim: int = 128  # vae
+    latent_dim: int = 128  # vae (paper): latent size
     kl_weight: float = 1.0  # vae
+    vae_arch: str = "paper"  # vae: paper (BrainCVAE) | spatial (SpatialVAE)
+    latent_channels: int = 8  # vae (spatial): latent channels per grid cell
+    residual: str = "abs"  # vae: abs | ssim
+    standardise: bool = True  # vae: histogram standardisation inside the brain mask
+    median: int | None = None  # vae: median filter side (None: ~size/32, odd; 1: off)
     augment: bool = True
     balance: str = "weighted"  # cnn: weighted | none
     # what thresholds (and the CNN's best epoch) maximise on validation; balanced accuracy, not
@@ -115,14 +134,30 @@ class ClassifyConfig:
     def __post_init__(self):
         if self.model not in MODELS:
             raise BrainhpcError(f"unknown model {self.model!r}; valid: {', '.join(MODELS)}")
-        if self.model == "cnn" and self.technique is not None:
+        if isinstance(self.techniques, str):
+            self.techniques = tuple(t.strip() for t in self.techniques.split(",") if t.strip())
+        if self.model == "cnn" and self.techniques:
             raise BrainhpcError(
-                f"technique {self.technique!r} is a VAE anomaly-detection technique; the cnn "
-                "model takes none (drop --technique, or use --model vae)")
-        if self.model == "vae" and self.technique not in TECHNIQUES:
-            what = "needs a technique" if self.technique is None else \
-                f"unknown technique {self.technique!r}"
-            raise BrainhpcError(f"model vae {what}; valid: {', '.join(TECHNIQUES)}")
+                f"techniques {list(self.techniques)} are VAE anomaly-detection techniques; the "
+                "cnn model takes none (drop --technique, or use --model vae)")
+        if self.model == "vae":
+            self.techniques = tuple(self.techniques or TECHNIQUES)
+            bad = [t for t in self.techniques if t not in TECHNIQUES]
+            if bad or len(set(self.techniques)) != len(self.techniques):
+                raise BrainhpcError(f"model vae: techniques {list(self.techniques)} invalid or "
+                                    f"repeated; valid: {', '.join(TECHNIQUES)}")
+            if self.vae_arch not in VAE_ARCHS:
+                raise BrainhpcError(f"classify: unknown vae_arch {self.vae_arch!r}; valid: "
+                                    f"{', '.join(VAE_ARCHS)}")
+            if self.residual not in anomaly.RESIDUALS:
+                raise BrainhpcError(f"classify: unknown residual {self.residual!r}; valid: "
+                                    f"{', '.join(anomaly.RESIDUALS)}")
+            if self.median is not None and (not isinstance(self.median, int) or self.median < 1
+                                            or self.median % 2 == 0):
+                raise BrainhpcError(f"classify: median must be an odd integer >= 1, "
+                                    f"got {self.median!r}")
+        else:
+            self.techniques = ()
         spec = parse_train_spec(self.train_data)
         self.train_data = str(spec)
         self.data, self.out = Path(self.data), Path(self.out)
@@ -136,7 +171,7 @@ class ClassifyConfig:
             self.epochs = DEFAULT_EPOCHS[self.model]
         if self.lr is None:
             self.lr = DEFAULT_LR[self.model]
-        for key in ("epochs", "batch_size", "latent_dim"):
+        for key in ("epochs", "batch_size", "latent_dim", "latent_channels"):
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise BrainhpcError(f"classify: {key} must be an integer >= 1, got {v!r}")
@@ -171,10 +206,11 @@ class ClassifyConfig:
             if bad:
                 raise BrainhpcError(f"classify: unknown technique option(s) {', '.join(bad)}; "
                                     f"valid: {', '.join(names)}")
-            self.technique_config()  # validates the values
+            for t in self.techniques:
+                self.technique_config(t)  # validates the values
 
-    def technique_config(self) -> TechniqueConfig:
-        return TechniqueConfig(technique=self.technique, criterion=self.criterion, seed=self.seed,
+    def technique_config(self, technique: str) -> TechniqueConfig:
+        return TechniqueConfig(technique=technique, criterion=self.criterion, seed=self.seed,
                                **self.technique_options)
 
     def identity(self) -> dict:
@@ -263,15 +299,41 @@ def cnn_scores(model: BrainCNN, images: np.ndarray, device: torch.device,
     return torch.cat(out).double().numpy() if out else np.zeros(0)
 
 
-@torch.no_grad()
-def vae_maps(model: BrainCVAE, images: np.ndarray, device: torch.device,
-             batch: int = EVAL_BATCH) -> np.ndarray:
-    """|x - x_hat| error maps (N x H x W float32), streamed to the device batch by batch."""
-    out = [model.error_maps(_unit(torch.from_numpy(images[i:i + batch]).to(device)))
-           for i in range(0, len(images), batch)]
-    if not out:
-        return np.zeros((0, *images.shape[-2:]), np.float32)
-    return torch.cat(out).numpy()
+@dataclass
+class Detector:
+    """What turns uint8 slices into residual maps: the standardiser, the VAE, the residual."""
+
+    model: torch.nn.Module
+    standardiser: anomaly.Standardiser | None
+    residual: str = "abs"
+    median: int | None = None
+
+    def inputs(self, data: ShardData) -> np.ndarray:
+        """The VAE's input: standardised brains (0 outside), or plain [0, 1] images."""
+        if self.standardiser is None:
+            return data.images.astype(np.float32) / 255.0
+        return self.standardiser.apply(data.images, data.brain)
+
+    @torch.no_grad()
+    def maps(self, data: ShardData, device: torch.device, batch: int = EVAL_BATCH,
+             inputs: np.ndarray | None = None) -> np.ndarray:
+        """Residual maps (N x H x W float32 in [0, 1]), zero outside the brain mask."""
+        x = self.inputs(data) if inputs is None else inputs
+        was = self.model.training
+        self.model.eval()
+        out = []
+        try:
+            for i in range(0, len(x), batch):
+                xb = torch.from_numpy(x[i:i + batch]).to(device)
+                x_hat = self.model.decode(self.model.encode(xb)[0])
+                brain = anomaly.brain_masks(None if data.brain is None else data.brain[i:i + batch],
+                                       data.images[i:i + batch])
+                out.append(anomaly.residual_maps(xb, x_hat, brain, self.residual, self.median))
+        finally:
+            self.model.train(was)
+        if not out:
+            return np.zeros((0, *data.images.shape[-2:]), np.float32)
+        return np.concatenate(out)
 
 
 class CNNTask:
@@ -315,19 +377,20 @@ class CNNTask:
 
 
 class VAETask:
-    """BrainCVAE on healthy images; validation = the same loss on healthy validation images."""
+    """A VAE on (standardised) healthy images; validation = the same loss on healthy validation
+    images. Batches are float images already in [0, 1] (see ``Detector.inputs``)."""
 
-    def __init__(self, cfg: ClassifyConfig, size: int, val_healthy: ShardData):
-        self.cfg, self.size, self.val = cfg, size, val_healthy
+    def __init__(self, cfg: ClassifyConfig, size: int, val_inputs: np.ndarray):
+        self.cfg, self.size, self.val = cfg, size, val_inputs
 
     def models(self):
-        return {"vae": BrainCVAE(self.size, latent_dim=self.cfg.latent_dim)}
+        return {"vae": build_model("vae", self.size, vae_hparams(self.cfg))}
 
     def optimizers(self, models):
         return {"vae": torch.optim.Adam(models["vae"].parameters(), lr=self.cfg.lr)}
 
     def training_step(self, t, batch):
-        x = _unit(batch[0])
+        x = batch[0].float()
         if self.cfg.augment:
             x = augment_batch(x, shift=False)
         with t.autocast():
@@ -342,7 +405,7 @@ class VAETask:
     def validate(self, t) -> dict:
         model, total, n = t.raw("vae"), 0.0, len(self.val)
         for i in range(0, n, EVAL_BATCH):
-            x = _unit(torch.from_numpy(self.val.images[i:i + EVAL_BATCH]).to(t.device))
+            x = torch.from_numpy(self.val[i:i + EVAL_BATCH]).to(t.device)
             x_hat, mu, logvar = model(x)
             loss, _ = vae_loss(x_hat, x, mu, logvar, self.cfg.kl_weight)
             total += float(loss) * len(x)
@@ -363,9 +426,16 @@ def development_fingerprints(prepared: Path) -> dict | None:
             "thumbs": torch.from_numpy(np.concatenate([p.thumbs for p in parts]))}
 
 
+def vae_hparams(cfg: ClassifyConfig) -> dict:
+    return {"vae_arch": cfg.vae_arch, "latent_dim": cfg.latent_dim,
+            "latent_channels": cfg.latent_channels}
+
+
 def build_model(kind: str, size: int, hparams: dict) -> torch.nn.Module:
     if kind == "cnn":
         return BrainCNN(size, dropout=float(hparams.get("dropout", 0.5)))
+    if hparams.get("vae_arch", "paper") == "spatial":
+        return SpatialVAE(size, latent_channels=int(hparams["latent_channels"]))
     return BrainCVAE(size, latent_dim=int(hparams["latent_dim"]))
 
 
@@ -391,40 +461,53 @@ def load_classifier(path: str | Path) -> dict:
     state["path"] = path
     state["module"] = model.eval()
     if state["model"] == "vae":
-        state["fitted"] = FittedTechnique.from_state(state["technique"])
+        state["fitted"] = {name: FittedTechnique.from_state(t)
+                           for name, t in state["techniques"].items()}
+        std = state.get("standardiser")
+        state["detector"] = Detector(model, None if std is None else
+                                     anomaly.Standardiser.from_state(std), state["residual"],
+                                     state.get("median"))
     return state
 
 
-def score_with(clf: dict, images: np.ndarray, device: torch.device):
-    """(predictions, scores, error maps or None) of a loaded classifier on uint8 images."""
+def score_with(clf: dict, data: ShardData, device: torch.device) -> dict:
+    """A loaded classifier on uint8 slices: ``{"cnn": (pred, score)}``, or for the VAE one
+    ``(pred, score)`` per technique plus ``"maps"`` (residuals) and ``"inputs"``."""
     model = clf["module"].to(device)
     if clf["model"] == "cnn":
-        s = cnn_scores(model, images, device)
-        return (s > clf["threshold"]).astype(np.int64), s, None
-    maps = vae_maps(model, images, device)
-    pred, s = clf["fitted"].predict(maps)
-    return pred, s, maps
+        s = cnn_scores(model, data.images, device)
+        return {"cnn": ((s > clf["threshold"]).astype(np.int64), s)}
+    det = clf["detector"]
+    inputs = det.inputs(data)
+    maps = det.maps(data, device, inputs=inputs)
+    out = {name: f.predict(maps) for name, f in clf["fitted"].items()}
+    return {**out, "maps": maps, "inputs": inputs}
 
 
-def save_error_maps(path: Path, images: np.ndarray, maps: np.ndarray, regions: np.ndarray,
-                    y: np.ndarray, pred: np.ndarray, score: np.ndarray, title: str) -> None:
-    """Up to EXAMPLES test images per outcome: image | error map | detected region."""
-    picks, captions = [], []
-    for name, t, p in (("TP", 1, 1), ("FP", 0, 1), ("FN", 1, 0), ("TN", 0, 0)):
-        idx = np.flatnonzero((y == t) & (pred == p))[:EXAMPLES]
-        for i in idx:
-            picks.append(i)
-            captions += [f"{name} {score[i]:.3g}", "error", "region"]
-    if not picks:
+def save_error_maps(path: Path, data: ShardData, inputs: np.ndarray, maps: np.ndarray,
+                    fitted: dict, title: str, n: int = 2 * EXAMPLES) -> None:
+    """Rows of test slices (tumour first, then healthy): the VAE's input, the residual map, the
+    tumour mask (where the data has one) and each technique's detected region, with its score."""
+    y = data.labels
+    picks = np.concatenate([np.flatnonzero(y == 1)[:n - n // 2], np.flatnonzero(y == 0)[:n // 2]])
+    if not len(picks):
         return
     shown = maps[picks]
-    vmax = float(max(np.quantile(shown, 0.999), 1e-6))
-    tiles = []
-    for i, m in zip(picks, shown, strict=True):
-        tiles += [images[i, 0].astype(np.float32) / 255.0, np.clip(m / vmax, 0, 1),
-                  regions[i].astype(np.float32)]
-    save_grid(np.stack(tiles), path, ncols=6, captions=captions,
-              title=f"{title}; error scaled to 0..{vmax:.3f}")
+    vmax = float(max(np.quantile(shown[shown > 0], 0.999) if (shown > 0).any() else 0, 1e-6))
+    regions = {name: f.regions(maps[picks]) for name, f in fitted.items()}
+    scores = {name: f.scores(maps[picks]) for name, f in fitted.items()}
+    tiles, captions = [], []
+    for k, i in enumerate(picks):
+        tiles += [inputs[i, 0], np.clip(maps[i] / vmax, 0, 1)]
+        captions += [f"{'tumour' if y[i] else 'healthy'} {data.sources[i][-14:]}", "residual"]
+        if data.masks is not None:
+            tiles.append((data.masks[i, 0] > 0).astype(np.float32))
+            captions.append("mask")
+        for name in fitted:
+            tiles.append(regions[name][k].astype(np.float32))
+            captions.append(f"{name} {scores[name][k]:.3g}")
+    save_grid(np.stack(tiles).astype(np.float32), path, ncols=len(tiles) // len(picks),
+              captions=captions, title=f"{title}; residual scaled to 0..{vmax:.3f}")
 
 
 # ------------------------------------------------------------------------------ the cell
@@ -510,8 +593,11 @@ def _classify(cfg: ClassifyConfig, ident: dict, size: int, info, t_start: float)
         best_metric, best_mode = f"val_{cfg.criterion}", "max"
     else:
         healthy = healthy_only(train, f"training data {spec}")
-        task = VAETask(cfg, size, healthy_only(val, f"{cfg.data}/val"))
-        dataset = torch.utils.data.TensorDataset(torch.from_numpy(healthy.images))
+        std = anomaly.Standardiser.fit(healthy.images, healthy.brain) if cfg.standardise \
+            else None
+        prep = Detector(torch.nn.Identity(), std)  # the inputs only; the VAE comes later
+        task = VAETask(cfg, size, prep.inputs(healthy_only(val, f"{cfg.data}/val")))
+        dataset = torch.utils.data.TensorDataset(torch.from_numpy(prep.inputs(healthy)))
         n_train["vae_trained_on"] = len(healthy)
         best_metric, best_mode = "val_loss", "min"
     if len(dataset) < cfg.batch_size:
@@ -549,7 +635,7 @@ def _classify(cfg: ClassifyConfig, ident: dict, size: int, info, t_start: float)
         log.warning("%s: no best checkpoint (validation never finite); using the last weights",
                     cfg.out)
     model.eval()
-    hparams = {"dropout": cfg.dropout} if cfg.model == "cnn" else {"latent_dim": cfg.latent_dim}
+    hparams = {"dropout": cfg.dropout} if cfg.model == "cnn" else vae_hparams(cfg)
     saved = {"format": MODEL_FORMAT, "model": cfg.model, "image_size": size, "hparams": hparams,
              "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
              "train_data": str(spec), "seed": cfg.seed, "config_hash": config_hash(ident),
@@ -567,26 +653,23 @@ def _classify(cfg: ClassifyConfig, ident: dict, size: int, info, t_start: float)
                   f"val_{cfg.criterion}": value, "balance": cfg.balance,
                   "class_weights": None if weights is None else weights.tolist()}
     else:
-        val_maps = vae_maps(model, val.images, device)
-        test_maps = vae_maps(model, test.images, device)
-        applied = select_and_apply(cfg.technique_config(), val_maps, val.labels, test_maps,
-                                   test.labels, test.masks)
-        saved["technique"] = applied.fitted.state()
-        report.update(applied.report)
+        det = Detector(model, std, cfg.residual, cfg.median)
+        report = vae_report(cfg, det, val, test, device, spec)
+        saved.update(techniques=report.pop("fitted"), residual=cfg.residual, median=cfg.median,
+                     standardiser=None if std is None else std.state())
         chosen = report.pop("chosen")
-        test_pred, test_score = applied.pred, applied.score
-        save_error_maps(cfg.out / "error_maps.png", test.images, test_maps,
-                        applied.fitted.regions(test_maps), test.labels, test_pred, test_score,
-                        f"vae {cfg.technique} on {spec}, test split")
     chosen.update(best_epoch=best.get("epoch"), best_step=best.get("step"),
                   best_metric=best_metric, best_value=best.get("value"))
     ckpt = cfg.out / "model.pt"
     with atomic_path(ckpt) as tmp:
         torch.save(saved, tmp)
+    test_block = report.pop("test") if cfg.model == "cnn" else {}
     metrics = {
-        "status": "done", "model": cfg.model, "technique": cfg.technique,
-        "train_data": str(spec), "data": str(cfg.data), "image_size": size,
-        **report.pop("test"), "val": report.pop("val"), "chosen": chosen, **report,
+        "status": "done", "model": cfg.model,
+        "techniques": report.pop("techniques", None), "train_data": str(spec),
+        "data": str(cfg.data), "image_size": size,
+        **test_block, "val": report.pop("val", None), "chosen": chosen, **report,
+        "image_statistics_baseline": image_statistics_baseline(cfg.data),
         "split": "test", "n_train": n_train, "seed": cfg.seed, "epochs": cfg.epochs,
         "steps": result["step"], "train_seconds": result["train_seconds"],
         "wall_seconds": round(time.time() - t_start, 3), "resumed": result["resumed"],
@@ -595,10 +678,91 @@ def _classify(cfg: ClassifyConfig, ident: dict, size: int, info, t_start: float)
         "brainhpc": __version__, "config_hash": config_hash(ident), "config": ident,
     }
     write_json(cfg.out / "metrics.json", metrics)  # last: the completion marker
-    log.info("%s on %s: test acc %.4f F1 %.4f (%s)",
-             cfg.model + (f" {cfg.technique}" if cfg.technique else ""), spec,
-             metrics["accuracy"], metrics["f1"], cfg.out)
+    for line in summary_lines(metrics):
+        log.info("%s", line)
     return metrics
+
+
+def image_statistics_baseline(prepared: Path) -> dict | None:
+    """The prepared dataset's "image statistics only" row (its manifest's confound check)."""
+    confound = read_manifest(Path(prepared)).get("confound") or {}
+    if not confound:
+        return None
+    return {"cv_auc": confound.get("cv_auc"), **(confound.get("test") or {}),
+            "warnings": confound.get("warnings", [])}
+
+
+def summary_lines(m: dict) -> list[str]:
+    """One line per row of the cell's results (the CNN, or each technique and baseline)."""
+    def fmt(block: dict, loc: dict | None = None) -> str:
+        parts = [f"balanced acc {_pct(block.get('balanced_accuracy'))}",
+                 f"ROC-AUC {_num(block.get('roc_auc'))}"]
+        if loc:
+            parts += [f"pixel AUPRC {_num(loc.get('pixel_auprc'))}",
+                      f"Dice {_num(loc.get('dice_mean', loc.get('best_dice_mean')))}"]
+        if block.get("degenerate"):
+            parts.append("DEGENERATE (one class predicted)")
+        return ", ".join(parts)
+
+    where = f"{m['model']} on {m['train_data']}, test split"
+    if m["model"] == "cnn":
+        return [f"{where}: {fmt(m)}"]
+    lines = [f"{where}: {name:<14} {fmt(b['test'], b.get('localisation'))}"
+             for name, b in m["techniques"].items()]
+    if m.get("localisation"):
+        loc = m["localisation"]
+        lines.append(f"{where}: residual maps   pixel AUPRC {_num(loc.get('pixel_auprc'))}, "
+                     f"best Dice {_num(loc.get('best_dice_mean'))} (threshold from val)")
+    base = m.get("baselines", {}).get("intensity_threshold")
+    if base:
+        lines.append(f"{where}: intensity threshold (baseline) "
+                     f"{fmt(base['test'], base.get('localisation'))}")
+    stats = m.get("image_statistics_baseline")
+    if stats:
+        lines.append(f"{where}: image statistics only (baseline) balanced acc "
+                     f"{_pct(stats.get('balanced_accuracy'))}, "
+                     f"ROC-AUC {_num(stats.get('roc_auc'))}")
+    return lines
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def _num(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def vae_report(cfg: ClassifyConfig, det: Detector, val: ShardData, test: ShardData,
+               device: torch.device, spec) -> dict:
+    """Every technique from one set of residual maps, their localisation, the baselines, and
+    error_maps.png; thresholds chosen on validation, then frozen for test."""
+    val_in, test_in = det.inputs(val), det.inputs(test)
+    val_maps = det.maps(val, device, inputs=val_in)
+    test_maps = det.maps(test, device, inputs=test_in)
+    val_b = anomaly.brain_masks(val.brain, val.images)
+    test_b = anomaly.brain_masks(test.brain, test.images)
+    techniques, fitted = {}, {}
+    for name in cfg.techniques:
+        applied = select_and_apply(cfg.technique_config(name), val_maps, val.labels, test_maps,
+                                   test.labels, test.masks)
+        fitted[name] = applied.fitted
+        techniques[name] = applied.report
+    report: dict = {"techniques": techniques,
+                    "fitted": {n: f.state() for n, f in fitted.items()},
+                    "chosen": {"criterion": cfg.criterion, "residual": cfg.residual,
+                               "standardise": cfg.standardise, "vae_arch": cfg.vae_arch,
+                               "median": cfg.median or anomaly.median_kernel(val.images.shape[-1])}}
+    base, _, _ = anomaly.intensity_baseline(val_in, val.labels, val_b, test_in, test.labels,
+                                            test_b, val.masks, test.masks, cfg.criterion)
+    report["baselines"] = {"intensity_threshold": base}
+    if test.masks is not None and val.masks is not None and (val.masks > 0).any():
+        report["localisation"] = anomaly.localisation(val_maps, val.masks, val_b, test_maps,
+                                                      test.masks, test_b)
+        report["localisation"]["empty_mask_dice"] = anomaly.empty_mask_dice(test.masks)
+    save_error_maps(cfg.out / "error_maps.png", test, test_in, test_maps, fitted,
+                    f"vae ({cfg.vae_arch}) on {spec}, test split")
+    return report
 
 
 # ------------------------------------------------------------------------------ command line
@@ -611,7 +775,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", required=True, help=" | ".join(MODELS))
     p.add_argument("--train-data", required=True, metavar="SPEC",
                    help="real | synthetic:<gen> | mixed:<gen> | mixed:<gen>:<p>")
-    p.add_argument("--technique", help=f"vae only: {' | '.join(TECHNIQUES)}")
+    p.add_argument("--technique", action="append", dest="techniques", metavar="NAME",
+                   help=f"vae only, repeatable or comma-separated: {' | '.join(TECHNIQUES)} "
+                        "(default: all four, scored from one trained VAE)")
     p.add_argument("--data", required=True, type=Path, help="prepared dataset folder")
     p.add_argument("--out", required=True, type=Path, help="output folder of this cell")
     p.add_argument("--synthetic-dir", type=Path,
@@ -623,7 +789,15 @@ def add_parser(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="global batch")
     p.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
     p.add_argument("--dropout", type=float, default=0.5, help="cnn dropout")
-    p.add_argument("--latent-dim", type=int, default=128, help="vae latent size")
+    p.add_argument("--latent-dim", type=int, default=128, help="vae (paper) latent size")
+    p.add_argument("--vae-arch", default="paper",
+                   help="vae: paper (BrainCVAE, as specified) | spatial (convolutional latent)")
+    p.add_argument("--latent-channels", type=int, default=8,
+                   help="vae (spatial): latent channels per grid cell")
+    p.add_argument("--residual", default="abs", help="vae: abs | ssim (MONAI SSIM residual)")
+    p.add_argument("--no-standardise", action="store_true",
+                   help="vae: no intensity standardisation inside the brain mask")
+    p.add_argument("--median", type=int, help="vae: median filter side (odd; 1 = off)")
     p.add_argument("--kl-weight", type=float, default=1.0, help="vae KL weight")
     p.add_argument("--no-augment", action="store_true", help="no flips/shifts")
     p.add_argument("--balance", default="weighted", help="cnn: weighted (default) | none")
@@ -644,13 +818,19 @@ def run(args) -> int:
     options = {k: tuple(v) if isinstance(v, list) else v for k, v in args.opt}  # grids: tuples
     cfg = ClassifyConfig(
         model=args.model, train_data=args.train_data, data=args.data, out=args.out,
-        technique=args.technique, synthetic_dir=args.synthetic_dir, epochs=args.epochs,
+        techniques=",".join(args.techniques) if args.techniques else None,
+        synthetic_dir=args.synthetic_dir, epochs=args.epochs,
         seed=args.seed, batch_size=args.batch_size, lr=args.lr, dropout=args.dropout,
         latent_dim=args.latent_dim, kl_weight=args.kl_weight, augment=not args.no_augment,
+        vae_arch=args.vae_arch, latent_channels=args.latent_channels, residual=args.residual,
+        standardise=not args.no_standardise, median=args.median,
         balance=args.balance, criterion=args.criterion, technique_options=options,
         force=args.force, checkpoint_every=args.checkpoint_every, device=args.device,
         num_workers=args.workers, progress=not args.no_progress)
     metrics = classify(cfg)
+    if metrics.get("status") == "done":
+        for line in summary_lines(metrics):
+            print(line)
     if metrics.get("status") in ("done", "worker"):
         return 0
     return 3  # interrupted: re-run the same command to resume

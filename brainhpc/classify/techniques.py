@@ -35,12 +35,15 @@ Every technique turns an error map (H x W floats in [0, 1]) into a continuous tu
 
 Threshold selection (``fit_technique``) is a grid search on the real validation split only:
 ``anomaly_threshold`` over an explicit grid or, by default, quantiles of the validation pixel
-errors; for each, ``tumor_index`` is the best cut of the validation scores (midpoint between
-consecutive distinct scores; or an explicit grid) and ``alpha`` is taken from its grid. The
-criterion is balanced accuracy (default; F1 on a tumour-heavy split rewards "all tumour") or F1
-on the validation labels; ties go to the higher
-anomaly_threshold (fewer anomalous pixels, less work for dbscan), the smaller alpha and the cut
-with fewer positives. The result is a frozen
+errors (exact zeros, the pixels outside the brain mask, left out); for each, ``tumor_index`` is
+the best cut of the validation scores (midpoint between consecutive distinct scores; or an
+explicit grid) and ``alpha`` is taken from its grid. The criterion is balanced accuracy (default;
+F1 on a tumour-heavy split rewards "all tumour") or F1 on the validation labels; ties go to the
+higher anomaly_threshold (fewer anomalous pixels, less work for dbscan), the smaller alpha and the
+cut with fewer positives. Every score is "higher = more anomalous"; no direction is ever chosen
+on validation. DBSCAN's ``eps`` and ``min_samples`` are given for 64 px images and scale with the
+image side (``eps`` linearly, ``min_samples`` with the area), see ``scaled_dbscan``. The result is
+a frozen
 ``FittedTechnique``; ``select_and_apply`` fits on validation and only then touches the test split.
 """
 
@@ -80,11 +83,11 @@ class TechniqueConfig:
     threshold_quantiles: tuple[float, ...] = DEFAULT_QUANTILES
     tumor_indices: tuple[float, ...] | None = None  # None: exact best cut of the val scores
     alphas: tuple[float, ...] = DEFAULT_ALPHAS  # kmeans-global only
-    eps: float = 2.0  # dbscan, pixels
-    min_samples: int = 5  # dbscan
+    eps: float = 2.0  # dbscan, pixels at DBSCAN_REFERENCE_SIDE (scaled with the image side)
+    min_samples: int = 5  # dbscan, at DBSCAN_REFERENCE_SIDE (scaled with the image area)
     use_error: bool = False  # dbscan: cluster (row, col, error_scale * error)
     error_scale: float = 10.0  # dbscan
-    max_points: int = 4096  # dbscan: cap per map
+    max_points: int = 4096  # dbscan: cap per map at DBSCAN_REFERENCE_SIDE (scaled with area)
     n_clusters: int = 2  # kmeans-global
     n_init: int = 3  # kmeans-global
     seed: int = 0
@@ -161,6 +164,16 @@ def giaem_scores(maps: np.ndarray, anomaly_threshold: float) -> np.ndarray:
 # --------------------------------------------------------------------------------------- dbscan
 
 DBSCAN_BATCH_POINTS = 100_000  # points per DBSCAN call (several maps share one call)
+DBSCAN_REFERENCE_SIDE = 64  # the image side TechniqueConfig's eps/min_samples/max_points mean
+
+
+def scaled_dbscan(config: TechniqueConfig, side: int) -> tuple[float, int, int]:
+    """(eps, min_samples, max_points) for images of ``side`` px: a lesion of a given anatomical
+    size covers (side/64)^2 times the pixels at ``side`` px as at 64 px, so a neighbourhood that
+    finds it must grow with the side and the density it needs with the area."""
+    f = side / DBSCAN_REFERENCE_SIDE
+    ms = max(1, int(round(config.min_samples * f * f)))
+    return config.eps * f, ms, max(ms, int(round(config.max_points * f * f)))
 
 
 def _disk(eps: float) -> np.ndarray:
@@ -340,9 +353,22 @@ def two_means_1d(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
 def kmeans_single_scores(maps: np.ndarray, anomaly_threshold: float,
                          return_regions: bool = False):
     """Share of pixels in each map's high-error 2-means cluster, 0 when its centroid is not above
-    ``anomaly_threshold`` (then the map has no anomalous cluster)."""
+    ``anomaly_threshold`` (then the map has no anomalous cluster).
+
+    Exact zeros are pixels that were not scored (outside the brain mask): the 2 means are taken
+    over each map's other pixels, so the clusters split brain tissue, not brain from background.
+    """
     n = len(maps)
-    cut, size, mean = two_means_1d(maps.reshape(n, -1))
+    flat = maps.reshape(n, -1)
+    if n and (flat == 0).any():
+        cut, size, mean = np.zeros(n), np.zeros(n, np.int64), np.zeros(n)
+        for i in range(n):
+            scored = flat[i][flat[i] != 0]
+            if scored.size:
+                c, k, m = two_means_1d(scored[None])
+                cut[i], size[i], mean[i] = c[0], k[0], m[0]
+    else:
+        cut, size, mean = two_means_1d(flat)
     anomalous = (size > 0) & (mean > anomaly_threshold)
     scores = np.where(anomalous, size / float(maps[0].size if n else 1), 0.0)
     if not return_regions:
@@ -458,6 +484,8 @@ def threshold_grid(config: TechniqueConfig, val_maps: np.ndarray) -> list[float]
     if config.thresholds is not None:
         return sorted(set(config.thresholds))
     flat = val_maps.reshape(-1)
+    if (flat != 0).any():
+        flat = flat[flat != 0]  # exact zeros were not scored (outside the brain mask)
     step = max(1, flat.size // QUANTILE_SAMPLE)
     q = np.quantile(flat[::step], config.threshold_quantiles)
     return sorted({float(v) for v in q if v < 1.0})
@@ -484,8 +512,9 @@ class FittedTechnique:
             s = giaem_scores(maps, thr)
             return (s, maps > thr) if return_regions else s
         if c.technique == "dbscan":
-            return dbscan_scores(maps, thr, c.eps, c.min_samples, c.use_error, c.error_scale,
-                                 c.max_points, c.n_jobs, return_regions, stats)
+            eps, min_samples, max_points = scaled_dbscan(c, maps.shape[-1])
+            return dbscan_scores(maps, thr, eps, min_samples, c.use_error, c.error_scale,
+                                 max_points, c.n_jobs, return_regions, stats)
         if c.technique == "kmeans-single":
             return kmeans_single_scores(maps, thr, return_regions)
         s = global_kmeans_margin(maps, thr, self.centers, self.healthy)
