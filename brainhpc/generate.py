@@ -37,6 +37,7 @@ from brainhpc.fsio import config_hash, sha256_file, write_json
 from brainhpc.images import save_grid
 from brainhpc.train import TrainConfig, Trainer, init_distributed
 from brainhpc.train.distributed import barrier, teardown
+from brainhpc.train.precision import PRECISIONS
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +62,15 @@ class GenerateConfig:
     feature_steps: int = qa.FeatureConfig.steps
     checkpoint_every: int = 500
     device: str = "auto"
+    precision: str = "auto"  # auto | bf16 | fp32 (brainhpc.train.precision); card.json: resolved
     num_workers: int = 0
     progress: bool = True
 
     def __post_init__(self):
         self.label = LABEL_ALIASES.get(self.label, self.label)
+        if self.precision not in PRECISIONS:
+            raise BrainhpcError(f"generate: precision {self.precision!r} is not one of "
+                                f"{', '.join(PRECISIONS)}")
         if self.arch not in models.ARCHS:
             raise BrainhpcError(f"unknown architecture {self.arch!r}; valid: "
                                 f"{', '.join(models.ARCHS)}")
@@ -91,7 +96,8 @@ class GenerateConfig:
     def identity(self) -> dict:
         """What defines the outputs (a finished run with the same identity is skipped)."""
         d = asdict(self)
-        for key in ("force", "device", "num_workers", "progress", "checkpoint_every", "out"):
+        for key in ("force", "device", "precision", "num_workers", "progress", "checkpoint_every",
+                    "out"):
             d.pop(key)
         d["data"] = str(self.data.resolve())
         return d
@@ -202,7 +208,8 @@ def _generate(cfg: GenerateConfig, ident: dict, manifest: dict, info, t_start: f
                    "model": {k: v for k, v in arch_dict.items() if k != "epochs"}}
     tcfg = TrainConfig(out=cfg.out, epochs=arch_cfg.epochs, batch_size=arch_cfg.batch_size,
                        seed=cfg.seed, checkpoint_every=cfg.checkpoint_every,
-                       num_workers=cfg.num_workers, device=cfg.device, progress=cfg.progress)
+                       num_workers=cfg.num_workers, device=cfg.device, progress=cfg.progress,
+                       precision=cfg.precision)
     card = {"status": "running", "arch": cfg.arch, "label": cfg.label, "data": str(cfg.data),
             "data_key": data_key, "size": size, "n_train": len(train), "epochs": arch_cfg.epochs,
             "batch_size": arch_cfg.batch_size, "seed": cfg.seed, "model": arch_dict,
@@ -220,6 +227,7 @@ def _generate(cfg: GenerateConfig, ident: dict, manifest: dict, info, t_start: f
     finally:
         trainer.close()
     card.update(steps=result["step"], train_seconds=result["train_seconds"],
+                precision=result["precision"], threads=result["threads"],
                 resumed=result["resumed"], world_size=info.world_size)
     if result["status"] != "done":
         if info.is_main:
@@ -294,6 +302,8 @@ def add_parser(subparsers) -> None:
                    help="training steps of the quality feature network (cached per dataset)")
     p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="auto (bf16 where measured faster on this hardware) | bf16 | fp32")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--force", action="store_true", help="start over, replacing finished outputs")
@@ -306,7 +316,8 @@ def run(args) -> int:
         n_samples=args.n_samples, seed=args.seed, batch_size=args.batch_size, force=args.force,
         options=dict(args.opt), min_images=args.min_images, quality=not args.no_quality,
         feature_steps=args.feature_steps, checkpoint_every=args.checkpoint_every,
-        device=args.device, num_workers=args.workers, progress=not args.no_progress)
+        device=args.device, precision=args.precision, num_workers=args.workers,
+        progress=not args.no_progress)
     card = generate(cfg)
     if card.get("status") in ("done", "worker"):
         q = card.get("quality") or {}
