@@ -3,11 +3,12 @@ and 128 px: what the CPU study sizes its epochs from.
 
 Side by side in one run: the segment cell's default U-Net (MONAI ``UNet`` channels 16-32-64-128,
 strides 2-2-2, ``res_units=0``: the plain U-Net) against the same network with one and with two
-residual units per block (``res_units=2`` is MONAI's tutorial setting). The step is the
-cell's own ``SegTask.training_step`` (image+mask augmentation, DiceCE, Adam) in a plain loop,
-batch 16; runs alternate configurations ``--repeats`` times and the median per-step time of each
-is compared (robust to a busy neighbour on shared cores). Inference is ``predict_probs`` on 256
-slices. The load average is printed beside the numbers.
+residual units per block (``res_units=2`` is MONAI's tutorial setting), and the default in bf16
+(autocast + channels_last model and batches, what ``--precision bf16`` makes the trainer do).
+The step is the cell's own ``SegTask.training_step`` (image+mask augmentation, DiceCE, Adam) in
+a plain loop, batch 16; runs alternate configurations ``--repeats`` times and the median
+per-step time of each is compared (robust to a busy neighbour on shared cores). Inference is
+``predict_probs`` on 256 slices. The load average is printed beside the numbers.
 
     .venv/bin/python benchmarks/bench_segment.py           # about 2 minutes on 2 cores
 """
@@ -26,15 +27,17 @@ import torch
 
 from brainhpc.segment.run import SegmentConfig, SegTask, predict_probs
 
-CONFIGS = {"default (res_units=0)": {}, "res_units=1": {"res_units": 1},
-           "tutorial (res_units=2)": {"res_units": 2}}
+CONFIGS = {"default (res_units=0)": {}, "default in bf16": {"precision": "bf16"},
+           "res_units=1": {"res_units": 1}, "tutorial (res_units=2)": {"res_units": 2}}
 
 
 class Ctx:
-    def __init__(self, model, opt):
-        self.models, self.optimizers = {"unet": model}, {"unet": opt}
+    def __init__(self, model, opt, bf16: bool):
+        self.models, self.optimizers, self.bf16 = {"unet": model}, {"unet": opt}, bf16
 
     def autocast(self):
+        if self.bf16:
+            return torch.autocast("cpu", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
 
@@ -61,9 +64,11 @@ class _NoVal:
 def step_times(cfg: SegmentConfig, size: int, steps: int) -> list[float]:
     torch.manual_seed(0)
     task = SegTask(cfg, _NoVal(), prior=0.02)  # the training step only: no validation
-    model = task.models()["unet"]
-    ctx = Ctx(model, task.optimizers({"unet": model})["unet"])
-    x = batch(size, cfg.batch_size)
+    bf16 = cfg.precision == "bf16"
+    fmt = torch.channels_last if bf16 else torch.contiguous_format
+    model = task.models()["unet"].to(memory_format=fmt)
+    ctx = Ctx(model, task.optimizers({"unet": model})["unet"], bf16)
+    x = tuple(t.contiguous(memory_format=fmt) for t in batch(size, cfg.batch_size))
     task.training_step(ctx, x)  # warm-up
     out = []
     for _ in range(steps):
