@@ -320,6 +320,26 @@ def test_real_cell_learns_beats_baselines_and_reloads(real_cell, prepared_phanto
 
 
 @pytest.mark.slow
+def test_evaluate_segmenter_refuses_bad_input(real_cell, prepared_phantom, tmp_path):
+    cfg, _ = real_cell
+    test = load_split(prepared_phantom, "test")
+    small = test.select(np.arange(4))
+    small.images, small.masks = small.images[..., ::2, ::2], small.masks[..., ::2, ::2]
+    with pytest.raises(BrainhpcError, match=r"ext: images are 32x32 px but 64x64 px.*--size 64"):
+        evaluate_segmenter(cfg.out / "model.pt", small, what="ext")
+    bare = test.select(np.arange(4))
+    bare.masks = None
+    with pytest.raises(BrainhpcError, match="ext: the shards hold no tumour masks"):
+        evaluate_segmenter(cfg.out / "model.pt", bare, what="ext")
+    junk = tmp_path / "model.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(BrainhpcError, match="corrupt or unreadable segmenter checkpoint"):
+        evaluate_segmenter(junk, test)
+    with pytest.raises(BrainhpcError, match="does not exist"):
+        load_segmenter(tmp_path / "nowhere")
+
+
+@pytest.mark.slow
 def test_rerun_skips_different_config_refused_force_redoes(real_cell, prepared_phantom):
     cfg, first = real_cell
     mtime = (cfg.out / "model.pt").stat().st_mtime_ns
