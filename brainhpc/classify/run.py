@@ -82,6 +82,7 @@ from brainhpc.generate import check_prepared as read_manifest
 from brainhpc.images import save_grid
 from brainhpc.train import TrainConfig, Trainer, init_distributed
 from brainhpc.train.distributed import DEVICES, barrier, teardown
+from brainhpc.train.precision import PRECISIONS
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,9 @@ class ClassifyConfig:
     technique_options: dict = field(default_factory=dict)  # TechniqueConfig fields (grids, eps..)
     force: bool = False
     checkpoint_every: int = 500
+    val_every: int = 1  # epochs between validations (best-epoch candidates); the last always
     device: str = "auto"
+    precision: str = "auto"  # auto | bf16 | fp32 (brainhpc.train.precision); metrics.json: resolved
     num_workers: int = 0
     progress: bool = True
 
@@ -171,7 +174,7 @@ class ClassifyConfig:
             self.epochs = DEFAULT_EPOCHS[self.model]
         if self.lr is None:
             self.lr = DEFAULT_LR[self.model]
-        for key in ("epochs", "batch_size", "latent_dim", "latent_channels"):
+        for key in ("epochs", "batch_size", "latent_dim", "latent_channels", "val_every"):
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise BrainhpcError(f"classify: {key} must be an integer >= 1, got {v!r}")
@@ -196,6 +199,9 @@ class ClassifyConfig:
         if self.device not in DEVICES:
             raise BrainhpcError(
                 f"classify: unknown device {self.device!r}; valid: {', '.join(DEVICES)}")
+        if self.precision not in PRECISIONS:
+            raise BrainhpcError(f"classify: unknown precision {self.precision!r}; valid: "
+                                f"{', '.join(PRECISIONS)}")
         if self.technique_options:
             if self.model != "vae":
                 raise BrainhpcError("classify: technique options apply to --model vae only, got "
@@ -216,7 +222,8 @@ class ClassifyConfig:
     def identity(self) -> dict:
         """What defines the outputs (a finished run with the same identity is skipped)."""
         d = asdict(self)
-        for key in ("force", "device", "num_workers", "progress", "checkpoint_every", "out"):
+        for key in ("force", "device", "precision", "num_workers", "progress", "checkpoint_every",
+                    "out"):
             d.pop(key)
         d["data"] = str(self.data.resolve())
         real = self.train_data == "real"  # then where synthetic shards live does not matter
@@ -609,7 +616,7 @@ def _classify(cfg: ClassifyConfig, ident: dict, size: int, info, t_start: float)
     tcfg = TrainConfig(out=cfg.out, epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
                        checkpoint_every=cfg.checkpoint_every, num_workers=cfg.num_workers,
                        device=cfg.device, progress=cfg.progress, best_metric=best_metric,
-                       best_mode=best_mode)
+                       best_mode=best_mode, precision=cfg.precision, val_every=cfg.val_every)
     if info.is_main:
         write_json(cfg.out / "config.json", {"status": "running", "config": ident,
                                              "brainhpc": __version__})
@@ -674,6 +681,7 @@ def _classify(cfg: ClassifyConfig, ident: dict, size: int, info, t_start: float)
         "steps": result["step"], "train_seconds": result["train_seconds"],
         "wall_seconds": round(time.time() - t_start, 3), "resumed": result["resumed"],
         "device": str(device), "world_size": info.world_size,
+        "precision": result["precision"], "threads": result["threads"],
         "checkpoint": str(ckpt), "checkpoint_sha256": sha256_file(ckpt),
         "brainhpc": __version__, "config_hash": config_hash(ident), "config": ident,
     }
@@ -808,6 +816,10 @@ def add_parser(subparsers) -> None:
                         "(see TechniqueConfig in brainhpc/classify/techniques.py)")
     p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="auto (bf16 where measured faster on this hardware) | bf16 | fp32")
+    p.add_argument("--val-every", type=int, default=1, metavar="K",
+                   help="validate every K epochs (and after the last)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--force", action="store_true", help="start over, replacing finished outputs")
@@ -826,7 +838,8 @@ def run(args) -> int:
         standardise=not args.no_standardise, median=args.median,
         balance=args.balance, criterion=args.criterion, technique_options=options,
         force=args.force, checkpoint_every=args.checkpoint_every, device=args.device,
-        num_workers=args.workers, progress=not args.no_progress)
+        precision=args.precision, val_every=args.val_every, num_workers=args.workers,
+        progress=not args.no_progress)
     metrics = classify(cfg)
     if metrics.get("status") == "done":
         for line in summary_lines(metrics):
