@@ -10,8 +10,11 @@
 # 4. podman build --pull=never, torch and the other wheels coming from this machine's pip
 #    indexes through build-time volumes only (the Dockerfile stays a plain registry build);
 # 5. run the image with --network=none as its non-root user: smoke, prepare on a mounted data
-#    volume, prepare without one (the error must say what to mount), uid, no compilers, scontrol;
-# 6. print the build time and the image size.
+#    volume, prepare without one (the error must say what to mount), uid, no compilers, no
+#    Slurm client, PYTHONNOUSERSITE; the .def's %test with a stand-in for --nv's libcuda;
+# 6. when this machine's SLURM cluster is up: a sweep whose cell runs in the image (podman
+#    prefix) gets SIGUSR2, is requeued by the sbatch script on the host and resumes;
+# 7. print the build time and the image size.
 #
 # Knobs: VARIANT (gpu: the local torch wheel is PyPI's CUDA build, see README), IMAGE,
 # BASE_IMAGE, TORCH_INDEX_URL, CTOOLS (venv for hadolint/spython), WORK (scratch folder),
@@ -90,6 +93,11 @@ print(f"From: {r.fromHeader}; {len(r.labels)} labels; runscript {r.cmd!r}; "
 EOF
 grep -qE '^Bootstrap: *(docker-daemon|docker)$' containers/brainhpc.def \
   || fail "brainhpc.def must bootstrap from the Docker image (docker-daemon or docker)"
+# The shipped gpu default must stay a CUDA 12.x torch (driver >= 525.60.13). This script's build
+# overrides it (TORCH_INDEX_URL: this machine's wheels), because no other index is reachable here.
+grep -qE '^ARG CUDA_FLAVOUR=cu12[0-9]$' containers/Dockerfile \
+  || fail "containers/Dockerfile: the gpu default torch must be a CUDA 12.x build (ARG CUDA_FLAVOUR=cu12x)"
+echo "Dockerfile gpu default: $(grep -oE '^ARG CUDA_FLAVOUR=.*' containers/Dockerfile) (not built here)"
 
 # ---------------------------------------------------------------------------- base image
 step "base image $BASE_IMAGE"
@@ -177,21 +185,73 @@ grep -q '^uid=1000(brainhpc) gid=1000(brainhpc)' "$WORK/id.txt" || fail "image d
 run --entrypoint bash "$IMAGE" -c 'pwd; for c in gcc cc g++ make; do
     if command -v $c >/dev/null; then echo "compiler found: $c"; exit 1; fi; done
   echo "no compilers"
-  if ldd "$(command -v scontrol)" | grep "not found"; then exit 1; fi; echo "scontrol: libraries resolve"
-  test ! -e /etc/munge/munge.key && echo "no munge key"
+  if command -v scontrol >/dev/null; then echo "scontrol in the image: requeues belong to the host"; exit 1; fi
+  echo "no Slurm client (requeues are done by the sbatch script on the host)"
+  test "$PYTHONNOUSERSITE" = 1 && echo "PYTHONNOUSERSITE=1"
   python -c "import torch, brainhpc; print(\"torch\", torch.__version__, \"cuda build\", torch.version.cuda, \"cuda available\", torch.cuda.is_available())"' \
   || fail "image facts"
 run "$IMAGE" --help | head -5
 
-step "scontrol inside the container against this machine's slurmctld"
-if timeout 10 scontrol ping >/dev/null 2>&1; then
-  # host network: the controller listens on the node's own name; munge through its socket
-  podman run --rm --network=host -v /etc/slurm:/etc/slurm:ro -v /run/munge:/run/munge \
-    --entrypoint bash "$IMAGE" -c 'scontrol --version && scontrol ping && squeue --noheader | wc -l' \
-    | tee "$WORK/scontrol.log"
-  grep -q "is UP" "$WORK/scontrol.log" || fail "scontrol in the container cannot reach slurmctld"
+step "brainhpc.def %test, without and with a stand-in for --nv's libcuda"
+sed -n '/^%test/,/^%/{/^%/d;p}' containers/brainhpc.def >"$WORK/deftest.sh"
+: >"$WORK/libcuda.so.1"
+run -v "$WORK/deftest.sh:/deftest.sh:ro" --entrypoint bash "$IMAGE" /deftest.sh >"$WORK/deftest.log" 2>&1 \
+  || fail "%test fails without --nv: $(tail -5 "$WORK/deftest.log")"
+echo "%test without --nv: passes"
+if run -v "$WORK/deftest.sh:/deftest.sh:ro" -v "$WORK/libcuda.so.1:/.singularity.d/libs/libcuda.so.1:ro" \
+     --entrypoint bash "$IMAGE" /deftest.sh >"$WORK/deftest-nv.log" 2>&1; then
+  fail "%test passed under (stand-in) --nv although torch sees no CUDA"
+fi
+grep -q "sees no GPU" "$WORK/deftest-nv.log" \
+  || fail "%test under --nv: no clear message: $(tail -3 "$WORK/deftest-nv.log")"
+echo "%test under (stand-in) --nv without CUDA fails: $(grep -o 'error: .*' "$WORK/deftest-nv.log")"
+
+step "requeue of a cell running in the image, through this machine's SLURM (podman prefix)"
+# The cell runs in the image with no network, no /etc/slurm, no munge socket and no scontrol;
+# SIGUSR2 (what SLURM sends before the time limit) must end in a requeue by the sbatch script on
+# the host and a resume from the checkpoint.
+if timeout 10 scontrol ping >/dev/null 2>&1 && [ -x "$ROOT/.venv/bin/python" ]; then
+  rq="$WORK/requeue"; mkdir -p "$rq"
+  py="$ROOT/.venv/bin/python"
+  prefix="podman run --rm --network=none --user 0:0 --entrypoint /usr/bin/env"
+  prefix="$prefix --env 'SLURM_*' --env 'SUBMITIT_*' {volumes} $IMAGE"
+  printf '%s\n' 'name = "ctr-requeue"' 'profile = "local"' '[data]' 'phantom = 120' 'size = 32' \
+    '[generate]' 'archs = ["vae"]' 'labels = ["healthy"]' 'epochs = 60' 'batch_size = 8' \
+    'n_samples = 48' 'min_images = 16' 'quality = false' 'checkpoint_every = 1000' \
+    '[resources]' 'partition = "debug"' 'time_min = 15' '[container]' \
+    "prefix = \"$prefix\"" >"$rq/requeue.toml"
+  "$py" -m brainhpc.sweep "$rq/requeue.toml" --run-dir "$rq/run" | tee "$rq/submit.log"
+  jobs_of() { "$py" -c 'import json, sys
+recs = json.load(open(sys.argv[1]))
+print(" ".join(r["job_id"] for r in recs if sys.argv[2] in ("all", r["stage"])))' "$rq/run/jobs.json" "$1"; }
+  all=$(jobs_of all); job=$(jobs_of generate)
+  [ -n "$job" ] || fail "no generate job submitted: $(cat "$rq/submit.log")"
+  m="$rq/run/generate/vae-healthy/metrics.jsonl"
+  for _ in $(seq 600); do [ -s "$m" ] && break; sleep 1; done
+  # shellcheck disable=SC2086
+  [ -s "$m" ] || { scancel $all; fail "the containerised cell never started training"; }
+  scancel --signal=USR2 "$job"
+  echo "sent SIGUSR2 to job $job after $(wc -l <"$m") metric lines"
+  # shellcheck disable=SC2086
+  for _ in $(seq 900); do [ -z "$(squeue -h -j "${all// /,}")" ] && break; sleep 1; done
+  # shellcheck disable=SC2086
+  [ -z "$(squeue -h -j "${all// /,}")" ] || { scancel $all; fail "jobs $all not done after 900 s"; }
+  "$py" -c 'import json, sys
+from pathlib import Path
+run = Path(sys.argv[1])
+cell = json.loads((run / "generate/vae-healthy/cell.json").read_text())
+card = json.loads((run / "generate/vae-healthy/card.json").read_text())
+log = Path(cell["log"]).read_text()
+checks = {"cell done": cell["status"] == "done", "restarted": cell["restarts"] >= 1,
+          "resumed from its checkpoint": bool(card.get("resumed")),
+          "flag left by the cell": "the sbatch script requeues job" in log,
+          "requeued by the host": "brainhpc: requeued job" in log}
+print(f"cell {cell[\"status\"]}, restarts {cell[\"restarts\"]}, resumed {card.get(\"resumed\")}")
+sys.exit("; ".join(f"NOT {k}" for k, ok in checks.items() if not ok) or 0)' "$rq/run" \
+    || fail "containerised requeue (log: $rq/run/logs/generate)"
+  echo "containerised cell: interrupted, requeued on the host, resumed"
 else
-  echo "SKIPPED: no SLURM controller answers here (start one: bash slurm/cluster.sh up)"
+  echo "SKIPPED: no SLURM controller answers here (bash slurm/cluster.sh up) or no .venv"
 fi
 
 out="$WORK/out"; mkdir -p "$out"; chmod 1777 "$out"
