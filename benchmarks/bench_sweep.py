@@ -4,7 +4,10 @@
    jobs are cancelled right after; nothing trains);
 2. per-cell scheduling overhead: N trivial cells as one submitit array (what the sweep does)
    vs N separate jobs: seconds to submit, and the median submit-to-start and submit-to-done
-   latency per cell.
+   latency per cell;
+3. what the pre-submit checks cost: reading the cluster (scontrol + sinfo) and checking the
+   resources against it, and the container version check (here through the stand-in prefix of
+   tests/container_standin.sh: one python start with torch imported, as in an image).
 
     .venv/bin/python benchmarks/bench_sweep.py [--cells 10]
 """
@@ -97,6 +100,33 @@ def bench_submit(folder: Path) -> None:
           f"invocation (incl. python start-up and imports); cancelled")
 
 
+def bench_checks(folder: Path, repeats: int = 3) -> None:
+    from brainhpc.sweep import submit as sub
+    from brainhpc.sweep.config import STAGES, load_sweep
+
+    sweep = load_sweep(REPO / "jobs" / "smoke.toml")
+    t = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sub.check_cluster(sweep, list(STAGES), sub.cluster_info())
+        t.append(time.perf_counter() - t0)
+    print(f"cluster check (scontrol show config + sinfo + checks): median "
+          f"{statistics.median(t):.2f} s of {repeats}")
+    path = folder / "ctr.toml"
+    standin = REPO / "tests" / "container_standin.sh"
+    path.write_text((REPO / "jobs" / "smoke.toml").read_text() + "\n[container]\nprefix = "
+                    f'"bash {standin} --bind {{binds}} {sys.executable}"\n')
+    sweep = load_sweep(path)
+    (folder / "run").mkdir(exist_ok=True)
+    t = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sub.image_versions(sweep, folder / "run")
+        t.append(time.perf_counter() - t0)
+    print(f"container version check (stand-in prefix, imports torch): median "
+          f"{statistics.median(t):.2f} s of {repeats}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cells", type=int, default=10)
@@ -109,6 +139,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         bench_submit(folder)
+        bench_checks(folder)
         bench_cells(args.cells, folder)
 
 
