@@ -50,8 +50,8 @@ def test_expand_gives_stable_ids_and_layout(tmp_path):
     assert [c.id for c in plan["prepare"]] == ["data"]
     assert [c.id for c in plan["generate"]] == ["vae-healthy", "vae-tumour"]
     assert [c.id for c in plan["classify"]] == [
-        "cnn-real-s0", "cnn-synthetic_vae-s0", "vae-giaem-real-s0", "vae-giaem-real-s1",
-        "vae-dbscan-real-s0", "vae-dbscan-real-s1"]
+        "cnn-real-s0", "cnn-synthetic_vae-s0", "vae-real-s0", "vae-real-s1"]
+    assert plan["classify"][2].params["techniques"] == ["giaem", "dbscan"]  # one VAE, both
     assert plan["generate"][0].folder == (tmp_path / "run" / "generate" / "vae-healthy").resolve()
     # the same file expands to the same hashes; a changed value changes only that cell's hash
     again = expand(load_sweep(write(tmp_path, TINY)), tmp_path / "run")
@@ -102,9 +102,10 @@ def test_shipped_sweep_files_validate():
         assert plan["generate"] and plan["classify"], name
     paper = expand(load_sweep(REPO / "jobs" / "paper.toml", data=REPO / "slurm"), Path("/x"))
     ids = {c.id for c in paper["classify"]}
-    for tech in ("giaem", "dbscan", "kmeans-single", "kmeans-global"):
-        for train in ("real", "synthetic_vae", "mixed_dcgan"):
-            assert f"vae-{tech}-{train}-s0" in ids
+    for train in ("real", "synthetic_vae", "mixed_dcgan"):
+        assert f"vae-{train}-s0" in ids
+    vae = next(c for c in paper["classify"] if c.id == "vae-real-s0")
+    assert vae.params["techniques"] == ["giaem", "dbscan", "kmeans-single", "kmeans-global"]
     assert {"cnn-real-s0", "cnn-synthetic_dcgan-s0", "cnn-mixed_vae-s0"} <= ids
 
 
@@ -126,7 +127,7 @@ def test_todo_skips_done_and_queued_and_refuses_changed(tmp_path):
     plan = expand(sweep, run)
     stages = ["prepare", "generate", "classify", "aggregate"]
     cells, skipped, waiting = sub.todo(plan, run, stages, False, {})
-    assert sum(map(len, cells.values())) == 1 + 2 + 6 + 1
+    assert sum(map(len, cells.values())) == 1 + 2 + 4 + 1
     assert not any(waiting.values())
     done = plan["generate"][0]
     done.marker.parent.mkdir(parents=True)
@@ -152,8 +153,8 @@ def test_todo_skips_done_and_queued_and_refuses_changed(tmp_path):
 
 def test_arrays_split_at_max_array_size(tmp_path):
     plan = expand(load_sweep(write(tmp_path, TINY)), tmp_path)
-    parts = sub.chunks(plan["classify"], 4)
-    assert [len(p) for p in parts] == [4, 2]
+    parts = sub.chunks(plan["classify"], 3)
+    assert [len(p) for p in parts] == [3, 1]
     assert [c.id for p in parts for c in p] == [c.id for c in plan["classify"]]
 
 
@@ -221,7 +222,7 @@ def test_sbatch_scripts_match_golden(tmp_path, case):
                "/shared/containers/brainhpc.sif python -u -m submitit.core._submit" in text
         assert "module load apptainer" in text and "device: cuda" in text
     if case == "packed":
-        assert "#SBATCH --array=0-2%2" in scripts["classify"]  # 9 cells, 3 per task
+        assert "#SBATCH --array=0-1%2" in scripts["classify"]  # 6 cells, 3 per task
 
 
 def test_gpu_profile_partitions_and_overrides(tmp_path):

@@ -21,8 +21,8 @@ from brainhpc.sweep.cells import Cell, CellRunner, read_marker, requeue_flag, st
 
 
 def _cell(tmp_path: Path, cid: str = "cnn-real-s0", stage: str = "classify") -> Cell:
-    return Cell(stage, cid, {"model": "cnn", "train_data": "real", "technique": None,
-                             "seed": 0}, str(tmp_path / "run"))
+    return Cell(stage, cid, {"model": "cnn", "train_data": "real", "seed": 0},
+                str(tmp_path / "run"))
 
 
 @pytest.fixture

@@ -66,8 +66,8 @@ def test_aggregate_writes_every_planned_row(tmp_path):
     _done(cls["cnn-real-s0"], m)
     _done(cls["cnn-mixed_vae_0.5-s0"], {**m, "f1": 0.5})
     _done(cls["cnn-mixed_vae_1-s0"], {**m, "f1": 0.3})
-    _done(cls["vae-giaem-real-s0"], {**m, "accuracy": 0.6})
-    _done(cls["vae-giaem-real-s1"], {**m, "accuracy": 0.8})
+    _done(cls["vae-real-s0"], {**m, "accuracy": 0.6})
+    _done(cls["vae-real-s1"], {**m, "accuracy": 0.8})
     res = aggregate(run)
     assert res["failed"] == ["vae-tumour"]
     out = run / "results"

@@ -148,7 +148,7 @@ def test_sweep_completes_reports_failed_cell_and_reruns_only_it(tmp_path):
     wait_sweep(run)
 
     cls = markers(run, "classify")
-    expected = {"cnn-real-s0", "cnn-synthetic_vae-s0", "vae-giaem-mixed_vae-s0", "cnn-real-s1"}
+    expected = {"cnn-real-s0", "cnn-synthetic_vae-s0", "vae-mixed_vae-s0", "cnn-real-s1"}
     assert set(cls) == expected
     assert {k: v["status"] for k, v in cls.items()} == {
         **{k: "done" for k in expected}, "cnn-real-s1": "failed"}

@@ -10,7 +10,7 @@ Layout, chosen so the stages find each other's outputs::
     RUN_DIR/prepare/data/prepared/       the prepared dataset (PrepareConfig.out)
     RUN_DIR/generate/<arch>-<label>/     GenerateConfig.out; RUN_DIR/generate is classify's
                                          synthetic_dir (brainhpc.classify.data layout)
-    RUN_DIR/classify/<model>[-<technique>]-<train data>-s<seed>/
+    RUN_DIR/classify/<model>-<train data>-s<seed>/   (a vae cell scores all its techniques)
     RUN_DIR/aggregate/results/           -> RUN_DIR/results/ (metrics.csv, table.md, plots)
 
 Preemption and time limits: SLURM sends SIGUSR2 ``signal_delay_s`` before the time limit, and
@@ -104,23 +104,29 @@ def expand(sweep: Sweep, run_dir: Path) -> dict[str, list[Cell]]:
                 if g.feature_steps is not None:
                     params["feature_steps"] = g.feature_steps
                 plan["generate"].append(Cell("generate", f"{arch}-{label}", params, rd))
-    seen = set()
+    by_id: dict[str, Cell] = {}
     for block in sweep.classify:
         for train in block.train_data:
-            for tech in block.techniques or (None,):
-                for seed in block.seeds:
-                    name = block.model + (f"-{tech}" if tech else "")
-                    cid = f"{name}-{_train_id(train)}-s{seed}"
-                    if cid in seen:
-                        continue  # two blocks naming the same cell: run it once
-                    seen.add(cid)
-                    params = {"model": block.model, "train_data": train, "technique": tech,
-                              "seed": seed, **block.options}
-                    if block.epochs is not None:
-                        params["epochs"] = block.epochs
-                    if block.batch_size is not None:
-                        params["batch_size"] = block.batch_size
-                    plan["classify"].append(Cell("classify", cid, params, rd))
+            for seed in block.seeds:
+                # a VAE detector trains once per (training data, seed) and scores all its
+                # techniques from the same residual maps (brainhpc.classify.run)
+                cid = f"{block.model}-{_train_id(train)}-s{seed}"
+                if cid in by_id:  # two blocks naming the same cell: run it once
+                    old = by_id[cid].params
+                    if "techniques" in old:
+                        old["techniques"] += [t for t in block.techniques
+                                              if t not in old["techniques"]]
+                    continue
+                params = {"model": block.model, "train_data": train, "seed": seed,
+                          **block.options}
+                if block.model == "vae":
+                    params["techniques"] = list(block.techniques)
+                if block.epochs is not None:
+                    params["epochs"] = block.epochs
+                if block.batch_size is not None:
+                    params["batch_size"] = block.batch_size
+                by_id[cid] = Cell("classify", cid, params, rd)
+    plan["classify"] = list(by_id.values())
     plan["aggregate"].append(Cell("aggregate", "results", {"name": sweep.name}, rd))
     for cell in plan["generate"] + plan["classify"]:
         stage_config(cell)  # fail on bad options before anything is submitted
