@@ -52,6 +52,13 @@ def _done(cell: Cell, metrics: dict | None = None, card: dict | None = None) -> 
         write_json(cell.folder / "card.json", {"status": "done", **card})
 
 
+def block(bal, auc, acc=0.6, f1=0.5, degenerate=False, n=20):
+    """A metrics block as classification_metrics writes it."""
+    return {"balanced_accuracy": bal, "roc_auc": auc, "accuracy": acc, "precision": 0.5,
+            "recall": 0.5, "f1": f1, "degenerate": degenerate, "n": n,
+            "recall_per_class": {"healthy": bal, "tumour": bal}}
+
+
 def test_aggregate_writes_every_planned_row(tmp_path):
     run, plan = _run_dir(tmp_path)
     gen = {c.id: c for c in plan["generate"]}
@@ -60,27 +67,46 @@ def test_aggregate_writes_every_planned_row(tmp_path):
                                                  "memorisation": {"near_copy_share": 0.0}}})
     write_json(gen["vae-tumour"].marker, {"status": "failed", "error": "BrainhpcError: boom",
                                           "log": "/logs/7_1_0_log.out"})
+    write_json(run / "prepare" / "data" / "prepared" / "manifest.json", {"confound": {
+        "cv_auc": 0.55, "test": {"balanced_accuracy": 0.52, "roc_auc": 0.56, "n": 20}}})
     cls = {c.id: c for c in plan["classify"]}
-    m = {"accuracy": 0.5, "precision": 0.25, "recall": 1.0, "f1": 0.4, "roc_auc": 0.6, "n": 20,
-         "n_train": 70, "epochs": 1, "brainhpc": "0.1", "config_hash": "abc"}
-    _done(cls["cnn-real-s0"], m)
-    _done(cls["cnn-mixed_vae_0.5-s0"], {**m, "f1": 0.5})
-    _done(cls["cnn-mixed_vae_1-s0"], {**m, "f1": 0.3})
-    _done(cls["vae-real-s0"], {**m, "accuracy": 0.6})
-    _done(cls["vae-real-s1"], {**m, "accuracy": 0.8})
+    common = {"n_train": {"total": 70}, "epochs": 1, "brainhpc": "0.1", "config_hash": "abc"}
+    _done(cls["cnn-real-s0"], {**block(0.95, 0.99), **common})
+    _done(cls["cnn-mixed_vae_0.5-s0"], {**block(0.7, 0.8), **common})
+    _done(cls["cnn-mixed_vae_1-s0"], {**block(0.5, 0.5, degenerate=True), **common})
+    for seed, bal in ((0, 0.6), (1, 0.8)):
+        _done(cls[f"vae-real-s{seed}"], {
+            "techniques": {"giaem": {"test": block(bal, 0.7), "localisation": {"dice_mean": 0.3}}},
+            "localisation": {"pixel_auprc": 0.2},
+            "baselines": {"intensity_threshold": {"test": block(0.55, 0.6),
+                                                  "localisation": {"best_dice_mean": 0.25}}},
+            **common})
     res = aggregate(run)
     assert res["failed"] == ["vae-tumour"]
     out = run / "results"
     rows = list(csv.DictReader((out / "metrics.csv").open()))
-    assert [r["cell"] for r in rows] == [c.id for c in plan["classify"]]
+    # CNN cells one row each; a VAE cell one row per technique plus its intensity baseline; the
+    # dataset's image-statistics row last
+    assert [(r["cell"], r["technique"]) for r in rows] == [
+        ("cnn-real-s0", ""), ("cnn-mixed_vae_0.5-s0", ""), ("cnn-mixed_vae_1-s0", ""),
+        ("vae-real-s0", "giaem"), ("vae-real-s0", "intensity threshold"),
+        ("vae-real-s1", "giaem"), ("vae-real-s1", "intensity threshold"),
+        ("data/image-statistics", "image statistics only")]
+    assert list(rows[0])[10:14] == ["balanced_accuracy", "roc_auc", "recall_healthy",
+                                    "recall_tumour"]
     assert rows[1]["kind"] == "mixed" and rows[1]["generator"] == "vae" and rows[1]["p"] == "0.5"
+    assert rows[2]["degenerate"] == "True" and rows[3]["dice"] == "0.3"
+    assert rows[3]["ref_accuracy"] == str(REFERENCE[("vae", "giaem", "real")][0] / 100)
     gens = list(csv.DictReader((out / "generators.csv").open()))
     assert gens[0]["fid"] == "12.5" and gens[1]["status"] == "failed"
     md = (out / "table.md").read_text()
-    ref = " | ".join(f"{v:.2f}" for v in REFERENCE[("vae", "giaem", "real")])
-    assert (f"| VAE (GIAEM) | real | 70.00 ± 14.14 | 25.00 ± 0.00 | 100.00 ± 0.00 | "
-            f"40.00 ± 0.00 | 60.00 ± 0.00 | 2/2 | {ref} |") in md
-    assert "| CNN | mixed:vae:0.5 | 50.00 | 25.00 | 100.00 | 50.00 | 60.00 | 1/1 | - |" in md
+    ref = REFERENCE[("vae", "giaem", "real")]
+    assert (f"| VAE (GIAEM) | real | 70.0 ± 14.1 | 0.700 ± 0.000 | 70.0 ± 14.1 | 70.0 ± 14.1 | "
+            f"60.0 ± 0.0 | 50.0 ± 0.0 | 0 | 2/2 | {ref[0]:.2f} | {ref[3]:.2f} |") in md
+    assert "| Image statistics only (baseline) | real | 52.0 | 0.560 |" in md
+    assert "| Intensity threshold (baseline) | real | 55.0 ± 0.0 | 0.600 ± 0.000 |" in md
+    assert "CNN trained on real data reaches balanced accuracy 95.0%" in md
+    assert "learns (>= 90%)" in md and "image statistics only 52.0%" in md
     assert (out / "proportion.png").stat().st_size > 1000
     assert (out / "by_train_data.png").stat().st_size > 1000
 
@@ -90,6 +116,7 @@ def test_aggregate_keeps_rows_of_cells_that_never_ran(tmp_path):
     aggregate(run)
     rows = list(csv.DictReader((run / "results" / "metrics.csv").open()))
     assert len(rows) == 5 and {r["status"] for r in rows} == {"missing"}
+    assert [r["technique"] for r in rows] == ["", "", "", "giaem", "giaem"]
     assert "Cells without results" in (run / "results" / "table.md").read_text()
     with pytest.raises(BrainhpcError, match="plan.json"):
         aggregate(tmp_path / "elsewhere")

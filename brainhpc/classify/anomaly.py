@@ -9,7 +9,8 @@ how well those maps localise tumours, and the intensity-threshold baseline they 
 * ``residual_maps``: |x - x_hat| (or, with ``residual="ssim"``, (1 - SSIM) / 2 from MONAI's
   ``compute_ssim_and_cs``, a structural residual less sensitive to blur), median-filtered
   (odd kernel of ~size/32 px: removes the speckle of single-pixel misfits, keeps lesions), and
-  limited to the brain mask: the skull rim and the background never count.
+  limited to the brain mask eroded once more by that kernel: the skull rim, the background and
+  the artificial edge where the input was cut to 0 never count.
 * ``localisation``: pixel-level AUPRC of the residual inside the brain (average precision, the
   honest metric at a lesion share of ~1%), and the best Dice a single pixel threshold reaches:
   chosen on validation tumour slices, frozen, then scored on test (pooled over pixels and as the
@@ -128,8 +129,17 @@ def residual_maps(x: torch.Tensor, x_hat: torch.Tensor, brain: np.ndarray, kind:
         for i in range(len(maps)):
             maps[i] = cv2.medianBlur(maps[i], k) if k <= 5 else \
                 cv2.medianBlur((maps[i] * 255).astype(np.uint8), k).astype(np.float32) / 255
-    masks = brain.reshape(maps.shape) > 0
-    return np.where(masks, maps, 0.0).astype(np.float32)
+    return np.where(score_masks(brain.reshape(maps.shape), k), maps, 0.0).astype(np.float32)
+
+
+def score_masks(brain: np.ndarray, k: int) -> np.ndarray:
+    """The brain masks eroded by the median kernel: the VAE's input is cut to 0 at the brain
+    mask's edge, and that artificial step reconstructs as a blurred ring of residual."""
+    masks = np.asarray(brain) > 0
+    if k <= 1:
+        return masks
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
+    return np.stack([cv2.erode(m.astype(np.uint8), kernel) > 0 for m in masks])
 
 
 # ----------------------------------------------------------------------------- localisation

@@ -1,15 +1,22 @@
 """The aggregate stage: every cell's numbers in one place, ``RUN_DIR/results/``::
 
-    metrics.csv      one row per planned classify cell (failed/missing ones too, with the error
-                     and log path): model, train data, generator, technique, seed, test metrics,
-                     n, epochs, wall time, device, code version, config hash
-    generators.csv   one row per planned generate cell: FID, KID, memorisation, times
-    table.md         the reference study's table shape (mean over seeds) with its numbers beside
-                     ours, then the failed cells
-    by_train_data.png, proportion.png (only when mixed:<gen>:<p> cells exist)
+    metrics.csv       one row per classifier result: the CNN of a classify cell, each technique
+                      of a VAE cell and its intensity-threshold baseline, plus one "image
+                      statistics only" row per dataset; failed/missing cells too, with the error
+                      and log path. Balanced accuracy and ROC-AUC lead; per-class recall, the
+                      degenerate flag, the reference study's numbers where it has a row, and one
+                      column group per external set (``[[evaluate]]``: ``<name>_balanced_accuracy``,
+                      ``<name>_roc_auc``, recalls, images dropped as copies of development data)
+    segmentation.csv  one row per segment cell: per-patient and per-slice Dice, HD95, detection,
+                      the empty-mask and intensity baselines, external sets with masks
+    generators.csv    one row per generate cell: FID, KID, memorisation, times
+    table.md          the tables a reader needs, baselines beside every model (see ``tables``)
+    by_train_data.png, proportion.png, segmentation_proportion.png (when their cells exist)
 
 It reads ``RUN_DIR/plan.json`` (written at submission) for the expected cells, so a cell that
-never produced output still gets its row.
+never produced output still gets its row. Cell folders are ``RUN_DIR/<stage>/<cell id>`` (an id
+may hold a dataset prefix, ``br35h/cnn-real-s0``); an evaluate cell ``<id>`` keeps the scores of
+each classify/segment cell ``<cell>`` in ``RUN_DIR/evaluate/<id>/<stage>/<cell>/metrics.json``.
 """
 
 from __future__ import annotations
@@ -36,17 +43,32 @@ REFERENCE = {
     ("vae", "kmeans-global", "synthetic"): (79.39, 68.26, 69.44, 68.80),
     ("vae", "kmeans-global", "mixed"): (78.80, 39.88, 49.27, 44.08),
 }
+# Akbar et al. (Sci Data 2024): synthetic-only segmenters reach 80-90% of real-data Dice.
+SEGMENT_REFERENCE = "80-90%"
+BASELINE_STATS, BASELINE_INTENSITY = "image statistics only", "intensity threshold"
 MODEL_NAMES = {None: "CNN", "giaem": "VAE (GIAEM)", "dbscan": "VAE (DBSCAN)",
-               "kmeans-single": "VAE (single-image KMeans)", "kmeans-global": "VAE (Global KMeans)"}
-METRICS = ("accuracy", "precision", "recall", "f1")
-METRIC_COLS = METRICS + ("balanced_accuracy", "roc_auc")
-CLASSIFY_COLS = ("cell", "status", "model", "technique", "train_data", "kind", "generator", "p",
-                 "seed") + METRIC_COLS + ("n_test", "n_train", "epochs", "steps",
-                                          "wall_seconds", "device", "world_size",
-                                          "code_version", "config_hash", "error", "log")
-GENERATOR_COLS = ("cell", "status", "arch", "label", "epochs", "steps", "n_train", "n_samples",
-                  "fid", "kid", "kid_std", "fid_train_vs_heldout", "near_copy_share",
-                  "train_seconds", "wall_seconds", "code_version", "error", "log")
+               "kmeans-single": "VAE (single-image KMeans)",
+               "kmeans-global": "VAE (Global KMeans)",
+               BASELINE_INTENSITY: "Intensity threshold (baseline)",
+               BASELINE_STATS: "Image statistics only (baseline)"}
+LEAD = ("balanced_accuracy", "roc_auc", "recall_healthy", "recall_tumour")
+METRIC_COLS = LEAD + ("accuracy", "precision", "recall", "f1", "degenerate")
+EXTERNAL_METRICS = ("balanced_accuracy", "roc_auc", "recall_healthy", "recall_tumour", "n",
+                    "dropped")
+CLASSIFY_COLS = ("dataset", "cell", "status", "model", "technique", "train_data", "kind",
+                 "generator", "p", "seed") + METRIC_COLS + (
+    "pixel_auprc", "dice", "ref_accuracy", "ref_f1", "n_test", "n_train", "epochs", "steps",
+    "wall_seconds", "device", "precision_mode", "world_size", "code_version", "config_hash",
+    "error", "log")
+SEGMENT_COLS = ("dataset", "cell", "status", "train_data", "kind", "generator", "p", "seed",
+                "dice_patient", "dice_slice", "hd95", "sensitivity", "specificity",
+                "empty_dice_patient", "intensity_dice_patient", "n_test_patients", "n_train",
+                "epochs", "steps", "wall_seconds", "device", "precision_mode", "code_version",
+                "error", "log")
+GENERATOR_COLS = ("dataset", "cell", "status", "arch", "label", "with_masks", "epochs", "steps",
+                  "n_train", "n_samples", "fid", "kid", "kid_std", "fid_train_vs_heldout",
+                  "near_copy_share", "nn_corr_median", "precision_mode", "train_seconds",
+                  "wall_seconds", "code_version", "error", "log")
 
 
 def _json(path: Path) -> dict:
@@ -62,42 +84,177 @@ def _outcome(folder: Path) -> dict:
             "log": m.get("log", "")}
 
 
-def classify_rows(run_dir: Path, cells: list[dict]) -> list[dict]:
-    rows = []
-    for c in cells:
+def _dataset(cell: dict) -> str:
+    return cell["params"].get("dataset") or "data"
+
+
+def _manifest(run_dir: Path, dataset: str) -> dict:
+    for folder in (run_dir / "prepare" / dataset / "prepared",
+                   run_dir / "prepare" / "data" / "prepared"):
+        m = _json(folder / "manifest.json")
+        if m:
+            return m
+    return {}
+
+
+def _metrics(block: dict) -> dict:
+    """The metric columns of one metrics block (top-level CNN block or a technique's test)."""
+    rec = block.get("recall_per_class") or {}
+    return {"balanced_accuracy": block.get("balanced_accuracy"), "roc_auc": block.get("roc_auc"),
+            "recall_healthy": rec.get("healthy"), "recall_tumour": rec.get("tumour"),
+            **{k: block.get(k) for k in ("accuracy", "precision", "recall", "f1",
+                                         "degenerate")}}
+
+
+def _spec_cols(train_data: str) -> dict:
+    spec = parse_train_spec(train_data)
+    return {"train_data": str(spec), "kind": spec.kind, "generator": spec.generator or "",
+            "p": "" if spec.p is None else spec.p}
+
+
+def _external_cells(plan: dict) -> list[dict]:
+    return list(plan.get("evaluate", []))
+
+
+def _external(run_dir: Path, plan: dict, stage: str, cell: dict) -> list[tuple[str, dict]]:
+    """(external set name, its metrics.json for this cell) for every evaluate cell of the
+    cell's dataset."""
+    out = []
+    for ev in _external_cells(plan):
+        if _dataset(ev) != _dataset(cell):
+            continue
+        path = run_dir / "evaluate" / ev["id"] / stage / cell["id"] / "metrics.json"
+        out.append((ev["params"]["name"], _json(path)))
+    return out
+
+
+def _external_cols(name: str, block: dict | None, overlap: dict | None) -> dict:
+    if not block:
+        return {}
+    m = _metrics(block)
+    return {f"{name}_{k}": v for k, v in (
+        *((k, m[k]) for k in EXTERNAL_METRICS[:4]), ("n", block.get("n")),
+        ("dropped", (overlap or {}).get("dropped")))}
+
+
+def classify_rows(run_dir: Path, plan: dict) -> list[dict]:
+    """One row per classifier result (see the module docstring), plus the image-statistics
+    baseline row of every dataset."""
+    rows, datasets = [], []
+    for c in plan.get("classify", []):
         folder = run_dir / "classify" / c["id"]
+        p, ds = c["params"], _dataset(c)
+        if ds not in datasets:
+            datasets.append(ds)
+        base = {"dataset": ds, "cell": c["id"], **_outcome(folder), "model": p["model"],
+                **_spec_cols(p["train_data"]), "seed": p.get("seed", 0)}
+        m = _json(folder / "metrics.json")
+        done = base["status"] == "done" and m.get("status") == "done"
+        if base["status"] == "done" and not done:
+            base.update(status="failed", error=f"{folder / 'metrics.json'} missing or unfinished")
+        common = {} if not done else dict(
+            n_train=(m.get("n_train") or {}).get("total"), epochs=m.get("epochs"),
+            steps=m.get("steps"), wall_seconds=m.get("wall_seconds"), device=m.get("device"),
+            precision_mode=m.get("precision"), world_size=m.get("world_size"),
+            code_version=m.get("brainhpc"), config_hash=m.get("config_hash"))
+        external = _external(run_dir, plan, "classify", c) if done else []
+        if p["model"] == "cnn":
+            row = {**base, "technique": "", **common}
+            if done:
+                row.update(_metrics(m), n_test=m.get("n"))
+                for name, ev in external:
+                    row.update(_external_cols(name, ev, ev.get("overlap")))
+            rows.append(row)
+            continue
+        techniques = p.get("techniques") or ([p["technique"]] if p.get("technique") else [])
+        for tech in techniques:
+            row = {**base, "technique": tech, **common}
+            block = ((m.get("techniques") or {}).get(tech) or {}) if done else {}
+            if block:
+                loc = block.get("localisation") or {}
+                row.update(_metrics(block.get("test", {})), n_test=block["test"].get("n"),
+                           dice=loc.get("dice_mean"),
+                           pixel_auprc=(m.get("localisation") or {}).get("pixel_auprc"))
+                for name, ev in external:
+                    row.update(_external_cols(name, (ev.get("techniques") or {}).get(tech),
+                                              ev.get("overlap")))
+            rows.append(row)
+        intensity = ((m.get("baselines") or {}).get(BASELINE_INTENSITY.replace(" ", "_"))
+                     if done else None)
+        if intensity:
+            loc = intensity.get("localisation") or {}
+            rows.append({**base, "technique": BASELINE_INTENSITY, **common,
+                         **_metrics(intensity["test"]), "n_test": intensity["test"].get("n"),
+                         "pixel_auprc": loc.get("pixel_auprc"),
+                         "dice": loc.get("best_dice_mean")})
+    for ds in datasets:
+        stats = (_manifest(run_dir, ds).get("confound") or {}).get("test")
+        if stats:
+            rows.append({"dataset": ds, "cell": f"{ds}/image-statistics", "status": "done",
+                         "model": "baseline", "technique": BASELINE_STATS, "train_data": "real",
+                         "kind": "real", "generator": "", "p": "", "seed": "",
+                         "balanced_accuracy": stats.get("balanced_accuracy"),
+                         "roc_auc": stats.get("roc_auc"), "accuracy": stats.get("accuracy"),
+                         "n_test": stats.get("n")})
+    for r in rows:
+        ref = REFERENCE.get((r["model"], r.get("technique") or None, r["kind"])) \
+            if r.get("p") == "" else None
+        if ref:
+            r["ref_accuracy"], r["ref_f1"] = ref[0] / 100, ref[3] / 100
+    return rows
+
+
+def segment_rows(run_dir: Path, plan: dict) -> list[dict]:
+    rows = []
+    for c in plan.get("segment", []):
+        folder = run_dir / "segment" / c["id"]
         p = c["params"]
-        spec = parse_train_spec(p["train_data"])
-        row = {"cell": c["id"], **_outcome(folder), "model": p["model"],
-               "technique": p.get("technique") or "", "train_data": str(spec),
-               "kind": spec.kind, "generator": spec.generator or "",
-               "p": "" if spec.p is None else spec.p, "seed": p.get("seed", 0)}
+        row = {"dataset": _dataset(c), "cell": c["id"], **_outcome(folder),
+               **_spec_cols(p["train_data"]), "seed": p.get("seed", 0)}
         m = _json(folder / "metrics.json")
         if row["status"] == "done" and m.get("status") == "done":
-            row.update({k: m.get(k) for k in METRIC_COLS})
-            row.update(n_test=m.get("n"), n_train=m.get("n_train"), epochs=m.get("epochs"),
+            t = m.get("test", {})
+            det = t.get("detection") or {}
+            base = m.get("baselines") or {}
+            row.update(dice_patient=t.get("dice_patient_mean"),
+                       dice_slice=t.get("dice_slice_mean"), hd95=t.get("hd95_mean"),
+                       sensitivity=det.get("sensitivity"), specificity=det.get("specificity"),
+                       empty_dice_patient=(base.get("empty") or {}).get("dice_patient_mean"),
+                       intensity_dice_patient=(base.get("intensity") or {}).get(
+                           "dice_patient_mean"),
+                       n_test_patients=t.get("n_patients"),
+                       n_train=(m.get("n_train") or {}).get("total"), epochs=m.get("epochs"),
                        steps=m.get("steps"), wall_seconds=m.get("wall_seconds"),
-                       device=m.get("device"), world_size=m.get("world_size"),
-                       code_version=m.get("brainhpc"), config_hash=m.get("config_hash"))
+                       device=m.get("device"), precision_mode=m.get("precision"),
+                       code_version=m.get("brainhpc"))
+            for name, ev in _external(run_dir, plan, "segment", c):
+                et = ev.get("test", ev)
+                if et.get("dice_patient_mean") is not None:
+                    row[f"{name}_dice_patient"] = et.get("dice_patient_mean")
+                    row[f"{name}_dice_slice"] = et.get("dice_slice_mean")
         elif row["status"] == "done":
             row.update(status="failed", error=f"{folder / 'metrics.json'} missing or unfinished")
         rows.append(row)
     return rows
 
 
-def generator_rows(run_dir: Path, cells: list[dict]) -> list[dict]:
+def generator_rows(run_dir: Path, plan: dict) -> list[dict]:
     rows = []
-    for c in cells:
+    for c in plan.get("generate", []):
         folder = run_dir / "generate" / c["id"]
-        row = {"cell": c["id"], **_outcome(folder), "arch": c["params"]["arch"],
-               "label": c["params"]["label"]}
+        row = {"dataset": _dataset(c), "cell": c["id"], **_outcome(folder),
+               "arch": c["params"]["arch"], "label": c["params"]["label"],
+               "with_masks": bool(c["params"].get("with_masks", False))}
         card = _json(folder / "card.json")
         if row["status"] == "done" and card.get("status") == "done":
             q = card.get("quality") or {}
+            mem = q.get("memorisation") or {}
             row.update({k: card.get(k) for k in ("epochs", "n_train", "n_samples",
                                                  "train_seconds", "wall_seconds")})
             row.update(steps=card.get("steps"), code_version=card.get("brainhpc"),
-                       near_copy_share=(q.get("memorisation") or {}).get("near_copy_share"),
+                       precision_mode=card.get("precision"),
+                       near_copy_share=mem.get("near_copy_share"),
+                       nn_corr_median=mem.get("nn_corr_median"),
                        **{k: q.get(k) for k in ("fid", "kid", "kid_std",
                                                 "fid_train_vs_heldout")})
         rows.append(row)
@@ -105,98 +262,282 @@ def generator_rows(run_dir: Path, cells: list[dict]) -> list[dict]:
 
 
 def write_csv(path: Path, rows: list[dict], cols: tuple[str, ...]) -> None:
+    extra = sorted({k for r in rows for k in r} - set(cols) - {"ref"})
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=list(cols) + extra, extrasaction="ignore",
+                       lineterminator="\n")
     w.writeheader()
     for r in rows:
-        w.writerow({k: "" if r.get(k) is None else r.get(k) for k in cols})
+        w.writerow({k: "" if r.get(k) is None else r.get(k) for k in list(cols) + extra})
     write_text(path, buf.getvalue())
 
 
-def _fmt(values: list[float]) -> str:
+# ----------------------------------------------------------------------------------- tables
+
+def _nums(rows: list[dict], key: str) -> list[float]:
+    return [r[key] for r in rows if isinstance(r.get(key), (int, float))
+            and not isinstance(r.get(key), bool)]
+
+
+def _fmt(values: list[float], pct: bool = True) -> str:
     if not values:
         return "-"
-    mean = 100 * statistics.fmean(values)
+    k = 100 if pct else 1
+    mean = k * statistics.fmean(values)
+    d = 1 if pct else 3
     if len(values) == 1:
-        return f"{mean:.2f}"
-    return f"{mean:.2f} ± {100 * statistics.stdev(values):.2f}"
+        return f"{mean:.{d}f}"
+    return f"{mean:.{d}f} ± {k * statistics.stdev(values):.{d}f}"
 
 
-def summary_table(rows: list[dict]) -> str:
-    """Markdown in the reference table's shape: mean over seeds, reference numbers beside."""
+def _groups(rows: list[dict], key) -> list[tuple[tuple, list[dict]]]:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["model"], r["technique"] or None, r["train_data"]), []).append(r)
-    lines = ["| Model | Train data | Acc | Prec | Rec | F1 | ROC-AUC | seeds done "
-             "| Ref Acc | Ref Prec | Ref Rec | Ref F1 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for (model, tech, train), rs in sorted(groups.items(), key=lambda kv: (
-            kv[0][0], kv[0][1] or "", kv[0][2])):
-        done = [r for r in rs if r["status"] == "done"]
-        cells = [_fmt([r[k] for r in done if isinstance(r.get(k), (int, float))])
-                 for k in METRICS + ("roc_auc",)]
-        ref = REFERENCE.get((model, tech, rs[0]["kind"])) if rs[0]["p"] == "" else None
-        refs = [f"{v:.2f}" for v in ref] if ref else ["-"] * 4
-        lines.append(f"| {MODEL_NAMES[tech]} | {train} | {' | '.join(cells)} | "
-                     f"{len(done)}/{len(rs)} | {' | '.join(refs)} |")
-    bad = [r for r in rows if r["status"] != "done"]
-    if bad:
-        lines += ["", "Cells without results:", ""]
-        for r in bad:
-            error = r["error"].splitlines()[0] if r["error"] else ""
-            log = f" (log: `{r['log']}`)" if r["log"] else ""
-            lines.append(f"- `{r['cell']}` ({r['status']}): {error}{log}")
-    return "\n".join(lines) + "\n"
+        groups.setdefault(key(r), []).append(r)
+    return list(groups.items())
 
+
+def _external_names(rows: list[dict], suffix: str = "_balanced_accuracy") -> list[str]:
+    names = []
+    for r in rows:
+        for k in r:
+            if k.endswith(suffix) and k[:-len(suffix)] not in names and k != suffix[1:]:
+                names.append(k[:-len(suffix)])
+    return names
+
+
+def _order(r: dict) -> tuple:
+    tech = r.get("technique") or ""
+    rank = {"": 0, BASELINE_INTENSITY: 8, BASELINE_STATS: 9}.get(tech, 1)
+    return (r["dataset"], {"cnn": 0, "vae": 1}.get(r["model"], 2), rank, tech,
+            {"real": 0, "synthetic": 1, "mixed": 2}.get(r["kind"], 3), r["train_data"])
+
+
+def classification_table(rows: list[dict]) -> str:
+    """Per dataset: balanced accuracy and ROC-AUC first, recalls, the degenerate count, the
+    reference study's accuracy and F1 beside ours, the external sets; baselines as rows."""
+    out = []
+    ext = _external_names(rows)
+    for ds, ds_rows in _groups(sorted(rows, key=_order), lambda r: r["dataset"]):
+        ds = ds[0]
+        head = ["Model", "Train data", "Bal. acc", "ROC-AUC", "Recall healthy",
+                "Recall tumour", "Acc", "F1", "Degenerate", "Done", "Ref Acc", "Ref F1"]
+        for name in ext:
+            head += [f"{name}: bal. acc", f"{name}: ROC-AUC", f"{name}: dropped"]
+        out += [f"### {ds}: test split", "", "| " + " | ".join(head) + " |",
+                "|" + "---|" * len(head)]
+        majority = None
+        for (model, tech, train), rs in _groups(ds_rows, lambda r: (
+                r["model"], r.get("technique") or None, r["train_data"])):
+            done = [r for r in rs if r["status"] == "done"]
+            ref = REFERENCE.get((model, tech, rs[0]["kind"])) if rs[0]["p"] == "" else None
+            cells = [MODEL_NAMES.get(tech, tech) if model != "baseline" else MODEL_NAMES[tech],
+                     train, *(_fmt(_nums(done, k)) if k != "roc_auc" else
+                              _fmt(_nums(done, k), pct=False)
+                              for k in ("balanced_accuracy", "roc_auc", "recall_healthy",
+                                        "recall_tumour", "accuracy", "f1")),
+                     str(sum(bool(r.get("degenerate")) for r in done)),
+                     f"{len(done)}/{len(rs)}",
+                     *((f"{ref[0]:.2f}", f"{ref[3]:.2f}") if ref else ("-", "-"))]
+            for name in ext:
+                cells += [_fmt(_nums(done, f"{name}_balanced_accuracy")),
+                          _fmt(_nums(done, f"{name}_roc_auc"), pct=False),
+                          _fmt(_nums(done, f"{name}_dropped"), pct=False).split(".")[0]]
+            out.append("| " + " | ".join(cells) + " |")
+            if majority is None and done and done[0].get("n_test"):
+                majority = done[0]
+        out += ["", "Balanced accuracy and recalls in %, ROC-AUC as a fraction. Trivial "
+                "baselines: the majority class scores balanced accuracy 50.0 and ROC-AUC 0.5; "
+                "a row flagged degenerate predicts one class for >= 95% of the test slices. "
+                "Reference columns: the reference study (Br35H, its own split, accuracy and "
+                "F1 in %).", ""]
+    return "\n".join(out)
+
+
+def localisation_table(rows: list[dict]) -> str:
+    with_loc = [r for r in rows if r["status"] == "done" and (r.get("pixel_auprc") is not None
+                                                                or r.get("dice") is not None)]
+    if not with_loc:
+        return ""
+    out = ["### Anomaly localisation (test tumour slices)", "",
+           "| Dataset | Detector | Train data | Pixel AUPRC | Dice (mean per slice) | Done |",
+           "|---|---|---|---|---|---|"]
+    for (ds, tech, train), rs in _groups(sorted(with_loc, key=_order), lambda r: (
+            r["dataset"], r.get("technique"), r["train_data"])):
+        out.append(f"| {ds} | {MODEL_NAMES.get(tech, tech)} | {train} | "
+                   f"{_fmt(_nums(rs, 'pixel_auprc'), pct=False)} | "
+                   f"{_fmt(_nums(rs, 'dice'), pct=False)} | {len(rs)} |")
+    out += ["", "Pixel AUPRC is the residual map's (the same for every technique of one VAE; "
+            "for the baseline, standardised intensity); Dice is each technique's detected "
+            "region (for the baseline: the validation-chosen intensity threshold). Predicting "
+            "nothing scores Dice 0.", ""]
+    return "\n".join(out)
+
+
+def segmentation_table(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    ext = _external_names(rows, "_dice_patient")
+    head = ["Dataset", "Train data", "Dice per patient", "Dice per slice", "HD95 (px)",
+            "Sensitivity", "Specificity", "% of real", "Done"]
+    head += [f"{n}: Dice per patient" for n in ext]
+    out = ["### Segmentation (U-Net, real test patients)", "", "| " + " | ".join(head) + " |",
+           "|" + "---|" * len(head)]
+    real = {}
+    for (ds, train), rs in _groups(rows, lambda r: (r["dataset"], r["train_data"])):
+        done = [r for r in rs if r["status"] == "done"]
+        if train == "real" and _nums(done, "dice_patient"):
+            real[ds] = statistics.fmean(_nums(done, "dice_patient"))
+    for (ds, train), rs in _groups(sorted(rows, key=lambda r: (
+            r["dataset"], r["kind"] != "real", r["train_data"])),
+            lambda r: (r["dataset"], r["train_data"])):
+        done = [r for r in rs if r["status"] == "done"]
+        dice = _nums(done, "dice_patient")
+        share = f"{100 * statistics.fmean(dice) / real[ds]:.0f}%" if dice and real.get(ds) \
+            and train != "real" else "-"
+        cells = [ds, train, _fmt(dice, pct=False), _fmt(_nums(done, "dice_slice"), pct=False),
+                 _fmt(_nums(done, "hd95"), pct=False), _fmt(_nums(done, "sensitivity")),
+                 _fmt(_nums(done, "specificity")), share, f"{len(done)}/{len(rs)}"]
+        cells += [_fmt(_nums(done, f"{n}_dice_patient"), pct=False) for n in ext]
+        out.append("| " + " | ".join(cells) + " |")
+    for ds in sorted({r["dataset"] for r in rows}):
+        done = [r for r in rows if r["dataset"] == ds and r["status"] == "done"]
+        if done:
+            out.append(f"| {ds} | baseline: empty mask | "
+                       f"{_fmt(_nums(done[:1], 'empty_dice_patient'), pct=False)} | - | - | - "
+                       f"| - | - | - |" + " - |" * len(ext))
+            out.append(f"| {ds} | baseline: intensity threshold | "
+                       f"{_fmt(_nums(done[:1], 'intensity_dice_patient'), pct=False)} | - | - "
+                       f"| - | - | - | - |" + " - |" * len(ext))
+    out += ["", f"Sensitivity/specificity: slice-level detection (any predicted tumour). "
+            f"\"% of real\": synthetic-trained Dice per patient as a share of the real-trained "
+            f"one; the reference (Akbar et al. 2024) reports {SEGMENT_REFERENCE}.", ""]
+    return "\n".join(out)
+
+
+def generator_table(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    out = ["### Generators", "", "| Dataset | Generator | Label | Masks | Epochs | FID | KID "
+           "| Near-copies | Train (s) | Status |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        share = r.get("near_copy_share")
+        out.append(f"| {r['dataset']} | {r['arch']} | {r['label']} | "
+                   f"{'yes' if r.get('with_masks') else 'no'} | {r.get('epochs') or '-'} | "
+                   f"{_fmt([r['fid']], pct=False) if r.get('fid') is not None else '-'} | "
+                   f"{_fmt([r['kid']], pct=False) if r.get('kid') is not None else '-'} | "
+                   f"{'-' if share is None else f'{100 * share:.1f}%'} | "
+                   f"{'-' if r.get('train_seconds') is None else round(r['train_seconds'])} | "
+                   f"{r['status']} |")
+    out += ["", "FID/KID in brainhpc's own feature space (lower is better; comparable within "
+            "one prepared dataset). Near-copies: share of samples whose nearest training image "
+            "correlates >= 0.95.", ""]
+    return "\n".join(out)
+
+
+def checks(rows: list[dict]) -> str:
+    """Plain sentences: does the real-data CNN beat its trivial baselines (learning check)?"""
+    out = []
+    for ds in sorted({r["dataset"] for r in rows}):
+        cnn = [r for r in rows if r["dataset"] == ds and r["model"] == "cnn"
+               and r["kind"] == "real" and r["status"] == "done"]
+        stats = [r for r in rows if r["dataset"] == ds and r.get("technique") == BASELINE_STATS]
+        bal = _nums(cnn, "balanced_accuracy")
+        if not bal:
+            continue
+        b = statistics.fmean(bal)
+        base = _nums(stats, "balanced_accuracy")
+        verdict = "learns (>= 90%)" if b >= 0.9 else "below the 90% learning check"
+        line = (f"- {ds}: CNN trained on real data reaches balanced accuracy {100 * b:.1f}% on "
+                f"the test split: {verdict}; majority class 50.0%")
+        if base:
+            line += f", image statistics only {100 * statistics.fmean(base):.1f}%"
+        out.append(line + ".")
+    return "\n".join(["### Learning check", "", *out, ""]) if out else ""
+
+
+def tables(rows: list[dict], seg: list[dict], gens: list[dict], name: str = "") -> str:
+    bad = [r for r in rows + seg + gens if r["status"] not in ("done",)
+           and r.get("model") != "baseline"]
+    parts = [f"# Results{f' of {name}' if name else ''}", "", checks(rows),
+             "## Classification", "", classification_table(rows), localisation_table(rows),
+             segmentation_table(seg), generator_table(gens)]
+    if bad:
+        parts += ["## Cells without results", ""]
+        seen = set()
+        for r in bad:
+            if r["cell"] in seen:
+                continue
+            seen.add(r["cell"])
+            error = r.get("error", "").splitlines()[0] if r.get("error") else ""
+            log = f" (log: `{r['log']}`)" if r.get("log") else ""
+            parts.append(f"- `{r['cell']}` ({r['status']}): {error}{log}")
+    return "\n".join(p for p in parts if p is not None) + "\n"
+
+
+
+# ------------------------------------------------------------------------------------ plots
 
 def _save(fig, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
 
 
-def plots(rows: list[dict], out: Path) -> list[str]:
+def plots(rows: list[dict], seg: list[dict], out: Path) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    done = [r for r in rows if r["status"] == "done" and r["f1"] is not None]
-    if not done:
-        return []
     made = []
-    keys = sorted({(MODEL_NAMES[r["technique"] or None], r["train_data"]) for r in done})
-    fig, axes = plt.subplots(1, 2, figsize=(11, 0.35 * len(keys) + 1.5), sharey=True)
-    for ax, metric in zip(axes, ("accuracy", "f1"), strict=True):
-        vals = [statistics.fmean(r[metric] for r in done
-                                 if (MODEL_NAMES[r["technique"] or None], r["train_data"]) == k)
-                for k in keys]
-        ax.barh(range(len(keys)), vals, color="tab:blue")
-        ax.set_xlim(0, 1)
-        ax.set_xlabel(f"test {metric}")
-        ax.grid(axis="x", alpha=0.3)
-    axes[0].set_yticks(range(len(keys)), [f"{m} | {t}" for m, t in keys])
-    axes[0].invert_yaxis()
-    fig.suptitle("test metrics by training data (mean over seeds)")
-    _save(fig, out / "by_train_data.png")
-    plt.close(fig)
-    made.append("by_train_data.png")
-    curve = [r for r in done if r["p"] != ""]
-    if curve:
+    done = [r for r in rows if r["status"] == "done" and r.get("balanced_accuracy") is not None]
+    if done:
+        def label(r: dict) -> str:
+            return (f"{r['dataset']} | {MODEL_NAMES.get(r.get('technique') or None)} | "
+                    f"{r['train_data']}")
+        keys = sorted({label(r) for r in done})
+        fig, axes = plt.subplots(1, 2, figsize=(12, 0.32 * len(keys) + 1.5), sharey=True)
+        for ax, metric in zip(axes, ("balanced_accuracy", "roc_auc"), strict=True):
+            vals = [statistics.fmean(_nums([r for r in done if label(r) == k], metric) or [0])
+                    for k in keys]
+            ax.barh(range(len(keys)), vals, color="tab:blue")
+            ax.axvline(0.5, color="grey", lw=1, ls="--")  # chance / majority class
+            ax.set_xlim(0, 1)
+            ax.set_xlabel(f"test {metric.replace('_', ' ')}")
+            ax.grid(axis="x", alpha=0.3)
+        axes[0].set_yticks(range(len(keys)), keys, fontsize=7)
+        axes[0].invert_yaxis()
+        fig.suptitle("test balanced accuracy and ROC-AUC by training data (mean over seeds; "
+                     "dashed: chance)")
+        _save(fig, out / "by_train_data.png")
+        plt.close(fig)
+        made.append("by_train_data.png")
+    for what, data, metric, file in (
+            ("classifier", done, "balanced_accuracy", "proportion.png"),
+            ("segmenter", [r for r in seg if r["status"] == "done"], "dice_patient",
+             "segmentation_proportion.png")):
+        curve = [r for r in data if r["p"] != "" or r["kind"] == "real"]
+        if not any(r["p"] != "" for r in curve):
+            continue
         fig, ax = plt.subplots(figsize=(6, 4))
-        for key in sorted({(MODEL_NAMES[r["technique"] or None], r["generator"]) for r in curve}):
-            pts = sorted((r["p"], r["f1"]) for r in curve
-                         if (MODEL_NAMES[r["technique"] or None], r["generator"]) == key)
+        for key in sorted({(r["dataset"], MODEL_NAMES.get(r.get("technique") or None, "U-Net")
+                            if what == "classifier" else "U-Net",
+                            r["generator"]) for r in curve if r["p"] != ""}):
+            pts = [(0.0 if r["kind"] == "real" else float(r["p"]), r.get(metric)) for r in curve
+                   if r["dataset"] == key[0] and (r["kind"] == "real" or r["generator"] == key[2])
+                   and (what == "segmenter" or MODEL_NAMES.get(r.get("technique") or None) ==
+                        key[1]) and r.get(metric) is not None]
             ps = sorted({p for p, _ in pts})
-            ax.plot(ps, [statistics.fmean(f for p2, f in pts if p2 == p) for p in ps],
-                    marker="o", label=f"{key[0]}, {key[1]}")
-        ax.set_xlabel("synthetic fraction p of the training set")
-        ax.set_ylabel("test F1")
+            ax.plot(ps, [statistics.fmean(v for p2, v in pts if p2 == p) for p in ps],
+                    marker="o", label=f"{key[0]}: {key[1]}, {key[2]}")
+        ax.set_xlabel("synthetic fraction p of the training set (0 = real only)")
+        ax.set_ylabel(f"test {metric.replace('_', ' ')}")
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        _save(fig, out / "proportion.png")
+        _save(fig, out / file)
         plt.close(fig)
-        made.append("proportion.png")
+        made.append(file)
     return made
 
 
@@ -207,12 +548,17 @@ def aggregate(run_dir: str | Path) -> dict:
     if not plan:
         raise BrainhpcError(f"{run_dir / 'plan.json'} is missing: not a sweep run directory")
     out = run_dir / "results"
-    rows = classify_rows(run_dir, plan.get("classify", []))
-    gens = generator_rows(run_dir, plan.get("generate", []))
+    rows = classify_rows(run_dir, plan)
+    seg = segment_rows(run_dir, plan)
+    gens = generator_rows(run_dir, plan)
     write_csv(out / "metrics.csv", rows, CLASSIFY_COLS)
     write_csv(out / "generators.csv", gens, GENERATOR_COLS)
-    write_text(out / "table.md", summary_table(rows))
-    made = plots(rows, out)
-    failed = [r["cell"] for r in rows + gens if r["status"] != "done"]
-    return {"status": "done", "rows": len(rows), "generators": len(gens), "failed": failed,
-            "plots": made}
+    if seg:
+        write_csv(out / "segmentation.csv", seg, SEGMENT_COLS)
+    name = (_json(run_dir / "sweep.json") or {}).get("name", "")
+    write_text(out / "table.md", tables(rows, seg, gens, name))
+    made = plots(rows, seg, out)
+    failed = sorted({r["cell"] for r in rows + seg + gens
+                     if r["status"] != "done" and r.get("model") != "baseline"})
+    return {"status": "done", "rows": len(rows), "segment_rows": len(seg),
+            "generators": len(gens), "failed": failed, "plots": made}
