@@ -125,8 +125,13 @@ def drop_overlap(data: ShardData, clf: dict) -> tuple[ShardData, dict]:
     return data.select(~drop), info
 
 
-def evaluate(cfg: EvaluateConfig) -> dict:
-    """Score the classifier on ``cfg.data``; returns the metrics dict (also metrics.json)."""
+def evaluate(cfg: EvaluateConfig, loaded: dict | None = None) -> dict:
+    """Score the classifier on ``cfg.data``; returns the metrics dict (also metrics.json).
+
+    ``loaded`` is a cache {image size: (ShardData, skipped, kind)} shared by callers that score
+    many classifiers on one external set (the sweep's evaluate stage): the folder is read and
+    pre-processed once per image size.
+    """
     t_start = time.time()
     clf = load_classifier(cfg.checkpoint)
     ident = {"checkpoint": str(clf["path"].resolve()),
@@ -147,7 +152,12 @@ def evaluate(cfg: EvaluateConfig) -> dict:
                             f"({', '.join(diff)} differ); use --force to overwrite it or choose "
                             "another --out")
     size = int(clf["image_size"])
-    data, skipped, kind = _load_data(cfg, size)
+    if loaded is not None and size in loaded:
+        data, skipped, kind = loaded[size]
+    else:
+        data, skipped, kind = _load_data(cfg, size)
+        if loaded is not None:
+            loaded[size] = (data, skipped, kind)
     data, overlap = drop_overlap(data, clf)
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise BrainhpcError("evaluate: device 'cuda' requested but torch sees no CUDA device")
