@@ -6,6 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 RUN    ?= runs/smoke
+RUN_GPU ?= runs/gpu-check
 PROFILE   ?= gpu-cluster
 PARTITION ?=
 SUBMIT_ARGS ?=
@@ -13,7 +14,7 @@ DATA      ?= ~/data/brain-tumor-mri/Training
 RUN_DIR   ?= runs/paper
 PYTEST_ARGS ?=
 
-.PHONY: help install smoke test test-fast lint bench submit-all cluster-up cluster-down \
+.PHONY: help install smoke test test-fast lint bench gpu-check submit-all cluster-up cluster-down \
         cluster-status clean image sif docker-smoke container-test
 
 help:
@@ -22,6 +23,7 @@ help:
 	@echo "make test-fast    the tests without the slow end-to-end ones"
 	@echo "make lint         ruff"
 	@echo "make bench        benchmarks: ratios against naive baselines, measured side by side"
+	@echo "make gpu-check    on a 1-GPU node: CUDA, NCCL, img/s per architecture, smoke on the GPU"
 	@echo "make submit-all   submit the paper sweep (PROFILE=gpu-cluster DATA= RUN_DIR= PARTITION= SUBMIT_ARGS=--dry-run)"
 	@echo "make image        build the container image (VARIANT=cpu|gpu); sif, docker-smoke"
 	@echo "make container-test  lint + podman build + smoke inside the image (as CI does)"
@@ -51,6 +53,9 @@ bench: $(STAMP)
 	@set -e; for b in benchmarks/bench_*.py; do \
 	  echo "=== $$b"; $(BIN)/python $$b; echo; \
 	done
+
+gpu-check: $(STAMP)  ## one table: CUDA, 1-rank NCCL, bf16/fp32 img/s at 128 px, the smoke on the GPU
+	$(BIN)/python -m brainhpc.gpu_check --out $(RUN_GPU)
 
 submit-all: $(STAMP)
 	$(BIN)/python -m brainhpc.sweep jobs/paper.toml --profile $(PROFILE) --data $(DATA) \

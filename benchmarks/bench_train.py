@@ -1,19 +1,30 @@
-"""Training throughput (images/s) per generator through ``Trainer`` vs a plain PyTorch loop.
+"""Training throughput (images/s) per architecture: a plain fp32 PyTorch loop vs brainhpc's default.
 
-Same task code, model, batch and data in both: the plain loop is ``for (x,) in DataLoader(...):
-task.training_step(ctx, (x,))`` with a minimal context, the trainer is ``Trainer.fit`` with its
-defaults (metric window every 10 steps, per-step flag agreement, signal handlers, the
-distributed batch sampler); EMA is off in both so the comparison is the loop itself. Timing
-starts after ``--warmup`` steps and covers n whole iterations (data, step, bookkeeping), n
-calibrated to about ``--seconds`` of work. The end-of-run checkpoint is timed separately and
-shown with its cost amortised over the default ``checkpoint_every`` (500 steps). Batch 32 at
-64 px, 16 at 128 px. Runs alternate plain/trainer ``--repeats`` times and the median of each
-is compared (per-iteration median, robust to a busy neighbour on shared cores; the wall-clock
-ratio over all timed iterations is printed beside it). Models use CPU-sized options (below), not the
-GPU defaults. Goal: trainer/plain >= 0.95. With CUDA present, the same runs on the GPU with
-bf16 autocast.
+Every architecture brainhpc trains (BrainCNN and the BrainCVAE classifier, the VAE, DCGAN,
+WGAN-GP and DDPM generators) at 64 and 128 px, with its default options and the same task code
+in every variant (``brainhpc.train.throughput``: the generators' own ``Task``; for the
+classifiers the classify cell's loss and optimiser on the model classes), so only the loop and
+the numerics differ:
 
-    .venv/bin/python benchmarks/bench_train.py            # about 3 minutes on 2 cores
+* ``plain``: ``for (x,) in DataLoader(...): task.training_step(ctx, (x,))`` in fp32, contiguous
+  tensors, the task's optimisers as constructed (torch's default for-loop Adam on CPU);
+* ``fp32`` and ``bf16``: ``Trainer.fit`` with ``--precision fp32`` / ``bf16`` (bf16 autocast and
+  channels_last), both with the trainer's fused optimisers, metric log and per-step bookkeeping;
+* ``default`` is whichever of the two ``--precision auto`` picks on this machine
+  (``brainhpc.train.precision``), and ``x plain`` its speed-up over the plain loop.
+  ``bf16/fp32`` is the number ``precision.SPEEDUP`` records for this hardware class.
+
+EMA is off in all variants (the same algorithm everywhere). Timing starts after ``--warmup``
+steps (oneDNN builds its kernels on first use) and covers whole iterations; the three variants
+alternate ``--repeats`` times. Each run's median step time is taken, and the table compares the
+best run of each variant (what the machine does when a neighbour on shared cores is quiet; the
+ratio of the runs' medians is printed beside it). ``uptime`` load is printed on every line.
+
+    .venv/bin/python benchmarks/bench_train.py                       # ~10 minutes on 2 cores
+    .venv/bin/python benchmarks/bench_train.py --archs dcgan --sizes 64 --repeats 5
+
+Goals on a CPU with bf16 units: default/plain >= 2.5 for BrainCNN and BrainCVAE, >= 2 for
+each generator. With CUDA present the same table is measured on the GPU as well.
 """
 
 from __future__ import annotations
@@ -21,163 +32,130 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import statistics
-import tempfile
 import time
 
 import torch
 
-from brainhpc.models import build_task
-from brainhpc.train import TrainConfig, Trainer
+from brainhpc.train import throughput as tp
+from brainhpc.train.precision import hardware, resolve
 
-CPU_OPTIONS = {
-    "vae": {"base": 16, "latent": 128, "max_channels": 256},
-    "dcgan": {"g_channels": 64, "min_channels": 16, "d_channels": 16, "ema": 0},
-    "wgan-gp": {"g_channels": 64, "min_channels": 16, "d_channels": 16, "ema": 0},
-    "ddpm": {"channels": 16, "res_blocks": 1, "ema": 0},
-}
+GOAL = {"BrainCNN": 2.5, "BrainCVAE": 2.5}  # generators: 2.0
+VARIANTS = ("plain", "fp32", "bf16")
 
 
 class PlainCtx:
-    """What a task's training_step needs, with nothing else around it."""
+    """What a task's training_step needs, with nothing else around it (fp32)."""
 
-    def __init__(self, models, optimizers, device, amp):
+    def __init__(self, models, optimizers, device):
         self.models, self.optimizers, self.device, self.step = models, optimizers, device, 0
-        self.amp = amp
         self.ema = {}
 
     def raw(self, name):
         return self.models[name]
 
     def autocast(self):
-        if self.amp:
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
-
-
-def data(size: int, n: int) -> torch.utils.data.TensorDataset:
-    g = torch.Generator().manual_seed(0)
-    return torch.utils.data.TensorDataset(torch.randint(0, 256, (n, 1, size, size),
-                                                        dtype=torch.uint8, generator=g))
-
-
-def timed(task, warmup: int, device, marks: list) -> None:
-    """Record the entry time of every training step from ``warmup`` on."""
-    inner = task.training_step
-    calls = [0]
-
-    def step(t, b):
-        if calls[0] >= warmup:
-            sync(device)
-            marks.append(time.perf_counter())
-        calls[0] += 1
-        return inner(t, b)
-
-    task.training_step = step
 
 
 def run_plain(arch, size, batch, warmup, steps, device) -> list[float]:
     """Per-iteration seconds of the plain loop (after warmup)."""
     torch.manual_seed(0)
-    task = build_task(arch, size, {**CPU_OPTIONS[arch], "batch_size": batch})
+    task = tp.make_task(arch, size, batch)
     marks: list[float] = []
-    timed(task, warmup, device, marks)
+    tp.time_steps(task, warmup, device, marks)
     models = {k: m.to(device) for k, m in task.models().items()}
-    ctx = PlainCtx(models, task.optimizers(models), device,
-                   device.type == "cuda" and torch.cuda.is_bf16_supported())
-    loader = torch.utils.data.DataLoader(data(size, batch * (warmup + steps)), batch_size=batch,
-                                         shuffle=True, drop_last=True)
-    for (x,) in loader:
-        task.training_step(ctx, (x.to(device, non_blocking=True),))
+    ctx = PlainCtx(models, task.optimizers(models), device)
+    ds = tp.dataset(arch, size, batch * (warmup + steps))
+    for b in torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, drop_last=True):
+        task.training_step(ctx, [x.to(device) for x in b])
         ctx.step += 1
-    sync(device)
+    tp.sync(device)
     marks.append(time.perf_counter())
     return [b - a for a, b in zip(marks, marks[1:], strict=False)]
 
 
-def run_trainer(arch, size, batch, warmup, steps, device) -> tuple[list[float], float]:
-    """Per-iteration seconds through Trainer.fit (after warmup) and the final save's seconds."""
-    task = build_task(arch, size, {**CPU_OPTIONS[arch], "batch_size": batch})
-    marks: list[float] = []
-    timed(task, warmup, device, marks)
-    saved = {}
-    with tempfile.TemporaryDirectory() as out:
-        cfg = TrainConfig(out=out, epochs=1, batch_size=batch, max_steps=warmup + steps,
-                          progress=False, device=device.type, resume=False)
-        trainer = Trainer(task, data(size, batch * (warmup + steps)), cfg)
-        save = trainer.save_checkpoint
-
-        def timed_save():
-            sync(device)
-            marks.append(time.perf_counter())  # the last step and its bookkeeping are done
-            result = save()
-            saved["s"] = time.perf_counter() - marks[-1]
-            return result
-
-        trainer.save_checkpoint = timed_save
-        trainer.fit()
-        trainer.close()
-    return [b - a for a, b in zip(marks, marks[1:], strict=False)], saved["s"]
+def run(variant, arch, size, batch, warmup, steps, device) -> list[float]:
+    if variant == "plain":
+        return run_plain(arch, size, batch, warmup, steps, device)
+    return tp.step_times(arch, size, variant, device, warmup, steps, batch)[0]
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def load() -> str:
+    return "load {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
 
 
-def bench(device: torch.device, sizes, archs, batches, warmup, seconds, repeats) -> list[dict]:
+def bench(device, sizes, archs, warmup, seconds, repeats) -> list[dict]:
     rows = []
-    for size, batch in zip(sizes, batches, strict=True):
+    hw = hardware(device)
+    for size in sizes:
         for arch in archs:
-            # calibrate: enough timed steps for ~`seconds` of work per run (3 at least)
-            step_s = statistics.median(run_plain(arch, size, batch, warmup, 1, device))
-            n = max(3, min(50, round(seconds / step_s)))
-            plain, trainer, saves = [], [], []
+            batch = tp.BATCH[arch]
+            step_s = statistics.median(run("fp32", arch, size, batch, warmup, 2, device))
+            n = max(3, min(40, round(seconds / step_s)))
+            runs: dict[str, list[float]] = {v: [] for v in VARIANTS}  # per-run median steps
             for _ in range(repeats):
-                plain += run_plain(arch, size, batch, warmup, n, device)
-                d, save = run_trainer(arch, size, batch, warmup, n, device)
-                trainer += d
-                saves.append(save)
-            # wall: all timed iterations; median: per-iteration, robust to neighbours' bursts
-            pw, tw = batch * len(plain) / sum(plain), batch * len(trainer) / sum(trainer)
-            pm, tm = batch / statistics.median(plain), batch / statistics.median(trainer)
-            save_s = statistics.median(saves)
-            amort = tm / (1 + save_s / (500 * batch / tm))
-            rows.append({"device": device.type, "arch": arch, "size": size, "batch": batch,
-                         "steps": n, "plain": pm, "trainer": tm, "ratio": tm / pm,
-                         "plain_wall": pw, "trainer_wall": tw, "ratio_wall": tw / pw,
-                         "save_ms": 1000 * save_s, "ratio_ckpt": amort / pm})
-            print(f"{device.type:>4} {arch:>8} {size:>4}px b{batch:<3} {n:>2}x{repeats} steps | "
-                  f"median step: plain {pm:7.1f} trainer {tm:7.1f} img/s ratio {tm / pm:.3f} | "
-                  f"wall: {pw:7.1f} vs {tw:7.1f} img/s ratio {tw / pw:.3f} | "
-                  f"save {1000 * save_s:4.0f} ms, ratio with 1 save/500 steps {amort / pm:.3f}",
-                  flush=True)
+                for v in VARIANTS:
+                    runs[v].append(statistics.median(run(v, arch, size, batch, warmup, n,
+                                                         device)))
+            ips = {v: batch / min(runs[v]) for v in VARIANTS}
+            med = {v: batch / statistics.median(runs[v]) for v in VARIANTS}
+            auto = resolve("auto", device, arch, size).name
+            row = {"device": device.type, "hw": hw, "arch": arch, "size": size, "batch": batch,
+                   "steps": n, **ips, "speedup_bf16": ips["bf16"] / ips["fp32"], "auto": auto,
+                   "ratio": ips[auto] / ips["plain"], "goal": GOAL.get(arch, 2.0),
+                   "median_ratio": med[auto] / med["plain"],
+                   "median_speedup_bf16": med["bf16"] / med["fp32"]}
+            rows.append(row)
+            print(f"{device.type:>4} {arch:>9} {size:>4}px b{batch:<3} {n:>2}x{repeats} | plain "
+                  f"{ips['plain']:7.1f} | fp32 {ips['fp32']:7.1f} | bf16 {ips['bf16']:7.1f} "
+                  f"img/s | bf16/fp32 {row['speedup_bf16']:.2f} | default {auto} "
+                  f"{ips[auto]:7.1f} = {row['ratio']:.2f}x plain (goal {row['goal']:.1f}) | "
+                  f"medians: bf16/fp32 {row['median_speedup_bf16']:.2f}, default/plain "
+                  f"{row['median_ratio']:.2f} | {load()}", flush=True)
     return rows
+
+
+def table(rows) -> str:
+    lines = ["| device | arch | px | batch | plain fp32 img/s | brainhpc fp32 | brainhpc bf16 | "
+             "bf16/fp32 | default | default img/s | default / plain | goal |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['device']} | {r['arch']} | {r['size']} | {r['batch']} | "
+                     f"{r['plain']:.1f} | {r['fp32']:.1f} | {r['bf16']:.1f} | "
+                     f"{r['speedup_bf16']:.2f} | {r['auto']} | {r[r['auto']]:.1f} | "
+                     f"**{r['ratio']:.2f}x** | {r['goal']:.1f}x |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
-    p.add_argument("--archs", nargs="+", default=list(CPU_OPTIONS))
-    p.add_argument("--batches", type=int, nargs="+", default=[32, 16], help="one per size")
-    p.add_argument("--seconds", type=float, default=2.0, help="timed work per run")
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--archs", nargs="+", default=list(tp.ARCHS), choices=tp.ARCHS)
+    p.add_argument("--seconds", type=float, default=1.5, help="timed work per run")
+    p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--no-cuda", action="store_true", help="CPU only even with a GPU present")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, batches {args.batches} for "
-          f"sizes {args.sizes}, median of {args.repeats} alternating runs")
+    hw = hardware(torch.device("cpu"))
+    print(f"torch {torch.__version__}, {args.threads} threads, CPU bf16 hardware: {hw}, "
+          f"best of {args.repeats} alternating runs per variant; {load()}", flush=True)
     t0 = time.time()
-    rows = bench(torch.device("cpu"), args.sizes, args.archs, args.batches, args.warmup,
-                 args.seconds, args.repeats)
-    if torch.cuda.is_available():
-        rows += bench(torch.device("cuda"), args.sizes, args.archs, args.batches, 5,
-                      args.seconds, args.repeats)
-    worst = min(r["ratio_ckpt"] for r in rows)
-    print(f"worst trainer/plain ratio (median step, checkpoint amortised) {worst:.3f} "
-          f"(goal >= 0.95); total {time.time() - t0:.0f} s")
+    rows = bench(torch.device("cpu"), args.sizes, args.archs, args.warmup, args.seconds,
+                 args.repeats)
+    if torch.cuda.is_available() and not args.no_cuda:
+        rows += bench(torch.device("cuda"), args.sizes, args.archs, 5, args.seconds,
+                      args.repeats)
+    print()
+    print(table(rows))
+    short = [f"{r['device']} {r['arch']} {r['size']}px {r['ratio']:.2f}x" for r in rows
+             if r["ratio"] < r["goal"]]
+    print(f"\nbelow goal: {', '.join(short) or 'none'}; total {time.time() - t0:.0f} s; "
+          f"{load()}")
 
 
 if __name__ == "__main__":

@@ -109,6 +109,45 @@ def test_dcgan_structure_and_wgan_critic_has_no_batchnorm():
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in critic.modules())
 
 
+def _gan_trainer(arch, tmp_path, precision, **opts):
+    from brainhpc.train import TrainConfig, Trainer
+
+    task = models.build_task(arch, 32, {**TINY[arch], **opts, "batch_size": 8})
+    data = torch.utils.data.TensorDataset(torch.randint(0, 256, (24, 1, 32, 32),
+                                                        dtype=torch.uint8))
+    cfg = TrainConfig(out=tmp_path, epochs=1, batch_size=8, progress=False, device="cpu",
+                      precision=precision, checkpoint_every=0, checkpoint_minutes=0)
+    return task, Trainer(task, data, cfg)
+
+
+def test_dcgan_runs_its_generator_once_per_step(tmp_path):
+    task, t = _gan_trainer("dcgan", tmp_path, "fp32")
+    calls = []
+    t.raw("generator").register_forward_hook(lambda m, i, o: calls.append(o.requires_grad))
+    t.raw("critic").register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
+    t.fit()
+    # per step: G once (with its graph), D on real + fake (16), D on the same fake for G (8)
+    assert calls == [True, 16, 8] * 3
+
+
+def test_wgan_gp_penalty_runs_in_fp32_under_bf16(tmp_path):
+    task, t = _gan_trainer("wgan-gp", tmp_path, "bf16", n_critic=2)
+    seen = []
+    t.raw("critic").register_forward_hook(
+        lambda m, i, o: seen.append((len(i[0]), torch.is_autocast_enabled("cpu"), o.dtype)))
+    gen = []
+    t.raw("generator").register_forward_hook(lambda m, i, o: gen.append(o.requires_grad))
+    summary = t.fit()
+    assert summary["precision"]["name"] == "bf16"
+    # step 1: critic on real + fake in bf16, then the penalty's interpolates in fp32;
+    # step 2 adds the generator update (generator output kept with its graph on that step)
+    assert seen[:2] == [(16, True, torch.bfloat16), (8, False, torch.float32)]
+    assert seen[2:5] == [(16, True, torch.bfloat16), (8, False, torch.float32),
+                         (8, True, torch.bfloat16)]
+    assert gen == [False, True, False]
+    assert np.isfinite(float(task.last_g))
+
+
 def test_diffaugment_keeps_shape_moves_content_and_passes_gradients():
     torch.manual_seed(0)
     x = torch.rand(8, 1, 32, 32).mul(2).sub(1).requires_grad_(True)

@@ -1,0 +1,123 @@
+"""Training throughput of every architecture brainhpc trains, measured through the ``Trainer``.
+
+Used by ``benchmarks/bench_train.py`` (beside a plain fp32 loop) and ``brainhpc.gpu_check``.
+Each architecture runs with its default options on random uint8 images (content does not change
+the cost of a step) and EMA off; ``step_times`` returns the seconds of each timed step (after
+``warmup`` steps: oneDNN and cuDNN pick their kernels on first use).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+from brainhpc.classify.models import BrainCNN, BrainCVAE, vae_loss
+from brainhpc.models import build_task
+from brainhpc.train.trainer import TrainConfig, Trainer
+
+ARCHS = ("BrainCNN", "BrainCVAE", "vae", "dcgan", "wgan-gp", "ddpm")
+# global batch per architecture: the generators' and classifiers' defaults; DDPM 16 (64 is its
+# default, but one CPU step would take ~10 s at 128 px)
+BATCH = {"BrainCNN": 32, "BrainCVAE": 32, "vae": 64, "dcgan": 64, "wgan-gp": 64, "ddpm": 16}
+
+
+class ClassifierTask:
+    """The classify cell's training step without its data plumbing: BrainCNN with
+    cross-entropy, or BrainCVAE with ``vae_loss`` (healthy images), Adam(lr 1e-3)."""
+
+    def __init__(self, arch: str, size: int):
+        self.arch, self.size = arch, size
+
+    def models(self):
+        model = BrainCNN(self.size) if self.arch == "BrainCNN" else BrainCVAE(self.size)
+        return {"net": model}
+
+    def optimizers(self, models):
+        return {"net": torch.optim.Adam(models["net"].parameters(), lr=1e-3)}
+
+    def training_step(self, t, batch):
+        x = batch[0].float().div_(255.0)
+        with t.autocast():
+            out = t.models["net"](x)
+        if self.arch == "BrainCNN":
+            loss = F.cross_entropy(out.float(), batch[1])
+        else:
+            loss, _ = vae_loss(out[0], x, out[1], out[2])
+        opt = t.optimizers["net"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return {"loss": loss.detach()}
+
+
+def make_task(arch: str, size: int, batch: int):
+    """The task for ``arch`` at its default options, EMA off."""
+    if arch in ("BrainCNN", "BrainCVAE"):
+        return ClassifierTask(arch, size)
+    options = {"batch_size": batch}
+    if arch != "vae":
+        options["ema"] = 0
+    return build_task(arch, size, options)
+
+
+def dataset(arch: str, size: int, n: int) -> torch.utils.data.TensorDataset:
+    """``n`` random uint8 images (and labels for the CNN)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (n, 1, size, size), dtype=torch.uint8, generator=g)
+    if arch == "BrainCNN":
+        return torch.utils.data.TensorDataset(x, torch.randint(0, 2, (n,), generator=g))
+    return torch.utils.data.TensorDataset(x)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(task, warmup: int, device: torch.device, marks: list[float]) -> None:
+    """Wrap ``task.training_step`` to record the entry time of every step from ``warmup`` on."""
+    inner = task.training_step
+    calls = [0]
+
+    def step(t, b):
+        if calls[0] >= warmup:
+            sync(device)
+            marks.append(time.perf_counter())
+        calls[0] += 1
+        return inner(t, b)
+
+    task.training_step = step
+
+
+def step_times(arch: str, size: int, precision: str, device: torch.device, warmup: int,
+               steps: int, batch: int | None = None) -> tuple[list[float], dict]:
+    """Seconds of each of ``steps`` timed ``Trainer.fit`` steps, and the resolved precision.
+
+    The end-of-run checkpoint is not counted (a closing mark is taken when it starts), and one
+    batch more than the steps keeps the epoch (and any validation) from ending."""
+    batch = batch or BATCH[arch]
+    torch.manual_seed(0)
+    task = make_task(arch, size, batch)
+    marks: list[float] = []
+    time_steps(task, warmup, device, marks)
+    with tempfile.TemporaryDirectory() as out:
+        cfg = TrainConfig(out=out, epochs=1, batch_size=batch, max_steps=warmup + steps,
+                          progress=False, device=device.type, resume=False, checkpoint_every=0,
+                          checkpoint_minutes=0, precision=precision, handle_signals=False)
+        trainer = Trainer(task, dataset(arch, size, batch * (warmup + steps + 1)), cfg)
+        save = trainer.save_checkpoint
+
+        def closing_mark():
+            sync(device)
+            marks.append(time.perf_counter())
+            return save()
+
+        trainer.save_checkpoint = closing_mark
+        try:
+            trainer.fit()
+        finally:
+            trainer.close()
+    return [b - a for a, b in zip(marks, marks[1:], strict=False)], trainer.precision.as_dict()
