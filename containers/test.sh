@@ -246,7 +246,7 @@ checks = {"cell done": cell["status"] == "done", "restarted": cell["restarts"] >
           "resumed from its checkpoint": bool(card.get("resumed")),
           "flag left by the cell": "the sbatch script requeues job" in log,
           "requeued by the host": "brainhpc: requeued job" in log}
-print(f"cell {cell[\"status\"]}, restarts {cell[\"restarts\"]}, resumed {card.get(\"resumed\")}")
+print("cell", cell["status"], "restarts", cell["restarts"], "resumed", card.get("resumed"))
 sys.exit("; ".join(f"NOT {k}" for k, ok in checks.items() if not ok) or 0)' "$rq/run" \
     || fail "containerised requeue (log: $rq/run/logs/generate)"
   echo "containerised cell: interrupted, requeued on the host, resumed"
