@@ -421,9 +421,10 @@ def test_identity_ignores_run_only_settings(tmp_path):
     a = SegmentConfig(**base).identity()
     assert a == SegmentConfig(**{**base, "out": tmp_path / "b"}, synthetic_dir=tmp_path,
                               device="cpu", num_workers=2, progress=False,
-                              checkpoint_every=3).identity()
+                              checkpoint_every=3, precision="bf16").identity()
     assert a["channels"] == list(srun.SegmentConfig.channels) and a["min_area"] is None
     assert a != SegmentConfig(**base, augment=False).identity()
+    assert a != SegmentConfig(**base, val_every=2).identity()  # it moves the chosen epoch
 
 
 @pytest.mark.slow  # torchrun, 2 processes: ~25 s on 2 busy cores

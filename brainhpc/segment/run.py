@@ -155,7 +155,10 @@ class SegmentConfig:
     def identity(self) -> dict:
         """What defines the outputs (a finished run with the same identity is skipped)."""
         d = asdict(self)
-        for key in ("force", "device", "num_workers", "progress", "checkpoint_every", "out"):
+        # how to run, not what: precision sits with device (auto resolves per device, as in
+        # generate); the resolved precision is recorded in metrics.json
+        for key in ("force", "device", "precision", "num_workers", "progress",
+                    "checkpoint_every", "out"):
             d.pop(key)
         d["data"] = str(self.data.resolve())
         real = self.train_data == "real"  # then where synthetic shards live does not matter
