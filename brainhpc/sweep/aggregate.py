@@ -106,6 +106,11 @@ def _metrics(block: dict) -> dict:
                                          "degenerate")}}
 
 
+def _precision(value) -> str | None:
+    """The resolved precision's name (cells record a dict: name, requested, reason)."""
+    return value.get("name") if isinstance(value, dict) else value
+
+
 def _spec_cols(train_data: str) -> dict:
     spec = parse_train_spec(train_data)
     return {"train_data": str(spec), "kind": spec.kind, "generator": spec.generator or "",
@@ -155,7 +160,7 @@ def classify_rows(run_dir: Path, plan: dict) -> list[dict]:
         common = {} if not done else dict(
             n_train=(m.get("n_train") or {}).get("total"), epochs=m.get("epochs"),
             steps=m.get("steps"), wall_seconds=m.get("wall_seconds"), device=m.get("device"),
-            precision_mode=m.get("precision"), world_size=m.get("world_size"),
+            precision_mode=_precision(m.get("precision")), world_size=m.get("world_size"),
             code_version=m.get("brainhpc"), config_hash=m.get("config_hash"))
         external = _external(run_dir, plan, "classify", c) if done else []
         if p["model"] == "cnn":
@@ -225,7 +230,7 @@ def segment_rows(run_dir: Path, plan: dict) -> list[dict]:
                        n_test_patients=t.get("n_patients"),
                        n_train=(m.get("n_train") or {}).get("total"), epochs=m.get("epochs"),
                        steps=m.get("steps"), wall_seconds=m.get("wall_seconds"),
-                       device=m.get("device"), precision_mode=m.get("precision"),
+                       device=m.get("device"), precision_mode=_precision(m.get("precision")),
                        code_version=m.get("brainhpc"))
             for name, ev in _external(run_dir, plan, "segment", c):
                 et = ev.get("test", ev)
@@ -252,7 +257,7 @@ def generator_rows(run_dir: Path, plan: dict) -> list[dict]:
             row.update({k: card.get(k) for k in ("epochs", "n_train", "n_samples",
                                                  "train_seconds", "wall_seconds")})
             row.update(steps=card.get("steps"), code_version=card.get("brainhpc"),
-                       precision_mode=card.get("precision"),
+                       precision_mode=_precision(card.get("precision")),
                        near_copy_share=mem.get("near_copy_share"),
                        nn_corr_median=mem.get("nn_corr_median"),
                        **{k: q.get(k) for k in ("fid", "kid", "kid_std",
