@@ -175,23 +175,25 @@ def _normalise(text: str, run_dir: Path, data: Path | None = None) -> str:
     return text.replace(sys.executable, "PYTHON")
 
 
+STUDY = GOLDEN / "study.toml"  # a frozen copy of jobs/smoke.toml
+
+
 def _golden_sweep(case: str, tmp_path: Path):
     """(sweep, data dir) of each golden case."""
-    if case == "smoke":  # the local CPU profile
-        return load_sweep(REPO / "jobs" / "smoke.toml"), None
+    if case == "local":  # the local CPU profile
+        return load_sweep(STUDY), None
     if case == "gpu-cluster":  # make submit-all: the paper sweep on the GPU profile
         data = tmp_path / "Training"
         data.mkdir()
         return load_sweep(REPO / "jobs" / "paper.toml", data=data, profile="gpu-cluster"), data
     if case == "cpu-cluster":
-        return load_sweep(REPO / "jobs" / "smoke.toml", profile="cpu-cluster"), None
+        return load_sweep(STUDY, profile="cpu-cluster"), None
     # packed: small classify cells three to an array task, on the local profile
-    text = (REPO / "jobs" / "smoke.toml").read_text() + \
-        "\n[resources.classify]\ncells_per_task = 3\n"
-    return load_sweep(write(tmp_path, text, "smoke.toml")), None
+    text = STUDY.read_text() + "\n[resources.classify]\ncells_per_task = 3\n"
+    return load_sweep(write(tmp_path, text, "study.toml")), None
 
 
-@pytest.mark.parametrize("case", ["smoke", "gpu-cluster", "cpu-cluster", "packed"])
+@pytest.mark.parametrize("case", ["local", "gpu-cluster", "cpu-cluster", "packed"])
 def test_sbatch_scripts_match_golden(tmp_path, case):
     """The generated sbatch scripts, paths normalised; UPDATE_GOLDEN=1 rewrites the files."""
     sweep, data = _golden_sweep(case, tmp_path)
