@@ -273,6 +273,28 @@ def test_containerised_cell_is_requeued_from_the_host_and_resumes(tmp_path):
     assert np.array_equal(sa, sb)
 
 
+@needs_cluster
+@pytest.mark.slow
+def test_cancelled_cell_is_not_requeued(tmp_path):
+    """scancel sends SIGTERM too: the cell checkpoints and leaves its flag, but the teardown sees
+    the job is no longer RUNNING and does not requeue it (a user must be able to cancel)."""
+    run = tmp_path / "run"
+    path = sweep_file(tmp_path, "cancel", labels='["healthy"]', gen_epochs=60)
+    assert sweep(str(path), "--run-dir", str(run)).returncode == 0
+    gen_job = next(r["job_id"] for r in sub.read_jobs(run) if r["stage"] == "generate")
+    metrics = run / "generate" / "vae-healthy" / "metrics.jsonl"
+    wait_for("training started", lambda: _lines(metrics) > 0)
+    subprocess.run(["scancel", gen_job], check=True, timeout=30)
+    wait_sweep(run)
+    state = subprocess.run(["scontrol", "-o", "show", "job", gen_job], capture_output=True,
+                           text=True, timeout=30).stdout
+    assert "JobState=CANCELLED" in state and "Restarts=0" in state, state
+    cell = markers(run, "generate")["vae-healthy"]
+    assert cell["status"] != "done" and cell["restarts"] == 0, cell
+    log = Path(cell["log"]).read_text()
+    assert "not requeued: no longer running" in log, log[-2000:]
+
+
 GPU_PROFILE = """
 name = "local-gpu"
 cluster = "brainhpc"
