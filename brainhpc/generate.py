@@ -65,9 +65,13 @@ class GenerateConfig:
     precision: str = "auto"  # auto | bf16 | fp32 (brainhpc.train.precision); card.json: resolved
     num_workers: int = 0
     progress: bool = True
+    with_masks: bool = False  # train on image+mask pairs (tumour only); shards carry ``masks``
 
     def __post_init__(self):
         self.label = LABEL_ALIASES.get(self.label, self.label)
+        if not isinstance(self.with_masks, bool):
+            raise BrainhpcError(f"generate: with_masks must be true or false, got "
+                                f"{self.with_masks!r}")
         if self.precision not in PRECISIONS:
             raise BrainhpcError(f"generate: precision {self.precision!r} is not one of "
                                 f"{', '.join(PRECISIONS)}")
@@ -77,6 +81,11 @@ class GenerateConfig:
         if self.label not in LABELS:
             raise BrainhpcError(f"unknown label {self.label!r}; valid: {', '.join(LABELS)} "
                                 f"(or {', '.join(LABEL_ALIASES)})")
+        if self.with_masks and self.label != "tumour":
+            raise BrainhpcError(
+                f"generate: --with-masks draws tumour masks, and a {self.label} generator has "
+                "nothing to draw (its slices hold no tumour; the segment stage gives healthy "
+                "synthetic shards all-zero masks). Run the healthy cell without --with-masks")
         self.data, self.out = Path(self.data), Path(self.out)
         for key in ("n_samples", "min_images", "feature_steps"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
@@ -100,6 +109,8 @@ class GenerateConfig:
                     "out"):
             d.pop(key)
         d["data"] = str(self.data.resolve())
+        if not self.with_masks:
+            d.pop("with_masks")  # image-only runs keep the identity they had before masks
         return d
 
 
@@ -124,6 +135,24 @@ def check_prepared(data: Path) -> dict:
         raise BrainhpcError(f"{path}: prepared with format {fmt!r}, this brainhpc reads format "
                             f"{SHARD_FORMAT}; re-run `brainhpc prepare` with this version")
     return manifest
+
+
+MASK_LAYOUTS = ("phantom data (brainhpc prepare --phantom N), the LGG FLAIR layout "
+                "(<case>/<slice>_mask.tif) and any layout with X_mask files beside the images")
+
+
+def check_masks(train, data: Path) -> None:
+    """Refuse --with-masks on tumour train images without usable masks, naming the dataset."""
+    if train.masks is None:
+        raise BrainhpcError(f"generate --with-masks: prepared dataset {data} holds no tumour "
+                            f"masks (no 'masks' in {data}/train shards); layouts with masks: "
+                            f"{MASK_LAYOUTS}. Prepare such data, or drop --with-masks")
+    if train.masks.shape != train.images.shape:
+        raise BrainhpcError(f"generate --with-masks: {data}/train masks are "
+                            f"{train.masks.shape}, images {train.images.shape}")
+    if not train.masks.any():
+        raise BrainhpcError(f"generate --with-masks: every tumour mask in {data}/train is empty; "
+                            "there is nothing to learn to draw (check the mask files)")
 
 
 def _card_path(cfg: GenerateConfig) -> Path:
@@ -192,6 +221,9 @@ def _generate(cfg: GenerateConfig, ident: dict, manifest: dict, info, t_start: f
     if len(train) < cfg.min_images:
         raise BrainhpcError(f"{cfg.data}/train has {len(train)} {cfg.label} images, fewer than "
                             f"the {cfg.min_images} needed to train a generator (min_images)")
+    if cfg.with_masks:
+        check_masks(train, cfg.data)
+        raise BrainhpcError("generate: --with-masks is being built (issue 14); not trainable yet")
     options = dict(cfg.options)
     if cfg.epochs is not None:
         options["epochs"] = cfg.epochs
@@ -297,6 +329,9 @@ def add_parser(subparsers) -> None:
                    help="architecture option, e.g. --opt ema=0 --opt diffaugment=\"\" "
                         "(see brainhpc/models/<arch>.py Config)")
     p.add_argument("--min-images", type=int, default=64)
+    p.add_argument("--with-masks", action="store_true",
+                   help="tumour label only: train on image+mask pairs (prepared data with masks: "
+                        "phantom, LGG, X_mask files) and write synthetic masks with the images")
     p.add_argument("--no-quality", action="store_true", help="skip FID/KID/memorisation")
     p.add_argument("--feature-steps", type=int, default=qa.FeatureConfig.steps,
                    help="training steps of the quality feature network (cached per dataset)")
@@ -317,7 +352,7 @@ def run(args) -> int:
         options=dict(args.opt), min_images=args.min_images, quality=not args.no_quality,
         feature_steps=args.feature_steps, checkpoint_every=args.checkpoint_every,
         device=args.device, precision=args.precision, num_workers=args.workers,
-        progress=not args.no_progress)
+        progress=not args.no_progress, with_masks=args.with_masks)
     card = generate(cfg)
     if card.get("status") in ("done", "worker"):
         q = card.get("quality") or {}
