@@ -10,6 +10,14 @@
     memorisation.png      top synthetic / nearest-train pairs (see brainhpc.quality)
     card.json             model card: architecture, label, data, epochs, seed, wall time, quality
 
+``with_masks`` (tumour label only): the generator trains on image+mask pairs, the tumour mask as
+a second channel (``brainhpc.models``), and the shards also carry ``masks`` (N x 1 x H x W uint8
+0/255, as prepare writes them): the sampled mask channel cut at its midpoint, with specks under
+``MASK_MIN_PIXELS`` removed. samples.png and real.png then show the masks as red outlines, and
+card.json's ``masks`` block compares the synthetic masks with the real ones (share non-empty,
+mean area, image brightness inside vs outside). FID/KID and the memorisation check look at the
+image channel only.
+
 Re-runs: a finished run with the same config is skipped; a different config needs ``force``
 (which starts over); an interrupted or failed run resumes from its last checkpoint. Under
 torchrun/SLURM tasks every rank trains, rank 0 alone samples and writes.
@@ -17,7 +25,6 @@ torchrun/SLURM tasks every rank trains, rank 0 alone samples and writes.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import shutil
@@ -25,6 +32,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 
@@ -43,6 +51,8 @@ log = logging.getLogger(__name__)
 
 LABEL_ALIASES = {"tumor": "tumour"}
 GRID = 64  # images in samples.png / real.png
+MASK_MIN_PIXELS = 4  # sampled mask components smaller than this are dropped (binarise_masks)
+HEAD_LEVEL = 0.05  # pixels brighter than this count as head in the masks' brightness check
 
 
 @dataclass
@@ -95,8 +105,7 @@ class GenerateConfig:
             v = getattr(self, key)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise BrainhpcError(f"generate: {key} must be an integer >= 1, got {v!r}")
-        cls = models.module(self.arch).Config
-        names = [f.name for f in dataclasses.fields(cls) if f.name != "size"]
+        names = models.option_names(self.arch)
         bad = sorted(set(self.options) - set(names))
         if bad:
             raise BrainhpcError(f"{self.arch}: unknown option(s) {', '.join(bad)}; "
@@ -153,6 +162,45 @@ def check_masks(train, data: Path) -> None:
     if not train.masks.any():
         raise BrainhpcError(f"generate --with-masks: every tumour mask in {data}/train is empty; "
                             "there is nothing to learn to draw (check the mask files)")
+
+
+def binarise_masks(prob: np.ndarray, min_pixels: int | None = None) -> np.ndarray:
+    """Sampled mask channel (N, 1, H, W) in [0, 1] -> 0/255 uint8 masks: cut at the midpoint
+    0.5, then connected components (8-neighbour) of fewer than ``min_pixels`` pixels dropped
+    (``MASK_MIN_PIXELS``): single-pixel speckle of a half-trained generator is not a lesion."""
+    min_pixels = MASK_MIN_PIXELS if min_pixels is None else min_pixels
+    out = (np.asarray(prob) >= 0.5).astype(np.uint8)
+    for m in out[:, 0]:
+        n, lab, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
+        small = 1 + np.flatnonzero(stats[1:n, cv2.CC_STAT_AREA] < min_pixels)
+        if len(small):
+            m[np.isin(lab, small)] = 0
+    return out * np.uint8(255)
+
+
+def _mask_stats(images: np.ndarray, masks: np.ndarray) -> dict:
+    m = masks[:, 0] > 0
+    img = images[:, 0].astype(np.float64) / 255.0
+    area = m.sum((1, 2))
+    head = (img > HEAD_LEVEL) & ~m  # the head outside the mask (background is black)
+    return {"n": int(len(m)), "nonempty_share": round(float((area > 0).mean()), 4),
+            "mean_area_px": round(float(area.mean()), 2),
+            "mean_area_px_nonempty": round(float(area[area > 0].mean()), 2) if area.any()
+            else None,
+            "mean_intensity_inside": round(float(img[m].mean()), 4) if m.any() else None,
+            "mean_intensity_head_outside": round(float(img[head].mean()), 4) if head.any()
+            else None}
+
+
+def mask_report(synth: np.ndarray, masks: np.ndarray, real: np.ndarray,
+                real_masks: np.ndarray) -> dict:
+    """card.json's ``masks`` block: the synthetic masks beside the real train tumour masks, so a
+    reader sees at a glance whether the generator draws masks at all, of a plausible size, and
+    on the bright lesions (tumours are bright on FLAIR and on the phantoms) rather than anywhere."""
+    syn, ref = _mask_stats(synth, masks), _mask_stats(real, real_masks)
+    ratio = syn["mean_area_px"] / ref["mean_area_px"] if ref["mean_area_px"] else None
+    return {"min_component_pixels": MASK_MIN_PIXELS, "synthetic": syn, "real_train": ref,
+            "area_ratio": None if ratio is None else round(ratio, 4)}
 
 
 def _card_path(cfg: GenerateConfig) -> Path:
@@ -221,32 +269,38 @@ def _generate(cfg: GenerateConfig, ident: dict, manifest: dict, info, t_start: f
     if len(train) < cfg.min_images:
         raise BrainhpcError(f"{cfg.data}/train has {len(train)} {cfg.label} images, fewer than "
                             f"the {cfg.min_images} needed to train a generator (min_images)")
+    pairs = train.images
     if cfg.with_masks:
         check_masks(train, cfg.data)
-        raise BrainhpcError("generate: --with-masks is being built (issue 14); not trainable yet")
+        pairs = np.concatenate([train.images, np.where(train.masks > 0, 255, 0).astype(np.uint8)],
+                               axis=1)
     options = dict(cfg.options)
     if cfg.epochs is not None:
         options["epochs"] = cfg.epochs
     if cfg.batch_size is not None:
         options["batch_size"] = cfg.batch_size
-    arch_cfg = models.make_config(cfg.arch, size, options)
+    arch_cfg = models.make_config(cfg.arch, size, options, image_channels=pairs.shape[1])
     if arch_cfg.batch_size > len(train):
         raise BrainhpcError(f"batch_size {arch_cfg.batch_size} exceeds the {len(train)} "
                             f"{cfg.label} train images; pass a smaller --batch-size")
     task = models.module(cfg.arch).Task(arch_cfg)
     data_key = qa.dataset_key(cfg.data)
     arch_dict = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(arch_cfg).items()}
+    # image_channels stays out of "model" and with_masks is added only when set, so image-only
+    # checkpoints keep the fingerprint they had before masks (and resume)
     fingerprint = {"arch": cfg.arch, "label": cfg.label, "data": data_key, "size": size,
-                   "model": {k: v for k, v in arch_dict.items() if k != "epochs"}}
+                   "model": {k: v for k, v in arch_dict.items()
+                             if k not in ("epochs", "image_channels")},
+                   **({"with_masks": True} if cfg.with_masks else {})}
     tcfg = TrainConfig(out=cfg.out, epochs=arch_cfg.epochs, batch_size=arch_cfg.batch_size,
                        seed=cfg.seed, checkpoint_every=cfg.checkpoint_every,
                        num_workers=cfg.num_workers, device=cfg.device, progress=cfg.progress,
                        precision=cfg.precision)
     card = {"status": "running", "arch": cfg.arch, "label": cfg.label, "data": str(cfg.data),
             "data_key": data_key, "size": size, "n_train": len(train), "epochs": arch_cfg.epochs,
-            "batch_size": arch_cfg.batch_size, "seed": cfg.seed, "model": arch_dict,
-            "config": ident, "brainhpc": __version__}
-    dataset = torch.utils.data.TensorDataset(torch.from_numpy(train.images))
+            "batch_size": arch_cfg.batch_size, "seed": cfg.seed, "with_masks": cfg.with_masks,
+            "model": arch_dict, "config": ident, "brainhpc": __version__}
+    dataset = torch.utils.data.TensorDataset(torch.from_numpy(pairs))
     trainer = Trainer(task, dataset, tcfg, fingerprint=fingerprint, dist_info=info)
     if info.is_main:
         write_json(_card_path(cfg), card)
@@ -276,7 +330,9 @@ def _generate(cfg: GenerateConfig, ident: dict, manifest: dict, info, t_start: f
     t0 = time.time()
     with torch.random.fork_rng(devices=[]):
         samples = task.sample(model, cfg.n_samples, gen)
-    synth = (samples.cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
+    samples = samples.cpu().numpy()
+    synth = (samples[:, :1] * 255.0 + 0.5).astype(np.uint8)
+    masks = binarise_masks(samples[:, 1:]) if cfg.with_masks else None
     card["sample_seconds"] = round(time.time() - t0, 3)
     ckpt = trainer.last_path
     ckpt_sha = sha256_file(ckpt)
@@ -284,21 +340,34 @@ def _generate(cfg: GenerateConfig, ident: dict, manifest: dict, info, t_start: f
              "checkpoint_sha256": ckpt_sha, "seed": cfg.seed, "step": result["step"],
              "size": size, "data": str(cfg.data.resolve()), "data_key": data_key,
              "config_hash": config_hash(ident), "ema": name in trainer.ema}
+    if cfg.with_masks:
+        attrs.update(with_masks=True, mask_min_pixels=MASK_MIN_PIXELS)
     tmp = cfg.out / ".shards.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     write_shards(tmp, synth, np.full(len(synth), LABELS[cfg.label], np.int64),
                  [f"synthetic/{cfg.arch}/{cfg.label}/seed{cfg.seed}/{i:05d}"
-                  for i in range(len(synth))], attrs=attrs)
+                  for i in range(len(synth))], masks=masks, attrs=attrs)
     shutil.rmtree(cfg.out / "shards", ignore_errors=True)
     tmp.rename(cfg.out / "shards")
 
     k = min(GRID, len(synth))
+    shown = " and mask outlines" if cfg.with_masks else ""
     save_grid(synth[:k], cfg.out / "samples.png", ncols=8,
-              title=f"synthetic {cfg.label} - {cfg.arch}, step {result['step']}, seed {cfg.seed}")
-    pick = np.random.default_rng(cfg.seed).choice(len(train), min(GRID, len(train)),
-                                                  replace=False)
-    save_grid(train.images[np.sort(pick)], cfg.out / "real.png", ncols=8,
-              title=f"real {cfg.label} (train split of {cfg.data.name})")
+              masks=None if masks is None else masks[:k],
+              title=f"synthetic {cfg.label}{shown} - {cfg.arch}, step {result['step']}, "
+                    f"seed {cfg.seed}")
+    pick = np.sort(np.random.default_rng(cfg.seed).choice(len(train), min(GRID, len(train)),
+                                                          replace=False))
+    save_grid(train.images[pick], cfg.out / "real.png", ncols=8,
+              masks=train.masks[pick] if cfg.with_masks else None,
+              title=f"real {cfg.label}{shown} (train split of {cfg.data.name})")
+    if cfg.with_masks:
+        card["masks"] = mask_report(synth, masks, train.images, train.masks)
+        log.info("synthetic masks: %.0f%% non-empty, mean area %.1f px (real: %.0f%%, %.1f px)",
+                 100 * card["masks"]["synthetic"]["nonempty_share"],
+                 card["masks"]["synthetic"]["mean_area_px"],
+                 100 * card["masks"]["real_train"]["nonempty_share"],
+                 card["masks"]["real_train"]["mean_area_px"])
     if cfg.quality:
         card["quality"] = qa.evaluate(
             cfg.data, cfg.label, synth, cfg.out,

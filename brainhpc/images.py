@@ -2,7 +2,9 @@
 
 One function, ``save_grid``, used by every stage that shows images. Drawing is done with cv2 on a
 uint8 canvas (no matplotlib figure machinery: grids of thousands of tiles stay fast and exact),
-and the PNG is written atomically through ``brainhpc.fsio``.
+and the PNG is written atomically through ``brainhpc.fsio``. Given tumour ``masks``, the grid is
+drawn in colour with each mask's outline in red on its (upscaled) grayscale tile
+(``outline_tiles``); without them it stays the grayscale grid it always was.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from brainhpc.fsio import write_bytes
 
 PAD = 2  # pixels between tiles
 FONT = cv2.FONT_HERSHEY_SIMPLEX
+OUTLINE = (0, 0, 255)  # BGR: mask outlines in red
+OUTLINE_MIN_PX = 128  # outlined tiles are upscaled (nearest) to at least this, so a one-pixel
+#                       outline does not hide a small lesion
 
 
 def to_uint8(images: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -58,9 +63,33 @@ def _fit(text: str, scale: float, width: int) -> str:
     return text + ".."
 
 
+def outline_tiles(images, masks, colour: tuple[int, int, int] = OUTLINE,
+                  min_px: int = OUTLINE_MIN_PX) -> np.ndarray:
+    """(N, H', W', 3) uint8 BGR tiles: each image upscaled by an integer factor to at least
+    ``min_px`` (nearest), its mask's outer contours (cv2.findContours) drawn one pixel wide."""
+    tiles, marks = to_uint8(images), to_uint8(masks) > 0
+    if marks.shape != tiles.shape:
+        raise BrainhpcError(f"save_grid: masks {marks.shape} do not match images {tiles.shape}")
+    scale = max(1, -(-min_px // tiles.shape[-1]))
+    out = []
+    for img, m in zip(tiles, marks, strict=True):
+        big = cv2.resize(img, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
+        mbig = cv2.resize(m.astype(np.uint8), None, fx=scale, fy=scale,
+                          interpolation=cv2.INTER_NEAREST)
+        contours, _ = cv2.findContours(mbig, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        out.append(cv2.drawContours(cv2.cvtColor(big, cv2.COLOR_GRAY2BGR), contours, -1, colour,
+                                    1))
+    return np.stack(out)
+
+
 def render_grid(images, ncols: int = 8, captions: Sequence[str] | None = None,
-                title: str | None = None) -> np.ndarray:
-    """The grid as an (H, W) uint8 array (what ``save_grid`` writes)."""
+                title: str | None = None, masks=None) -> np.ndarray:
+    """The grid as an (H, W) uint8 array, or (H, W, 3) BGR with ``masks`` outlined (what
+    ``save_grid`` writes)."""
+    if masks is not None:
+        tiles = outline_tiles(images, masks)
+        return np.stack([render_grid(tiles[..., c], ncols, captions, title) for c in range(3)],
+                        axis=-1)
     tiles = to_uint8(images)
     n, h, w = tiles.shape
     if n == 0:
@@ -93,13 +122,15 @@ def render_grid(images, ncols: int = 8, captions: Sequence[str] | None = None,
 
 
 def save_grid(images, path: str | os.PathLike, ncols: int = 8,
-              captions: Sequence[str] | None = None, title: str | None = None) -> Path:
+              captions: Sequence[str] | None = None, title: str | None = None,
+              masks=None) -> Path:
     """Write ``images`` as a PNG grid of ``ncols`` columns, atomically; returns the path.
 
     ``images``: (N,1,H,W) or (N,H,W), uint8 or float in [0, 1] (numpy or torch). ``captions``:
     one short string per image, drawn under its tile; ``title``: one line above the grid.
+    ``masks``: tumour masks shaped like ``images`` (> 0 is tumour), drawn as red outlines.
     """
-    canvas = render_grid(images, ncols, captions, title)
+    canvas = render_grid(images, ncols, captions, title, masks)
     ok, buf = cv2.imencode(".png", canvas)
     if not ok:
         raise BrainhpcError(f"{path}: cv2 could not encode the grid as PNG")

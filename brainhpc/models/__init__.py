@@ -3,11 +3,15 @@
 Each module defines a ``Config`` dataclass (defaults sane on a GPU; every field can be overridden,
 tests shrink them) and a ``Task`` for ``brainhpc.train.Trainer`` with two extra members used by
 ``brainhpc.generate``: ``sample_model`` (the name of the model that makes images; its EMA copy is
-used when there is one) and ``sample(module, n, generator) -> (n, 1, S, S) float in [0, 1]``.
+used when there is one) and ``sample(module, n, generator) -> (n, C, S, S) float in [0, 1]``.
 
-Training batches are uint8 ``(B, 1, S, S)`` tensors (a ``TensorDataset`` over a label's train
-split); tasks scale them themselves. Shapes are derived from the image size ``S``, a power of two
-from 32 up (32, 64 and 128 px are tested).
+Training batches are uint8 ``(B, C, S, S)`` tensors (a ``TensorDataset`` over a label's train
+split); tasks scale them themselves. ``C`` is the config's ``image_channels``: 1 (the image) or 2
+(image and tumour mask, ``generate --with-masks``). Both channels are scaled alike, so the mask
+(0/255) lives in the image's training range ([-1, 1] for GANs and DDPM, [0, 1] for the VAE's
+BCE), and every augmentation moves them together. ``image_channels`` is set by
+``brainhpc.generate``, not an ``--opt``. Shapes are derived from the image size ``S``, a power of
+two from 32 up (32, 64 and 128 px are tested).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 from brainhpc.errors import BrainhpcError
 
 ARCHS = {"vae": "vae", "dcgan": "dcgan", "wgan-gp": "wgan_gp", "ddpm": "ddpm"}
+FIXED = ("size", "image_channels")  # config fields set from the data, not by options
 
 
 def check_size(size: int, arch: str) -> int:
@@ -36,19 +41,30 @@ def module(arch: str):
     return importlib.import_module(f"brainhpc.models.{ARCHS[arch]}")
 
 
-def make_config(arch: str, size: int, options: dict | None = None):
-    """``Config(size=size, **options)`` of ``arch``; unknown option keys list the valid ones."""
-    cls = module(arch).Config
-    names = [f.name for f in dataclasses.fields(cls) if f.name != "size"]
+def option_names(arch: str) -> list[str]:
+    """The ``--opt`` keys of ``arch``: its config fields except those set from the data."""
+    return [f.name for f in dataclasses.fields(module(arch).Config) if f.name not in FIXED]
+
+
+def make_config(arch: str, size: int, options: dict | None = None, image_channels: int = 1):
+    """``Config(size, image_channels, **options)`` of ``arch``; unknown option keys list the
+    valid ones."""
+    names = option_names(arch)
     bad = sorted(set(options or {}) - set(names))
     if bad:
         raise BrainhpcError(f"{arch}: unknown option(s) {', '.join(bad)}; "
                             f"valid: {', '.join(names)}")
-    return cls(size=size, **(options or {}))
+    return module(arch).Config(size=size, image_channels=image_channels, **(options or {}))
 
 
-def build_task(arch: str, size: int, options: dict | None = None):
-    return module(arch).Task(make_config(arch, size, options))
+def build_task(arch: str, size: int, options: dict | None = None, image_channels: int = 1):
+    return module(arch).Task(make_config(arch, size, options, image_channels))
+
+
+def check_image_channels(cfg) -> None:
+    if cfg.image_channels not in (1, 2) or isinstance(cfg.image_channels, bool):
+        raise BrainhpcError(f"{type(cfg).__module__.rsplit('.', 1)[-1]}: image_channels must be "
+                            f"1 (image) or 2 (image + tumour mask), got {cfg.image_channels!r}")
 
 
 def to_signed(x: torch.Tensor) -> torch.Tensor:

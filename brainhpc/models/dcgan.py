@@ -2,15 +2,17 @@
 
 Generator: latent 100 -> linear to ``g_channels`` x 8 x 8 (128 x 8 x 8 by default) -> log2(S/8)
 transposed convs (x2 each, batch norm, ReLU; channels halve down to ``min_channels``) -> 3x3 conv
-to one channel -> **tanh**: images live in [-1, 1] during training (data is scaled to match) and
-are mapped back to [0, 1] by ``sample``. Discriminator: four stride-2 convs with LeakyReLU(0.2)
-(``d_channels`` doubling per layer, no normalisation), then a linear layer to one logit.
+to ``image_channels`` (1, or 2 with the tumour mask) -> **tanh**: images live in [-1, 1] during
+training (data is scaled to match) and are mapped back to [0, 1] by ``sample``. Discriminator:
+four stride-2 convs with LeakyReLU(0.2) (``d_channels`` doubling per layer, no normalisation),
+then a linear layer to one logit; it sees image and mask together, so it judges the pair.
 
 Small-data aids (the issue's ~1,500 images per label):
 * ``diffaugment`` (Zhao et al. 2020, "Differentiable Augmentation for Data-Efficient GAN
   Training"): random translation (1/8 of the size) and cutout (half the size) applied to *both*
   real and generated images before every discriminator call, in the D and in the G step, so the
   discriminator cannot memorise the few real images while gradients still reach the generator;
+  one shift and one cutout per sample, applied to all its channels (image and mask move together);
 * ``ema``: an exponential moving average of generator weights, used for sampling;
 * ``hflip``: left-right mirroring of real images.
 
@@ -30,7 +32,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from brainhpc.errors import BrainhpcError
-from brainhpc.models import check_positive, check_size, random_hflip, to_signed
+from brainhpc.models import (
+    check_image_channels,
+    check_positive,
+    check_size,
+    random_hflip,
+    to_signed,
+)
 
 AUGMENTS = ("translation", "cutout")
 
@@ -38,6 +46,7 @@ AUGMENTS = ("translation", "cutout")
 @dataclass
 class Config:
     size: int = 128
+    image_channels: int = 1  # 2: image + tumour mask (set by generate --with-masks)
     latent: int = 100
     g_channels: int = 128  # channels at 8 x 8
     min_channels: int = 32  # generator channels stop halving here
@@ -52,6 +61,7 @@ class Config:
 
     def __post_init__(self):
         check_size(self.size, type(self).__module__.rsplit(".", 1)[-1])
+        check_image_channels(self)
         check_positive(self, "latent", "g_channels", "min_channels", "d_channels", "lr",
                        "batch_size", "epochs")
         bad = [a for a in self.augments if a not in AUGMENTS]
@@ -67,7 +77,8 @@ class Config:
 
 
 class Generator(nn.Module):
-    def __init__(self, size: int, latent: int, g_channels: int, min_channels: int):
+    def __init__(self, size: int, latent: int, g_channels: int, min_channels: int,
+                 image_channels: int = 1):
         super().__init__()
         self.latent, self.c0 = latent, g_channels
         self.fc = nn.Linear(latent, g_channels * 64, bias=False)
@@ -77,7 +88,7 @@ class Generator(nn.Module):
             layers += [nn.ConvTranspose2d(c, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out),
                        nn.ReLU(inplace=True)]
             c = c_out
-        layers += [nn.Conv2d(c, 1, 3, 1, 1), nn.Tanh()]
+        layers += [nn.Conv2d(c, image_channels, 3, 1, 1), nn.Tanh()]
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -87,9 +98,9 @@ class Generator(nn.Module):
 class Discriminator(nn.Module):
     """Four stride-2 convs with LeakyReLU, linear to one logit/score (no normalisation)."""
 
-    def __init__(self, size: int, d_channels: int):
+    def __init__(self, size: int, d_channels: int, image_channels: int = 1):
         super().__init__()
-        layers, c_in = [], 1
+        layers, c_in = [], image_channels
         for i in range(4):
             c = d_channels * 2**i
             layers += [nn.Conv2d(c_in, c, 4, 2, 1), nn.LeakyReLU(0.2, inplace=True)]
@@ -144,8 +155,9 @@ class GANTask:
 
     def models(self):
         c = self.cfg
-        return {"generator": Generator(c.size, c.latent, c.g_channels, c.min_channels),
-                "critic": Discriminator(c.size, c.d_channels)}
+        return {"generator": Generator(c.size, c.latent, c.g_channels, c.min_channels,
+                                       c.image_channels),
+                "critic": Discriminator(c.size, c.d_channels, c.image_channels)}
 
     def optimizers(self, models):
         betas = getattr(self, "betas", (self.cfg.beta1, 0.999))

@@ -12,6 +12,8 @@
 * Sampling: deterministic DDIM (eta = 0) over ``sample_steps`` evenly spaced timesteps, with the
   predicted clean image clipped to [-1, 1] at every step; images are mapped to [0, 1].
 * EMA of the denoiser weights (``ema``) is used for sampling.
+* ``image_channels=2`` (generate --with-masks): the tumour mask is a second channel in [-1, 1],
+  noised and denoised jointly with the image (one U-Net in and out, one noise MSE).
 
 Diffusion models memorise small training sets (Akbar et al.): run the memorisation check in
 ``brainhpc.quality`` on every DDPM you share.
@@ -27,7 +29,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from brainhpc.errors import BrainhpcError
-from brainhpc.models import check_positive, check_size, random_hflip, to_signed
+from brainhpc.models import (
+    check_image_channels,
+    check_positive,
+    check_size,
+    random_hflip,
+    to_signed,
+)
 
 SCHEDULES = ("cosine", "linear")
 
@@ -35,7 +43,8 @@ SCHEDULES = ("cosine", "linear")
 @dataclass
 class Config:
     size: int = 128
-    channels: int = 64
+    image_channels: int = 1  # 2: image + tumour mask (set by generate --with-masks)
+    channels: int = 64  # U-Net width at full resolution
     mults: tuple[int, ...] | None = None  # None: derived from size (see module docstring)
     res_blocks: int = 2
     attention: bool = True
@@ -51,6 +60,7 @@ class Config:
 
     def __post_init__(self):
         check_size(self.size, "ddpm")
+        check_image_channels(self)
         check_positive(self, "channels", "res_blocks", "timesteps", "sample_steps", "lr",
                        "batch_size", "epochs")
         if self.schedule not in SCHEDULES:
@@ -120,7 +130,7 @@ class UNet(nn.Module):
         ch, t_dim = cfg.channels, cfg.channels * 4
         self.ch = ch
         self.t_mlp = nn.Sequential(nn.Linear(ch, t_dim), nn.SiLU(), nn.Linear(t_dim, t_dim))
-        self.inc = nn.Conv2d(1, ch, 3, 1, 1)
+        self.inc = nn.Conv2d(cfg.image_channels, ch, 3, 1, 1)
         self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
         widths, c = [], ch
         for i, m in enumerate(cfg.mults):
@@ -145,7 +155,8 @@ class UNet(nn.Module):
             self.up.append(blocks)
             self.upsample.append(nn.Identity() if i == 0 else nn.Sequential(
                 nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c, 3, 1, 1)))
-        self.out = nn.Sequential(nn.GroupNorm(_groups(c), c), nn.SiLU(), nn.Conv2d(c, 1, 3, 1, 1))
+        self.out = nn.Sequential(nn.GroupNorm(_groups(c), c), nn.SiLU(),
+                                 nn.Conv2d(c, cfg.image_channels, 3, 1, 1))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         temb = self.t_mlp(timestep_embedding(t, self.ch))
@@ -223,7 +234,8 @@ class Task:
         out = []
         for lo in range(0, n, batch):
             m = min(batch, n - lo)
-            x = torch.randn(m, 1, self.cfg.size, self.cfg.size, generator=generator).to(device)
+            x = torch.randn(m, self.cfg.image_channels, self.cfg.size, self.cfg.size,
+                            generator=generator).to(device)
             for k, ts in enumerate(steps.tolist()):
                 a = abar[ts]
                 a_prev = abar[steps[k + 1]] if k + 1 < len(steps) else torch.ones((), device=device)

@@ -6,7 +6,8 @@ from 128 down to 2 x 2 with 32..1024 channels, linear heads for mean and log-var
 norm, ReLU) back to 128 px with a sigmoid output. At S px there are log2(S/2) layers each way.
 Loss per image = reconstruction (binary cross-entropy summed over pixels) + ``kl_weight`` x KL.
 The decoder returns logits during training (BCE-with-logits is the numerically safe, autocast-
-safe form of the same loss); ``decode`` applies the sigmoid.
+safe form of the same loss); ``decode`` applies the sigmoid. With ``image_channels=2`` the tumour
+mask is a second input and output channel in [0, 1], in the same BCE sum as the image.
 """
 
 from __future__ import annotations
@@ -18,12 +19,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from brainhpc.models import check_positive, check_size, random_hflip, to_unit
+from brainhpc.models import (
+    check_image_channels,
+    check_positive,
+    check_size,
+    random_hflip,
+    to_unit,
+)
 
 
 @dataclass
 class Config:
     size: int = 128
+    image_channels: int = 1  # 2: image + tumour mask (set by generate --with-masks)
     latent: int = 512
     base: int = 32  # channels of the first conv, doubled per layer up to max_channels
     max_channels: int = 1024
@@ -35,6 +43,7 @@ class Config:
 
     def __post_init__(self):
         check_size(self.size, "vae")
+        check_image_channels(self)
         check_positive(self, "latent", "base", "max_channels", "kl_weight", "lr", "batch_size",
                        "epochs")
 
@@ -48,7 +57,7 @@ class VAE(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         ch = channels(cfg)
-        layers, c_in = [], 1
+        layers, c_in = [], cfg.image_channels
         for c in ch:
             layers += [nn.Conv2d(c_in, c, 4, 2, 1, bias=False), nn.BatchNorm2d(c),
                        nn.LeakyReLU(0.2, inplace=True)]
@@ -60,7 +69,7 @@ class VAE(nn.Module):
         self.fc = nn.Linear(cfg.latent, self.top * 4)
         layers = [nn.BatchNorm2d(self.top), nn.ReLU(inplace=True)]
         for i in reversed(range(len(ch))):
-            c_out = ch[i - 1] if i > 0 else 1
+            c_out = ch[i - 1] if i > 0 else cfg.image_channels
             layers.append(nn.ConvTranspose2d(ch[i], c_out, 4, 2, 1, bias=i == 0))
             if i > 0:
                 layers += [nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
