@@ -14,7 +14,7 @@ from brainhpc.errors import BrainhpcError
 from brainhpc.sweep import submit as sub
 from brainhpc.sweep.cells import expand
 from brainhpc.sweep.cli import dry_run, main
-from brainhpc.sweep.config import REPO, load_sweep
+from brainhpc.sweep.config import REPO, STAGES, load_sweep
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -188,19 +188,25 @@ def _golden_sweep(case: str, tmp_path: Path):
         return load_sweep(REPO / "jobs" / "paper.toml", data=data, profile="gpu-cluster"), data
     if case == "cpu-cluster":
         return load_sweep(STUDY, profile="cpu-cluster"), None
+    if case.startswith("datasets"):  # several datasets, segment and evaluate stages
+        ext = tmp_path / "external"
+        ext.mkdir()
+        text = (GOLDEN / "datasets.toml").read_text().replace("EXT_DIR", str(ext))
+        profile = "gpu-cluster" if case == "datasets-gpu" else None
+        return load_sweep(write(tmp_path, text, "datasets.toml"), profile=profile), ext
     # packed: small classify cells three to an array task, on the local profile
     text = STUDY.read_text() + "\n[resources.classify]\ncells_per_task = 3\n"
     return load_sweep(write(tmp_path, text, "study.toml")), None
 
 
-@pytest.mark.parametrize("case", ["local", "gpu-cluster", "cpu-cluster", "packed"])
+@pytest.mark.parametrize("case", ["local", "gpu-cluster", "cpu-cluster", "packed", "datasets",
+                                  "datasets-gpu"])
 def test_sbatch_scripts_match_golden(tmp_path, case):
     """The generated sbatch scripts, paths normalised; UPDATE_GOLDEN=1 rewrites the files."""
     sweep, data = _golden_sweep(case, tmp_path)
     run = tmp_path / "run"
     plan = expand(sweep, run)
-    text = _normalise(dry_run(sweep, plan, run.resolve(), ["prepare", "generate", "classify",
-                                                           "aggregate"]), run.resolve(), data)
+    text = _normalise(dry_run(sweep, plan, run.resolve(), list(STAGES)), run.resolve(), data)
     text = re.sub(r"^sweep (\w+) \(.*?\)", r"sweep \1 (SWEEP_FILE)", text)
     golden = GOLDEN / f"sweep-{case}.txt"
     if os.environ.get("UPDATE_GOLDEN"):
@@ -225,6 +231,19 @@ def test_sbatch_scripts_match_golden(tmp_path, case):
         assert "module load apptainer" in text and "device: cuda" in text
     if case == "packed":
         assert "#SBATCH --array=0-1%2" in scripts["classify"]  # 6 cells, 3 per task
+    if case.startswith("datasets"):
+        assert list(scripts) == list(STAGES)
+        assert "  lgg/unet-mixed_vae-s0 " in text and "  br35h/external " in text
+        assert "#SBATCH --dependency='afterany:<prepare, generate job ids>'" in scripts["segment"]
+        assert "#SBATCH --dependency='afterany:<classify, segment job ids>'" in \
+            scripts["evaluate"]
+        assert "#SBATCH --array=0-1%" in scripts["evaluate"]  # one cell per dataset
+        assert "#SBATCH --mem=512M\n" in scripts["evaluate"]
+    if case == "datasets-gpu":
+        assert "#SBATCH --gpus-per-node=1\n" in scripts["segment"]
+        assert "--gpus" not in scripts["evaluate"]
+        assert "#SBATCH --partition=cpu\n" in scripts["evaluate"]
+        assert "--bind RUN_DIR,DATA_DIR:DATA_DIR:ro /shared" in text  # the external set
 
 
 def test_gpu_profile_partitions_and_overrides(tmp_path):
@@ -238,10 +257,12 @@ def test_gpu_profile_partitions_and_overrides(tmp_path):
     got = {st: (r.partition, r.gpus_per_node, r.tasks, s.device(st))
            for st, r in s.resources.items()}
     assert got == {"prepare": ("cpu", 0, 1, "cpu"), "generate": ("gpu", 1, 1, "cuda"),
-                   "classify": ("gpu", 1, 1, "cuda"), "aggregate": ("cpu", 0, 1, "cpu")}
+                   "classify": ("gpu", 1, 1, "cuda"), "segment": ("gpu", 1, 1, "cuda"),
+                   "evaluate": ("cpu", 0, 1, "cpu"), "aggregate": ("cpu", 0, 1, "cpu")}
     s = load_sweep(paper, data=data, partition="a100", cpu_partition="short")
     assert {st: r.partition for st, r in s.resources.items()} == {
-        "prepare": "short", "generate": "a100", "classify": "a100", "aggregate": "short"}
+        "prepare": "short", "generate": "a100", "classify": "a100", "segment": "a100",
+        "evaluate": "short", "aggregate": "short"}
     # the file's per-stage partition of a CPU stage is that stage's own
     text = paper.read_text() + '[resources.aggregate]\npartition = "login"\n'
     s = load_sweep(write(tmp_path, text), data=data)

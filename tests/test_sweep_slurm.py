@@ -6,6 +6,7 @@ Skipped with the reason when the cluster is not up. Tiny phantom data (32 px, ~1
 
 import csv
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -433,3 +434,103 @@ def test_srun_kills_the_other_ranks_when_one_fails(tmp_path):
     text = out.read_text()
     assert "rank0 survived" not in text, text
     assert "exit code 3" in text, text
+
+
+DATASETS = """
+name = "{name}"
+profile = "local"
+[data.br35h]
+phantom = 100
+size = 32
+[data.lgg]
+phantom = 100
+size = 32
+seed = 1
+[classify]
+epochs = 1
+batch_size = 16
+[[classify.cells]]
+model = "cnn"
+train_data = ["real"]
+[[segment.cells]]
+train_data = ["real"]
+datasets = ["lgg"]
+epochs = 1
+batch_size = 16
+options = {{ channels = [8, 16], strides = [2] }}
+[[evaluate]]
+name = "ext"
+path = "{ext}"
+[resources]
+partition = "debug"
+time_min = 15
+array_parallelism = 2
+"""
+
+
+@needs_cluster
+@pytest.mark.slow
+def test_two_datasets_segment_and_external_set_through_slurm(tmp_path):
+    """Two phantom datasets (cell ids br35h/..., lgg/...), a U-Net on one of them and an
+    external raw folder with masks: every stage runs as its own array in order, the evaluate
+    cells score their dataset's models, and the aggregate has the external columns and the
+    segmentation table. A re-run finds nothing to do."""
+    import cv2
+
+    from brainhpc.data import phantom
+
+    ext = tmp_path / "ext"
+    for p in phantom.generate(24, seed=99):
+        folder = ext / ("yes" if p.label else "no")
+        folder.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(folder / p.name), p.image)
+        cv2.imwrite(str(folder / p.name.replace(".png", "_mask.png")), p.mask * 255)
+    path = tmp_path / "two.toml"
+    path.write_text(DATASETS.format(name="two", ext=ext))
+    run = tmp_path / "run"
+    out = sweep(str(path), "--run-dir", str(run))
+    assert out.returncode == 0, out.stderr
+    recs = sub.read_jobs(run)
+    assert [(r["stage"], r["cells"]) for r in recs] == [
+        ("prepare", ["br35h", "lgg"]), ("classify", ["br35h/cnn-real-s0", "lgg/cnn-real-s0"]),
+        ("segment", ["lgg/unet-real-s0"]), ("evaluate", ["br35h/ext", "lgg/ext"]),
+        ("aggregate", ["results"])]
+    job = {r["stage"]: r["job_id"] for r in recs}
+    assert recs[2]["after"] == [job["prepare"]]  # segment does not wait for classify
+    assert recs[3]["after"] == [job["classify"], job["segment"]]
+    wait_sweep(run)
+
+    status = sweep("status", str(run))
+    assert status.returncode == 0, status.stdout
+    for cid in ("br35h", "lgg", "br35h/cnn-real-s0", "lgg/unet-real-s0", "lgg/ext", "results"):
+        assert re.search(rf"^\w+ +{re.escape(cid)} +done ", status.stdout, re.M), status.stdout
+    assert status.stdout.strip().splitlines()[-1] == "8 done"
+    assert (run / "prepare" / "lgg" / "prepared" / "manifest.json").exists()
+    lgg = json.loads((run / "evaluate" / "lgg" / "ext" / "summary.json").read_text())
+    assert [s["cell"] for s in lgg["scored"]["classify"]] == ["lgg/cnn-real-s0"]
+    assert [s["cell"] for s in lgg["scored"]["segment"]] == ["lgg/unet-real-s0"]
+    assert lgg["not_finished"] == [] and lgg["dataset"] == "lgg"
+    br35h = json.loads((run / "evaluate" / "br35h" / "ext" / "summary.json").read_text())
+    assert [s["cell"] for s in br35h["scored"]["classify"]] == ["br35h/cnn-real-s0"]
+    assert br35h["scored"]["segment"] == []
+    scores = run / "evaluate" / "lgg" / "ext" / "segment" / "lgg" / "unet-real-s0"
+    assert json.loads((scores / "metrics.json").read_text())["n"] == 24
+
+    rows = list(csv.DictReader((run / "results" / "metrics.csv").open()))
+    cnn = {r["cell"]: r for r in rows if r["model"] == "cnn"}
+    assert set(cnn) == {"br35h/cnn-real-s0", "lgg/cnn-real-s0"}
+    for cid, r in cnn.items():
+        assert r["dataset"] == cid.split("/")[0] and r["status"] == "done", r
+        assert 0.0 <= float(r["ext_balanced_accuracy"]) <= 1.0 and r["ext_n"] == "24", r
+    seg = list(csv.DictReader((run / "results" / "segmentation.csv").open()))
+    assert [(r["dataset"], r["cell"], r["status"]) for r in seg] == [
+        ("lgg", "lgg/unet-real-s0", "done")]
+    assert 0.0 <= float(seg[0]["ext_dice_patient"]) <= 1.0
+    table = (run / "results" / "table.md").read_text()
+    assert "### br35h: test split" in table and "### lgg: test split" in table
+    assert "ext: bal. acc" in table and "ext: Dice per patient" in table
+    again = sweep("aggregate", str(run))  # the same files, here and now
+    assert again.returncode == 0 and "1 segment rows" in again.stdout, again.stderr
+
+    rerun = sweep(str(path), "--run-dir", str(run))
+    assert rerun.returncode == 0 and "nothing to submit" in rerun.stdout, rerun.stderr

@@ -8,10 +8,19 @@ error); ``status: done`` is written only after the stage function returned finis
 Layout, chosen so the stages find each other's outputs::
 
     RUN_DIR/prepare/data/prepared/       the prepared dataset (PrepareConfig.out)
-    RUN_DIR/generate/<arch>-<label>/     GenerateConfig.out; RUN_DIR/generate is classify's
-                                         synthetic_dir (brainhpc.classify.data layout)
+    RUN_DIR/generate/<arch>-<label>/     GenerateConfig.out; RUN_DIR/generate is classify's and
+                                         segment's synthetic_dir (brainhpc.classify.data layout)
     RUN_DIR/classify/<model>-<train data>-s<seed>/   (a vae cell scores all its techniques)
+    RUN_DIR/segment/unet-<train data>-s<seed>/
+    RUN_DIR/evaluate/<entry>/            an [[evaluate]] entry: summary.json, and the scores of
+                                         each finished model in <stage>/<model cell id>/
     RUN_DIR/aggregate/results/           -> RUN_DIR/results/ (metrics.csv, table.md, plots)
+
+With several datasets (``[data.<name>]``) the prepare cell of dataset <name> is ``<name>``
+(``RUN_DIR/prepare/<name>/prepared``) and every other cell id starts with ``<name>/``
+(``RUN_DIR/classify/<name>/cnn-real-s0``; synthetic_dir ``RUN_DIR/generate/<name>``); those
+cells carry ``params["dataset"]``. A plain ``[data]`` keeps the layout above (no prefix, no
+``dataset`` param: the config hashes of older run directories stay valid).
 
 Preemption and time limits: SLURM sends SIGUSR2 ``signal_delay_s`` before the time limit, and
 SIGTERM on preemption. ``CellRunner`` handles both the same way: it asks the live trainer to
@@ -37,7 +46,7 @@ import signal
 import socket
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import submitit
@@ -45,7 +54,7 @@ import submitit
 from brainhpc import __version__
 from brainhpc.errors import BrainhpcError
 from brainhpc.fsio import config_hash, write_json
-from brainhpc.sweep.config import STAGES, Sweep
+from brainhpc.sweep.config import SINGLE, STAGES, Sweep
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +81,18 @@ class Cell:
         return self.folder / "cell.json"
 
 
-def prepared_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "prepare" / "data" / "prepared"
+def dataset_of(cell: Cell) -> str:
+    """The dataset a cell belongs to ("data" for a plain [data] table)."""
+    return cell.params.get("dataset") or SINGLE
+
+
+def prepared_dir(run_dir: str | Path, dataset: str = SINGLE) -> Path:
+    return Path(run_dir) / "prepare" / dataset / "prepared"
+
+
+def synthetic_dir(run_dir: str | Path, dataset: str | None = None) -> Path:
+    """The folder of a dataset's generate cells (``<arch>-<label>/``)."""
+    return Path(run_dir) / "generate" / dataset if dataset else Path(run_dir) / "generate"
 
 
 def results_dir(run_dir: str | Path) -> Path:
@@ -87,13 +106,21 @@ def _train_id(text: str) -> str:
 def expand(sweep: Sweep, run_dir: Path) -> dict[str, list[Cell]]:
     """Every cell of every stage, in stage order (the stage functions validate params here)."""
     rd = str(Path(run_dir).resolve())
-    d = sweep.data
-    prep = {"data": None if d.path is None else str(d.path), "phantom": d.phantom,
-            "size": d.size, "seed": d.seed, "labels": d.labels}
     plan: dict[str, list[Cell]] = {s: [] for s in STAGES}
-    plan["prepare"].append(Cell("prepare", "data", prep, rd))
+
+    def add(stage: str, ds: str, base: str, params: dict) -> None:
+        if sweep.named:
+            plan[stage].append(Cell(stage, f"{ds}/{base}", {**params, "dataset": ds}, rd))
+        else:
+            plan[stage].append(Cell(stage, base, params, rd))
+
+    for d in sweep.datasets:
+        prep = {"data": None if d.path is None else str(d.path), "phantom": d.phantom,
+                "size": d.size, "seed": d.seed, "labels": d.labels}
+        plan["prepare"].append(Cell("prepare", d.name, {**prep, "dataset": d.name}
+                                    if sweep.named else prep, rd))
     g = sweep.generate
-    if g is not None:
+    for ds in g.datasets if g is not None else ():
         for arch in g.archs:
             for label in g.labels:
                 params = {"arch": arch, "label": label, "seed": g.seed, "epochs": g.epochs,
@@ -103,34 +130,78 @@ def expand(sweep: Sweep, run_dir: Path) -> dict[str, list[Cell]]:
                           "options": g.options.get(arch, {})}
                 if g.feature_steps is not None:
                     params["feature_steps"] = g.feature_steps
-                plan["generate"].append(Cell("generate", f"{arch}-{label}", params, rd))
-    by_id: dict[str, Cell] = {}
-    for block in sweep.classify:
-        for train in block.train_data:
-            for seed in block.seeds:
-                # a VAE detector trains once per (training data, seed) and scores all its
-                # techniques from the same residual maps (brainhpc.classify.run)
-                cid = f"{block.model}-{_train_id(train)}-s{seed}"
-                if cid in by_id:  # two blocks naming the same cell: run it once
-                    old = by_id[cid].params
-                    if "techniques" in old:
-                        old["techniques"] += [t for t in block.techniques
-                                              if t not in old["techniques"]]
-                    continue
-                params = {"model": block.model, "train_data": train, "seed": seed,
-                          **block.options}
-                if block.model == "vae":
-                    params["techniques"] = list(block.techniques)
-                if block.epochs is not None:
-                    params["epochs"] = block.epochs
-                if block.batch_size is not None:
-                    params["batch_size"] = block.batch_size
-                by_id[cid] = Cell("classify", cid, params, rd)
-    plan["classify"] = list(by_id.values())
+                if label == "tumour" and ds in g.with_masks:
+                    params["with_masks"] = True
+                add("generate", ds, f"{arch}-{label}", params)
+    for ds in sweep.names:
+        by_id: dict[str, dict] = {}
+        for block in (b for b in sweep.classify if ds in b.datasets):
+            for train in block.train_data:
+                for seed in block.seeds:
+                    # a VAE detector trains once per (training data, seed) and scores all its
+                    # techniques from the same residual maps (brainhpc.classify.run)
+                    cid = f"{block.model}-{_train_id(train)}-s{seed}"
+                    if cid in by_id:  # two blocks naming the same cell: run it once
+                        old = by_id[cid]
+                        if "techniques" in old:
+                            old["techniques"] += [t for t in block.techniques
+                                                  if t not in old["techniques"]]
+                        continue
+                    params = {"model": block.model, "train_data": train, "seed": seed,
+                              **block.options}
+                    if block.model == "vae":
+                        params["techniques"] = list(block.techniques)
+                    if block.epochs is not None:
+                        params["epochs"] = block.epochs
+                    if block.batch_size is not None:
+                        params["batch_size"] = block.batch_size
+                    by_id[cid] = params
+        for cid, params in by_id.items():
+            add("classify", ds, cid, params)
+        seg: dict[str, dict] = {}
+        for i, block in enumerate(sweep.segment):
+            if ds not in block.datasets:
+                continue
+            for train in block.train_data:
+                for seed in block.seeds:
+                    cid = f"unet-{_train_id(train)}-s{seed}"
+                    params = {"train_data": train, "seed": seed, **block.options}
+                    if block.epochs is not None:
+                        params["epochs"] = block.epochs
+                    if block.batch_size is not None:
+                        params["batch_size"] = block.batch_size
+                    if cid in seg and seg[cid][1] != params:
+                        raise BrainhpcError(
+                            f"{sweep.source}: segment.cells[{seg[cid][0]}] and segment.cells[{i}]"
+                            f" both make cell {cid} of dataset {ds}, with different settings")
+                    seg.setdefault(cid, (i, params))
+        for cid, (_, params) in seg.items():
+            add("segment", ds, cid, params)
+    for e in sweep.evaluate:
+        models = {dataset_of(c) for s in ("classify", "segment") for c in plan[s]}
+        if not models & set(e.datasets):
+            raise BrainhpcError(f"{sweep.source}: evaluate entry {e.name!r}: no classify or "
+                                f"segment cells on {', '.join(e.datasets)} to score")
+        for ds in (n for n in e.datasets if n in models):
+            add("evaluate", ds, e.name, {"name": e.name, "path": str(e.path),
+                                         "labels": e.labels, "split": e.split})
     plan["aggregate"].append(Cell("aggregate", "results", {"name": sweep.name}, rd))
-    for cell in plan["generate"] + plan["classify"]:
-        stage_config(cell)  # fail on bad options before anything is submitted
+    for stage in ("generate", "classify", "segment", "evaluate"):
+        for cell in plan[stage]:
+            stage_config(cell)  # fail on bad options before anything is submitted
     return plan
+
+
+def _build(cls, cell: Cell, params: dict, **fixed):
+    """``cls(**fixed, **params)``, refusing a param that is no field of ``cls`` (a typo in a
+    block's options) or one the sweep sets itself."""
+    valid = {f.name for f in fields(cls)} - set(fixed)
+    for key in params:
+        if key not in valid:
+            why = "the sweep sets it" if key in fixed else "no such field"
+            raise BrainhpcError(f"{cell.stage}/{cell.id}: option {key!r}: {why} of "
+                                f"{cls.__name__}; valid options: {', '.join(sorted(valid))}")
+    return cls(**fixed, **params)
 
 
 def stage_config(cell: Cell, force: bool = False, device: str = "auto"):
@@ -144,20 +215,33 @@ def stage_config(cell: Cell, force: bool = False, device: str = "auto"):
         raise BrainhpcError(f"{cell.stage}/{cell.id}: options may not set device ({p['device']!r}):"
                             " the sweep sets it from the resources (GPUs requested -> cuda, "
                             "else cpu)")
+    named = p.pop("dataset", None)  # only with several datasets ([data.<name>])
+    ds = named or SINGLE
     if cell.stage == "prepare":
         from brainhpc.data.prepare import PrepareConfig
 
-        return PrepareConfig(out=prepared_dir(rd), force=force, progress=False, **p)
+        return PrepareConfig(out=prepared_dir(rd, cell.id), force=force, progress=False, **p)
     if cell.stage == "generate":
         from brainhpc.generate import GenerateConfig
 
-        return GenerateConfig(data=prepared_dir(rd), out=cell.folder, force=force,
+        return GenerateConfig(data=prepared_dir(rd, ds), out=cell.folder, force=force,
                               progress=False, device=device, **p)
     if cell.stage == "classify":
         from brainhpc.classify.run import ClassifyConfig
 
-        return ClassifyConfig(data=prepared_dir(rd), out=cell.folder,
-                              synthetic_dir=rd / "generate", force=force, progress=False,
+        return _build(ClassifyConfig, cell, p, data=prepared_dir(rd, ds), out=cell.folder,
+                      synthetic_dir=synthetic_dir(rd, named), force=force, progress=False,
+                      device=device)
+    if cell.stage == "segment":
+        from brainhpc.segment.run import SegmentConfig
+
+        return _build(SegmentConfig, cell, p, data=prepared_dir(rd, ds), out=cell.folder,
+                      synthetic_dir=synthetic_dir(rd, named), force=force, progress=False,
+                      device=device)
+    if cell.stage == "evaluate":
+        from brainhpc.sweep.external import ExternalConfig
+
+        return ExternalConfig(run_dir=rd, out=cell.folder, dataset=named, force=force,
                               device=device, **p)
     return None
 
@@ -178,6 +262,14 @@ def run_stage(cell: Cell, force: bool = False, device: str = "auto") -> dict:
         from brainhpc.classify.run import classify
 
         return classify(cfg)
+    if cell.stage == "segment":
+        from brainhpc.segment.run import segment
+
+        return segment(cfg)
+    if cell.stage == "evaluate":
+        from brainhpc.sweep.external import external
+
+        return external(cfg)
     from brainhpc.sweep.aggregate import aggregate
 
     return aggregate(cell.run_dir)

@@ -2,7 +2,7 @@
 
     python -m brainhpc.sweep [JOBS_FILE] [--profile NAME] [--executor slurm|local|debug]
                              [--partition P] [--cpu-partition P] [--dry-run] [--only STAGE]
-                             [--force] [--run-dir DIR] [--data PATH]
+                             [--force] [--run-dir DIR] [--data [NAME=]PATH ...]
     python -m brainhpc.sweep status RUN_DIR
     python -m brainhpc.sweep aggregate RUN_DIR     (re-write RUN_DIR/results here and now)
 
@@ -39,8 +39,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", help="site profile name (slurm/profiles/) or .toml path")
     p.add_argument("--partition", help="partition of the GPU stages (and of the CPU stages "
                    "when the profile has no cpu_partition)")
-    p.add_argument("--cpu-partition", help="partition of the CPU stages (prepare, aggregate)")
-    p.add_argument("--data", type=Path, help="raw image folder (overrides [data] of the file)")
+    p.add_argument("--cpu-partition", help="partition of the CPU stages (prepare, evaluate, "
+                   "aggregate)")
+    p.add_argument("--data", action="append", metavar="[NAME=]PATH",
+                   help="raw image folder: PATH overrides [data] of the file; NAME=PATH "
+                   "overrides [data.NAME] (repeat it for several datasets)")
     p.add_argument("--run-dir", type=Path, help="default: runs/<sweep name>")
     p.add_argument("--only", choices=STAGES, help="this stage's cells only (they still wait "
                    "for queued cells of the stages they need)")
@@ -66,7 +69,8 @@ def run(args) -> int:
         if args.jobs_file == "aggregate":
             res = aggregate(run_dir)
             print(f"{Path(run_dir) / 'results'}: {res['rows']} classify rows, "
-                  f"{res['generators']} generator rows, failed: {res['failed'] or 'none'}")
+                  f"{res['segment_rows']} segment rows, {res['generators']} generator rows, "
+                  f"failed: {res['failed'] or 'none'}")
             return 0
         rows = cell_states(Path(run_dir))
         print(table(rows))

@@ -8,12 +8,19 @@ is submitted: an unknown key or a bad value raises ``BrainhpcError`` naming the 
 
     name = "smoke"
     profile = "local"              # slurm/profiles/local.toml, or a path to a profile file
-    [data]                         # exactly one of path / phantom
+    [data]                         # one dataset ("data"): exactly one of path / phantom
     path = "~/data/mri/Training"   # relative paths: from the directory you run the sweep in
     phantom = 200
     size = 64
+    #   or several datasets, one sub-table each (cell ids then start with "<name>/"):
+    # [data.br35h]
+    # path = "~/data/br35h"
+    # [data.lgg]
+    # phantom = 200
     [generate]                     # archs x labels cells (optional stage)
     archs = ["vae", "dcgan"]
+    datasets = ["lgg"]             # on these datasets only (default: all; also in every block)
+    with_masks = ["lgg"]           # tumour cells of these datasets draw masks too (or true: all)
     [generate.options.dcgan]       # architecture options for one arch
     [classify]                     # defaults for every block below
     seeds = [0]
@@ -21,6 +28,13 @@ is submitted: an unknown key or a bad value raises ``BrainhpcError`` naming the 
     model = "vae"
     techniques = ["giaem", "dbscan"]
     train_data = ["real", "synthetic:vae"]
+    [segment]                      # defaults, as [classify]
+    [[segment.cells]]              # U-Net: train_data x seeds; options = SegmentConfig fields
+    train_data = ["real", "mixed:vae"]
+    [[evaluate]]                   # external validation: every finished model of each dataset
+    name = "br35h"                 # scored on this folder (raw, or a prepared dataset)
+    path = "~/data/br35h"
+    labels = ["tumour=yes", "healthy=no"]   # raw folders only; split = "test": prepared only
     [resources]                    # every stage (over the profile's); [resources.<stage>] one stage
     [container]
     prefix = "apptainer exec --nv --bind {binds} IMAGE"
@@ -40,7 +54,8 @@ from pathlib import Path
 
 from brainhpc import models
 from brainhpc.classify.data import parse_train_spec
-from brainhpc.data.shards import LABELS
+from brainhpc.data.layouts import parse_labels
+from brainhpc.data.shards import LABELS, SPLITS
 from brainhpc.errors import BrainhpcError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -68,12 +83,19 @@ STAGE_TABLE: dict[str, Stage] = {
     "prepare": Stage(gpu=False),
     "generate": Stage(gpu=True, after=("prepare",)),
     "classify": Stage(gpu=True, after=("prepare", "generate")),
-    "aggregate": Stage(gpu=False, after=("prepare", "generate", "classify")),
+    "segment": Stage(gpu=True, after=("prepare", "generate")),
+    "evaluate": Stage(gpu=False, after=("classify", "segment")),
+    "aggregate": Stage(gpu=False, after=("prepare", "generate", "classify", "segment",
+                                         "evaluate")),
 }
 STAGES = tuple(STAGE_TABLE)
 GPU_STAGES = tuple(s for s, k in STAGE_TABLE.items() if k.gpu)
 CLASSIFY_MODELS = ("cnn", "vae")
 TECHNIQUES = ("giaem", "dbscan", "kmeans-single", "kmeans-global")
+EVAL_SPLITS = (*SPLITS, "all")  # as brainhpc.classify.evaluate (not imported: it loads torch)
+SINGLE = "data"  # the name of the one dataset of a plain [data] table
+# dataset and [[evaluate]] names become folder names, cell ids and CSV column prefixes
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 GPU_FLAGS = ("gpus-per-node", "gres")
 # sbatch flags the sweep writes itself: slurm_extra may not set them (it names the knob instead)
 _OWN_FLAGS = {"job-name": "", "partition": "partition", "time": "time_min",
@@ -145,8 +167,8 @@ def _positive(value, key: str, source: str, zero_ok: bool = False):
 class Resources:
     """What one array task of a stage asks SLURM for, and the site's pass-through knobs."""
 
-    partition: str = "debug"
-    cpu_partition: str = ""  # CPU stages (STAGE_TABLE) run here; "" = partition
+    partition: str = "debug"  # GPU stages (STAGE_TABLE: generate, classify, segment) run here
+    cpu_partition: str = ""  # CPU stages (prepare, evaluate, aggregate) run here; "" = partition
     gpus_per_node: int = 0  # GPUs per cell of a GPU stage; > 0 means device=cuda
     gpu_type: str = ""  # typed request ("a100" -> --gpus-per-node=a100:1)
     gpu_flag: str = "gpus-per-node"  # or "gres" (--gres=gpu[:type]:N) where cons_tres is off
@@ -186,7 +208,7 @@ class Resources:
             if value is None:
                 continue
             key = t.key(f.name)
-            if f.type in ("int", "float"):
+            if f.type == "int":  # mem_gb (float) below: any amount > 0 (0.5 -> --mem=512M)
                 _positive(value, key, t.source,
                           zero_ok=f.name in ("gpus_per_node", "tasks_per_node", "max_num_timeout"))
             if f.name == "mem_gb" and value <= 0:
@@ -236,18 +258,19 @@ def _check_stage(r: Resources, stage: str, source: str) -> None:
 
 @dataclass(frozen=True)
 class DataSpec:
-    """The prepare stage: a raw image folder or phantom slices, at ``size`` px."""
+    """The prepare stage of one dataset: a raw image folder or phantom slices, at ``size`` px."""
 
     path: Path | None = None
     phantom: int | None = None
     size: int = 128
     seed: int = 0
     labels: str | None = None  # for layouts that are not auto-detected (see brainhpc prepare)
+    name: str = SINGLE  # [data.<name>]; "data" for a plain [data]
 
 
 @dataclass(frozen=True)
 class GenerateSpec:
-    """archs x labels generator cells; ``options`` maps an arch to its architecture options."""
+    """archs x labels generator cells per dataset; ``options`` maps an arch to its options."""
 
     archs: tuple[str, ...]
     labels: tuple[str, ...] = ("healthy", "tumour")
@@ -260,11 +283,13 @@ class GenerateSpec:
     feature_steps: int | None = None
     checkpoint_every: int = 500
     options: dict = field(default_factory=dict)
+    datasets: tuple[str, ...] = (SINGLE,)
+    with_masks: tuple[str, ...] = ()  # datasets whose tumour generators draw masks too
 
 
 @dataclass(frozen=True)
 class ClassifyBlock:
-    """model x train_data x techniques x seeds classifier cells."""
+    """model x train_data x techniques x seeds classifier cells, on each of ``datasets``."""
 
     model: str
     train_data: tuple[str, ...]
@@ -273,16 +298,48 @@ class ClassifyBlock:
     epochs: int | None = None
     batch_size: int | None = None
     options: dict = field(default_factory=dict)  # further ClassifyConfig fields
+    datasets: tuple[str, ...] = (SINGLE,)
+
+
+@dataclass(frozen=True)
+class SegmentBlock:
+    """train_data x seeds U-Net cells, on each of ``datasets`` (which need tumour masks)."""
+
+    train_data: tuple[str, ...]
+    seeds: tuple[int, ...] = (0,)
+    epochs: int | None = None
+    batch_size: int | None = None
+    options: dict = field(default_factory=dict)  # further SegmentConfig fields
+    datasets: tuple[str, ...] = (SINGLE,)
+
+
+@dataclass(frozen=True)
+class EvaluateEntry:
+    """One external set: every finished classify/segment model of each of ``datasets`` is
+    scored on ``path`` (a raw folder, pre-processed as prepare does, or a prepared dataset)."""
+
+    name: str
+    path: Path
+    labels: str | None = None  # raw folders: "tumour=yes healthy=no" (one label: one class)
+    split: str | None = None  # prepared datasets: train | val | test | all (default test)
+    datasets: tuple[str, ...] = (SINGLE,)
+
+    @property
+    def prepared(self) -> bool:
+        return (self.path / "manifest.json").exists()
 
 
 @dataclass(frozen=True)
 class Sweep:
     name: str
     source: Path
-    data: DataSpec
+    datasets: tuple[DataSpec, ...]
     generate: GenerateSpec | None
     classify: tuple[ClassifyBlock, ...]
     resources: dict  # stage -> Resources (partition, GPUs and tasks already resolved per stage)
+    segment: tuple[SegmentBlock, ...] = ()
+    evaluate: tuple[EvaluateEntry, ...] = ()
+    named: bool = False  # [data.<name>] tables: cell ids and folders start with "<name>/"
     setup: tuple[str, ...] = ()
     container: str = ""  # prefix template ({binds}, {volumes}); "" = the host's python
     container_binds: tuple[str, ...] = ()  # more paths to bind besides run, data and cache
@@ -292,6 +349,10 @@ class Sweep:
     def device(self, stage: str) -> str:
         """What a SLURM cell of ``stage`` runs on: cuda exactly when GPUs were requested."""
         return "cuda" if self.resources[stage].gpus_per_node else "cpu"
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(d.name for d in self.datasets)
 
 
 def _read_profile(ref: str, source: str) -> dict:
@@ -317,28 +378,91 @@ def _check_prefix(prefix: str, key: str, source: str) -> str:
     return prefix
 
 
-def _read_data(t: _Table, data_override: Path | None) -> DataSpec:
+def _folder(text: str, key: str, source: str, hint: str) -> Path:
+    path = Path(text).expanduser().resolve()
+    if not path.is_dir():
+        raise BrainhpcError(f"{source}: {key} {path} is not a folder (relative paths are taken "
+                            f"from the current directory{hint})")
+    return path
+
+
+def _name(name: str, key: str, source: str) -> str:
+    if not NAME.match(name):
+        raise BrainhpcError(f"{source}: {key}: {name!r} is not a valid name (letters, digits, "
+                            "'-' and '_'; it names folders, cell ids and result columns)")
+    return name
+
+
+def _read_dataset(t: _Table, name: str, override: Path | None) -> DataSpec:
     path = t.get("path", str)
     phantom = t.get("phantom", int)
     size = _positive(t.get("size", int, 128), t.key("size"), t.source)
     seed = t.get("seed", int, 0)
     labels = t.get("labels", str)
     t.done()
-    if data_override is not None:
-        path, phantom = str(data_override), None
+    if override is not None:
+        path, phantom = str(override), None
+    flag = "--data PATH" if name == SINGLE else f"--data {name}=PATH"
     if (path is None) == (phantom is None):
-        raise BrainhpcError(f"{t.source}: [data] needs exactly one of path or phantom "
-                            "(or pass --data PATH)")
+        raise BrainhpcError(f"{t.source}: [{t.where}] needs exactly one of path or phantom "
+                            f"(or pass {flag})")
     if path is not None:
-        path = Path(path).expanduser().resolve()
-        if not path.is_dir():
-            raise BrainhpcError(f"{t.source}: data.path {path} is not a folder (relative paths "
-                                "are taken from the current directory; override with --data)")
+        path = _folder(path, t.key("path"), t.source, f"; override with {flag}")
     _positive(phantom, t.key("phantom"), t.source)
-    return DataSpec(path=path, phantom=phantom, size=size, seed=seed, labels=labels)
+    return DataSpec(path=path, phantom=phantom, size=size, seed=seed, labels=labels, name=name)
 
 
-def _read_generate(t: _Table) -> GenerateSpec:
+def _overrides(data, names: list[str], named: bool, source: str) -> dict[str, Path]:
+    """``--data`` values -> {dataset: path}: PATH for the one dataset, NAME=PATH for any."""
+    items = [] if data is None else list(data) if isinstance(data, (list, tuple)) else [data]
+    out = {}
+    for item in items:
+        text = str(item)
+        name, sep, path = text.partition("=")
+        if named and sep and NAME.match(name):
+            if name not in names:
+                raise BrainhpcError(f"--data {text}: {source} has no dataset {name!r}; its "
+                                    f"datasets: {', '.join(names)}")
+            out[name] = Path(path)
+        elif len(names) == 1:
+            out[names[0]] = Path(text)
+        else:
+            raise BrainhpcError(f"--data {text}: {source} has {len(names)} datasets "
+                                f"({', '.join(names)}); say which one: --data NAME=PATH")
+    return out
+
+
+def _read_data(t: _Table, data) -> tuple[tuple[DataSpec, ...], bool]:
+    """A plain [data] (one dataset, "data") or [data.<name>] sub-tables; (datasets, named)."""
+    subs = [k for k, v in t.data.items() if isinstance(v, dict)]
+    if not subs:
+        over = _overrides(data, [SINGLE], False, t.source)
+        return (_read_dataset(t, SINGLE, over.get(SINGLE)),), False
+    plain = sorted(set(t.data) - set(subs))
+    if plain:
+        raise BrainhpcError(f"{t.source}: {t.key(plain[0])} beside the dataset table(s) "
+                            f"{', '.join(f'[data.{k}]' for k in subs)}: give either one plain "
+                            "[data] table or one [data.<name>] table per dataset")
+    over = _overrides(data, subs, True, t.source)
+    out = tuple(_read_dataset(t.table(_name(k, t.key(k), t.source)), k, over.get(k))
+                for k in subs)
+    return out, True
+
+
+def _datasets(t: _Table, names: tuple[str, ...]) -> tuple[str, ...]:
+    """The optional ``datasets`` filter of a table, in the sweep's dataset order."""
+    chosen = t.strings("datasets", list(names))
+    for n in chosen:
+        if n not in names:
+            raise BrainhpcError(f"{t.source}: {t.key('datasets')}: unknown dataset {n!r}; "
+                                f"datasets of this sweep: {', '.join(names)}")
+    if not chosen:
+        raise BrainhpcError(f"{t.source}: {t.key('datasets')} is empty; name at least one of "
+                            f"{', '.join(names)} (or leave it out: all)")
+    return tuple(n for n in names if n in chosen)
+
+
+def _read_generate(t: _Table, names: tuple[str, ...]) -> GenerateSpec:
     archs = tuple(t.strings("archs", required=True))
     for arch in archs:
         if arch not in models.ARCHS:
@@ -357,6 +481,16 @@ def _read_generate(t: _Table) -> GenerateSpec:
         if value is not None:
             spec[key] = _positive(value, t.key(key), t.source, zero_ok=key == "seed")
     quality = t.get("quality", bool, True)
+    datasets = _datasets(t, names)
+    masks = t.get("with_masks", (bool, list), False)
+    masks = list(datasets) if masks is True else [] if masks is False else masks
+    for n in masks:
+        if n not in datasets:
+            raise BrainhpcError(f"{t.source}: generate.with_masks: {n!r} is not a dataset the "
+                                f"generate stage runs on ({', '.join(datasets)})")
+    if masks and "tumour" not in labels:
+        raise BrainhpcError(f"{t.source}: generate.with_masks draws tumour masks, but "
+                            f"generate.labels ({', '.join(labels)}) has no tumour")
     opts = t.table("options")
     options = {}
     for arch in list(opts.data):
@@ -366,21 +500,67 @@ def _read_generate(t: _Table) -> GenerateSpec:
         options[arch] = opts.get(arch, dict)
     opts.done()
     t.done()
-    return GenerateSpec(archs=archs, labels=labels, quality=quality, options=options, **spec)
+    return GenerateSpec(archs=archs, labels=labels, quality=quality, options=options,
+                        datasets=datasets, with_masks=tuple(n for n in datasets if n in masks),
+                        **spec)
 
 
-def _read_block(t: _Table, defaults: dict, generators: tuple[str, ...]) -> ClassifyBlock:
+def _train_data(t: _Table, gen: GenerateSpec | None, datasets: tuple[str, ...],
+                masks: bool = False) -> tuple[str, ...]:
+    """``train_data`` of a block; each synthetic part needs its generator on every dataset of the
+    block (and, for ``masks``: segmentation, tumour masks from it)."""
+    train = tuple(t.strings("train_data", required=True))
+    generators = gen.archs if gen else ()
+    for text in train:
+        g = parse_train_spec(text).generator
+        if g is None:
+            continue
+        if g not in generators:
+            raise BrainhpcError(f"{t.source}: {t.key('train_data')}: {text!r} needs generator "
+                                f"{g!r}, which generate.archs does not list "
+                                f"({', '.join(generators) or 'no generate stage'})")
+        for ds in datasets:
+            if ds not in gen.datasets:
+                raise BrainhpcError(f"{t.source}: {t.key('train_data')}: {text!r} on dataset "
+                                    f"{ds!r} needs generate cells there, but generate.datasets "
+                                    f"is {list(gen.datasets)}")
+            if masks and ds not in gen.with_masks:
+                raise BrainhpcError(
+                    f"{t.source}: {t.key('train_data')}: {text!r} on dataset {ds!r} trains a "
+                    "segmenter on synthetic tumour images, which need masks: set "
+                    f"generate.with_masks = true (or list {ds!r} in it)")
+    return train
+
+
+def _defaults(t: _Table) -> dict:
+    """The block defaults of [classify] / [segment]."""
+    return {"seeds": t.get("seeds", list, [0]),
+            "epochs": _positive(t.get("epochs", int), t.key("epochs"), t.source),
+            "batch_size": _positive(t.get("batch_size", int), t.key("batch_size"), t.source),
+            "options": t.get("options", dict, {})}
+
+
+def _common(t: _Table, defaults: dict) -> dict:
+    """seeds, epochs, batch_size and options of one block, over its table's defaults."""
+    seeds = t.get("seeds", list, defaults.get("seeds", [0]))
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise BrainhpcError(f"{t.source}: {t.key('seeds')} must be a non-empty list of "
+                            f"integers, got {seeds!r}")
+    epochs = _positive(t.get("epochs", int, defaults.get("epochs")), t.key("epochs"), t.source)
+    batch = _positive(t.get("batch_size", int, defaults.get("batch_size")),
+                      t.key("batch_size"), t.source)
+    options = {**defaults.get("options", {}), **t.get("options", dict, {})}
+    return {"seeds": tuple(seeds), "epochs": epochs, "batch_size": batch, "options": options}
+
+
+def _read_block(t: _Table, defaults: dict, gen: GenerateSpec | None,
+                names: tuple[str, ...]) -> ClassifyBlock:
     model = t.get("model", str, required=True)
     if model not in CLASSIFY_MODELS:
         raise BrainhpcError(f"{t.source}: {t.key('model')}: unknown model {model!r}; valid: "
                             f"{', '.join(CLASSIFY_MODELS)}")
-    train = tuple(t.strings("train_data", required=True))
-    for text in train:
-        spec = parse_train_spec(text)
-        if spec.generator is not None and spec.generator not in generators:
-            raise BrainhpcError(f"{t.source}: {t.key('train_data')}: {text!r} needs generator "
-                                f"{spec.generator!r}, which generate.archs does not list "
-                                f"({', '.join(generators) or 'no generate stage'})")
+    datasets = _datasets(t, names)
+    train = _train_data(t, gen, datasets)
     techniques = tuple(t.strings("techniques", []))
     if model == "vae" and not techniques:
         raise BrainhpcError(f"{t.source}: {t.key('techniques')}: the vae classifier needs "
@@ -392,26 +572,62 @@ def _read_block(t: _Table, defaults: dict, generators: tuple[str, ...]) -> Class
         if tech not in TECHNIQUES:
             raise BrainhpcError(f"{t.source}: {t.key('techniques')}: unknown technique "
                                 f"{tech!r}; valid: {', '.join(TECHNIQUES)}")
-    seeds = t.get("seeds", list, defaults.get("seeds", [0]))
-    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        raise BrainhpcError(f"{t.source}: {t.key('seeds')} must be a non-empty list of "
-                            f"integers, got {seeds!r}")
-    epochs = _positive(t.get("epochs", int, defaults.get("epochs")), t.key("epochs"), t.source)
-    batch = _positive(t.get("batch_size", int, defaults.get("batch_size")),
-                      t.key("batch_size"), t.source)
-    options = {**defaults.get("options", {}), **t.get("options", dict, {})}
+    common = _common(t, defaults)
     t.done()
     return ClassifyBlock(model=model, train_data=train, techniques=techniques,
-                         seeds=tuple(seeds), epochs=epochs, batch_size=batch, options=options)
+                         datasets=datasets, **common)
+
+
+def _read_segment(t: _Table, defaults: dict, gen: GenerateSpec | None,
+                  names: tuple[str, ...]) -> SegmentBlock:
+    datasets = _datasets(t, names)
+    train = _train_data(t, gen, datasets, masks=True)
+    common = _common(t, defaults)
+    t.done()
+    return SegmentBlock(train_data=train, datasets=datasets, **common)
+
+
+def _read_evaluate(t: _Table, names: tuple[str, ...]) -> EvaluateEntry:
+    name = _name(t.get("name", str, required=True), t.key("name"), t.source)
+    path = _folder(t.get("path", str, required=True), t.key("path"), t.source,
+                   "; a raw image folder or a prepared dataset")
+    labels = t.strings("labels")
+    split = t.get("split", str)
+    datasets = _datasets(t, names)
+    t.done()
+    entry = EvaluateEntry(name=name, path=path, datasets=datasets)
+    if entry.prepared:
+        if labels is not None:
+            raise BrainhpcError(f"{t.source}: {t.key('labels')}: {path} is a prepared dataset "
+                                "(manifest.json): its labels are stored; labels are for raw "
+                                "image folders")
+        split = split or "test"
+        if split not in EVAL_SPLITS:
+            raise BrainhpcError(f"{t.source}: {t.key('split')}: unknown split {split!r}; "
+                                f"valid: {', '.join(EVAL_SPLITS)}")
+        return replace(entry, split=split)
+    if split is not None:
+        raise BrainhpcError(f"{t.source}: {t.key('split')}: {path} is a raw image folder (no "
+                            "manifest.json): it is scored whole; split is for prepared datasets")
+    if labels is not None:
+        try:
+            parse_labels(labels, one_class=True)
+        except BrainhpcError as e:
+            raise BrainhpcError(f"{t.source}: {t.key('labels')}: {e}") from None
+        labels = " ".join(labels)
+    return replace(entry, labels=labels)
 
 
 def _stage_tables(res: _Table) -> dict[str, _Table]:
     return {s: _Table(res.get(s, dict, {}), res.key(s), res.source) for s in STAGES}
 
 
-def load_sweep(path: str | Path, data: Path | None = None, partition: str | None = None,
-               profile: str | None = None, cpu_partition: str | None = None) -> Sweep:
-    """Read and validate a sweep file; the keyword arguments override the file and profile."""
+def load_sweep(path: str | Path, data: Path | str | list | None = None,
+               partition: str | None = None, profile: str | None = None,
+               cpu_partition: str | None = None) -> Sweep:
+    """Read and validate a sweep file; the keyword arguments override the file and profile.
+
+    ``data``: ``--data`` value(s): a PATH for the one dataset, or NAME=PATH per dataset."""
     path = Path(path)
     source = str(path)
     if not path.exists():
@@ -440,17 +656,24 @@ def load_sweep(path: str | Path, data: Path | None = None, partition: str | None
     container.done()
     prof.done()
 
-    data_spec = _read_data(top.table("data"), data)
-    gen = _read_generate(top.table("generate")) if "generate" in raw else None
+    datasets, named_data = _read_data(top.table("data"), data)
+    names = tuple(d.name for d in datasets)
+    gen = _read_generate(top.table("generate"), names) if "generate" in raw else None
     top.seen.add("generate")
-    cls = top.table("classify")
-    defaults = {"seeds": cls.get("seeds", list, [0]), "epochs": cls.get("epochs", int),
-                "batch_size": cls.get("batch_size", int), "options": cls.get("options", dict, {})}
-    blocks = cls.get("cells", list, [])
-    generators = gen.archs if gen else ()
-    classify = tuple(_read_block(_Table(b, f"classify.cells[{i}]", source), defaults, generators)
-                     for i, b in enumerate(blocks))
-    cls.done()
+    blocks = {}
+    for stage, read in (("classify", _read_block), ("segment", _read_segment)):
+        t = top.table(stage)
+        defaults = _defaults(t)
+        blocks[stage] = tuple(read(_Table(b, f"{stage}.cells[{i}]", source), defaults, gen,
+                                   names) for i, b in enumerate(t.get("cells", list, [])))
+        t.done()
+    evaluate = tuple(_read_evaluate(_Table(e, f"evaluate[{i}]", source), names)
+                     for i, e in enumerate(top.get("evaluate", list, [])))
+    seen = [e.name for e in evaluate]
+    twice = sorted({n for n in seen if seen.count(n) > 1})
+    if twice:
+        raise BrainhpcError(f"{source}: evaluate: two entries are named {twice[0]!r}; each "
+                            "external set needs its own name (it names folders and columns)")
 
     res = top.table("resources")
     stages = _stage_tables(res)
@@ -478,6 +701,7 @@ def load_sweep(path: str | Path, data: Path | None = None, partition: str | None
     cont.done()
     setup = top.strings("setup", setup)
     top.done()
-    return Sweep(name=name, source=path.resolve(), data=data_spec, generate=gen,
-                 classify=classify, resources=resources, setup=tuple(setup), container=prefix,
+    return Sweep(name=name, source=path.resolve(), datasets=datasets, generate=gen,
+                 classify=blocks["classify"], segment=blocks["segment"], evaluate=evaluate,
+                 named=named_data, resources=resources, setup=tuple(setup), container=prefix,
                  container_binds=tuple(binds), profile=named, cluster=cluster)

@@ -21,9 +21,10 @@ def cell_states(run_dir: Path, queued: dict[str, str] | None = None) -> list[dic
     queued = queue_states() if queued is None else queued
     jobs = cell_jobs(run_dir)
     keys = set(jobs)
-    for stage in STAGES:
-        for marker in sorted((run_dir / stage).glob("*/cell.json")):
-            keys.add((stage, marker.parent.name))
+    for stage in STAGES:  # cell ids: "<id>" or, with several datasets, "<dataset>/<id>"
+        for marker in [*(run_dir / stage).glob("*/cell.json"),
+                       *(run_dir / stage).glob("*/*/cell.json")]:
+            keys.add((stage, marker.parent.relative_to(run_dir / stage).as_posix()))
     rows = []
     for stage, cid in sorted(keys, key=lambda k: (STAGES.index(k[0]), k[1])):
         job = jobs.get((stage, cid), "")

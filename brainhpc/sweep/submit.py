@@ -40,7 +40,7 @@ from submitit.slurm.slurm import _make_sbatch_string
 from brainhpc import __version__
 from brainhpc.errors import BrainhpcError
 from brainhpc.fsio import write_json
-from brainhpc.sweep.cells import Cell, CellRunner, read_marker
+from brainhpc.sweep.cells import Cell, CellRunner, dataset_of, read_marker
 from brainhpc.sweep.config import STAGE_TABLE, STAGES, Resources, Sweep
 
 log = logging.getLogger(__name__)
@@ -154,10 +154,12 @@ def check_cluster(sweep: Sweep, stages: list[str], info: dict) -> None:
 # ------------------------------------------------------------------ what a task runs, and how
 
 def binds(sweep: Sweep, run_dir: Path) -> list[tuple[str, bool]]:
-    """(path, read-only) the container needs: run dir, raw data, $BRAINHPC_CACHE, profile's."""
+    """(path, read-only) the container needs: run dir, raw data, external sets,
+    $BRAINHPC_CACHE, profile's."""
     out = [(str(Path(run_dir).resolve()), False)]
-    if sweep.data.path is not None:
-        out.append((str(sweep.data.path), True))
+    for path in [d.path for d in sweep.datasets] + [e.path for e in sweep.evaluate]:
+        if path is not None and (str(path), True) not in out:
+            out.append((str(path), True))
     if os.environ.get("BRAINHPC_CACHE"):
         out.append((str(Path(os.environ["BRAINHPC_CACHE"]).resolve()), False))
     out += [(str(Path(b).expanduser()), False) for b in sweep.container_binds]
@@ -340,7 +342,10 @@ def todo(plan: dict[str, list[Cell]], run_dir: Path, stages: list[str], force: b
          queued: dict[str, str]) -> tuple[dict[str, list[Cell]], dict[str, list[str]],
                                           dict[str, list[str]]]:
     """Cells to submit per stage; why others are left alone (done / still queued); and per
-    stage the job ids of its still-queued cells, which later stages must wait for."""
+    stage the job ids of its still-queued cells, which later stages must wait for. When a
+    classify/segment cell of a dataset is submitted, that dataset's finished evaluate cells are
+    submitted again (they score the new models and skip the scored ones), and so is the
+    aggregate."""
     jobs = cell_jobs(run_dir)
     submit: dict[str, list[Cell]] = {s: [] for s in STAGES}
     skipped: dict[str, list[str]] = {"done": [], "queued": []}
@@ -369,6 +374,14 @@ def todo(plan: dict[str, list[Cell]], run_dir: Path, stages: list[str], force: b
         raise BrainhpcError(f"finished cells whose config changed in the sweep file: "
                             f"{', '.join(changed)}; pass --force to redo them (or restore the "
                             "sweep file)")
+    if "evaluate" in stages:  # new models of a dataset: score them on its external sets
+        fresh = {dataset_of(c) for s in ("classify", "segment") for c in submit[s]}
+        again = [c for c in plan["evaluate"] if dataset_of(c) in fresh
+                 and f"evaluate/{c.id}" in skipped["done"]]
+        skipped["done"] = [x for x in skipped["done"] if x not in
+                           {f"evaluate/{c.id}" for c in again}]
+        ids = {c.id for c in submit["evaluate"] + again}
+        submit["evaluate"] = [c for c in plan["evaluate"] if c.id in ids]
     if "aggregate" in stages and any(submit[s] for s in STAGES if s != "aggregate"):
         submit["aggregate"] = list(plan["aggregate"])  # new results: aggregate again
     return submit, skipped, waiting
