@@ -323,8 +323,7 @@ def classification_table(rows: list[dict]) -> str:
     reference study's accuracy and F1 beside ours, the external sets; baselines as rows."""
     out = []
     ext = _external_names(rows)
-    for ds, ds_rows in _groups(sorted(rows, key=_order), lambda r: r["dataset"]):
-        ds = ds[0]
+    for (ds,), ds_rows in _groups(sorted(rows, key=_order), lambda r: (r["dataset"],)):
         head = ["Model", "Train data", "Bal. acc", "ROC-AUC", "Recall healthy",
                 "Recall tumour", "Acc", "F1", "Degenerate", "Done", "Ref Acc", "Ref F1"]
         for name in ext:
