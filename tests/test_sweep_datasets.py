@@ -351,3 +351,17 @@ def test_shipped_evaluate_example_validates_when_uncommented(tmp_path, name):
     (cell,) = plan["evaluate"]
     assert cell.id == "br35h" and cell.params["path"] == str(br35h)
     assert cell.params["labels"] == "tumour=yes healthy=no" and cell.params["split"] is None
+
+
+def test_run_dir_key_sets_the_default_run_folder(tmp_path, monkeypatch, capsys):
+    from brainhpc.sweep.cli import main
+
+    path = tmp_path / "s.toml"
+    path.write_text('name = "rd"\nprofile = "local"\nrun_dir = "~/runs-here/rd"\n'
+                    '[data]\nphantom = 20\nsize = 32\n')
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert load_sweep(path).run_dir == tmp_path / "runs-here" / "rd"
+    assert main([str(path), "--dry-run"]) == 0
+    assert f"run dir {tmp_path / 'runs-here' / 'rd'}" in capsys.readouterr().out
+    assert main([str(path), "--dry-run", "--run-dir", str(tmp_path / "other")]) == 0
+    assert f"run dir {tmp_path / 'other'}" in capsys.readouterr().out

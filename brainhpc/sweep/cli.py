@@ -44,7 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", action="append", metavar="[NAME=]PATH",
                    help="raw image folder: PATH overrides [data] of the file; NAME=PATH "
                    "overrides [data.NAME] (repeat it for several datasets)")
-    p.add_argument("--run-dir", type=Path, help="default: runs/<sweep name>")
+    p.add_argument("--run-dir", type=Path,
+                   help="default: the sweep file's run_dir, else runs/<sweep name>")
     p.add_argument("--only", choices=STAGES, help="this stage's cells only (they still wait "
                    "for queued cells of the stages they need)")
     p.add_argument("--dry-run", action="store_true",
@@ -78,7 +79,7 @@ def run(args) -> int:
     t0 = time.monotonic()
     sweep = load_sweep(args.jobs_file, data=args.data, partition=args.partition,
                        profile=args.profile, cpu_partition=args.cpu_partition)
-    run_dir = (args.run_dir or Path("runs") / sweep.name).resolve()
+    run_dir = (args.run_dir or sweep.run_dir or Path("runs") / sweep.name).resolve()
     plan = expand(sweep, run_dir)
     stages = [args.only] if args.only else list(STAGES)
     slurm = args.executor == "slurm"

@@ -8,6 +8,7 @@ is submitted: an unknown key or a bad value raises ``BrainhpcError`` naming the 
 
     name = "smoke"
     profile = "local"              # slurm/profiles/local.toml, or a path to a profile file
+    run_dir = "~/brainhpc-runs/x"  # optional; default runs/<name>; --run-dir overrides it
     [data]                         # one dataset ("data"): exactly one of path / phantom
     path = "~/data/mri/Training"   # relative paths: from the directory you run the sweep in
     phantom = 200
@@ -345,6 +346,7 @@ class Sweep:
     container_binds: tuple[str, ...] = ()  # more paths to bind besides run, data and cache
     profile: str = ""  # the profile's name as given; "" when none was named (local defaults)
     cluster: str = ""  # the ClusterName the profile was written for ("" = any)
+    run_dir: Path | None = None  # the file's run_dir key (None: runs/<name>); --run-dir wins
 
     def device(self, stage: str) -> str:
         """What a SLURM cell of ``stage`` runs on: cuda exactly when GPUs were requested."""
@@ -640,6 +642,7 @@ def load_sweep(path: str | Path, data: Path | str | list | None = None,
         raise BrainhpcError(f"{path}: not valid TOML ({e})") from e
     top = _Table(raw, "", source)
     name = top.get("name", str, path.stem)
+    run_dir = top.get("run_dir", str)
     named = top.get("profile", str, "")
     named = profile or named
     profile_ref = named or "local"
@@ -704,4 +707,5 @@ def load_sweep(path: str | Path, data: Path | str | list | None = None,
     return Sweep(name=name, source=path.resolve(), datasets=datasets, generate=gen,
                  classify=blocks["classify"], segment=blocks["segment"], evaluate=evaluate,
                  named=named_data, resources=resources, setup=tuple(setup), container=prefix,
-                 container_binds=tuple(binds), profile=named, cluster=cluster)
+                 container_binds=tuple(binds), profile=named, cluster=cluster,
+                 run_dir=None if run_dir is None else Path(run_dir).expanduser())
