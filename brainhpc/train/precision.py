@@ -39,9 +39,17 @@ MIN_SPEEDUP = 1.1  # auto takes bf16 only when it was measured at least this muc
 # ``brainhpc.models.ARCHS``, classifiers by model class (``Trainer`` uses ``task.arch`` or the
 # model class names). Measured with benchmarks/bench_train.py (fp32 vs bf16 side by side).
 SPEEDUP: dict[str, dict[str, dict[int, float]]] = {
-    # AMD EPYC (Zen 5, family 26) with avx512_bf16, no AMX: this development machine, 2 threads,
-    # best of interleaved runs beside other jobs (see the commit for the load).
-    "avx512_bf16": {},
+    # AMD EPYC (Zen 5, family 26) with avx512_bf16, no AMX: the development machine. 1 thread
+    # (its 2 cores were shared with load 4-7 of other jobs, which stalls 2-thread OpenMP runs),
+    # best of 3 interleaved runs, 2026-12-01 (benchmarks/bench_train.py --threads 1).
+    "avx512_bf16": {
+        "BrainCNN": {64: 1.89, 128: 1.39},
+        "BrainCVAE": {64: 1.37, 128: 1.64},
+        "vae": {64: 1.68, 128: 2.67},
+        "dcgan": {64: 2.11, 128: 1.59},
+        "wgan-gp": {64: 1.36, 128: 1.77},
+        "ddpm": {64: 1.90, 128: 2.24},  # contiguous layout (CONTIGUOUS); batch 16
+    },
     # Intel Xeon with AMX: the numbers reported in issue 15 (2 threads, idle machine), not
     # re-measured here; the generators the issue did not measure are left out (so fp32).
     "amx": {
