@@ -1,17 +1,27 @@
 """``brainhpc smoke``: the main job end to end on embedded phantom data (no download needed).
 
 It is the smoke sweep (``jobs/smoke.toml``: prepare -> generate -> classify -> aggregate, one cell
-of each kind, phantom data at 64 px, one epoch) run on this machine through submitit's local
-executor, so it needs neither a cluster nor a GPU. ``make smoke`` and ``docker run IMAGE smoke``
-call it.
+of each kind, phantom data at 64 px, sized so the outputs show learning) run on this machine
+through submitit's local executor, so it needs neither a cluster nor a GPU. ``make smoke`` and
+``docker run IMAGE smoke`` call it.
+
+Threads: the local executor runs ``array_parallelism`` cells at once, each of which would start
+one OpenMP thread per core; on 2 cores that is 4 threads fighting for 2, and every OpenMP barrier
+then waits for a descheduled thread. Unless ``OMP_NUM_THREADS`` is set, each cell gets its share
+of the cores (at most the sweep's ``cpus_per_task``).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 
 from brainhpc.sweep import cli as sweep_cli
-from brainhpc.sweep.config import JOBS
+from brainhpc.sweep.config import JOBS, load_sweep
+from brainhpc.train.distributed import allocated_cpus
+
+log = logging.getLogger(__name__)
 
 
 def add_parser(subparsers) -> None:
@@ -24,8 +34,19 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def cell_threads(jobs_file: Path = JOBS / "smoke.toml") -> int:
+    """Intra-op threads per cell: the cores shared by the cells that run at once."""
+    res = load_sweep(jobs_file).resources.values()
+    at_once = max(r.array_parallelism for r in res)
+    return max(1, min(min(r.cpus_per_task for r in res), allocated_cpus() // at_once))
+
+
 def run(args) -> int:
-    argv = [str(JOBS / "smoke.toml"), "--executor", args.executor, "--run-dir", str(args.out)]
+    jobs = JOBS / "smoke.toml"
+    if args.executor == "local" and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(cell_threads(jobs))  # inherited by the cells
+        log.info("smoke cells: %s thread(s) each", os.environ["OMP_NUM_THREADS"])
+    argv = [str(jobs), "--executor", args.executor, "--run-dir", str(args.out)]
     rc = sweep_cli.main(argv + (["--force"] if args.force else []))
     results = args.out / "results"
     if rc == 0:
