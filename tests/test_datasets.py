@@ -242,3 +242,21 @@ def test_real_lgg_patients_and_masks(lgg_data, tmp_path):
             assert seen.setdefault(patient, split) == split
     share = sum(c["tumour"] for c in m["counts"].values()) / m["total"]
     assert 0.25 < share < 0.45  # about 35% of the slices hold tumour
+
+
+def test_copies_need_the_grouping_rule_not_a_hash_match_alone():
+    """External evaluation drops copies of development images: a mirrored re-save is one, two
+    different phantom slices whose hashes happen to be close are not (the correlation must
+    confirm a hash match, as in the grouping)."""
+    from brainhpc.data.duplicates import copies_of, near_pairs
+
+    thumbs = np.stack([pp.thumbnail(pp.square_crop(pp.remove_background(p.image))[0])
+                       for p in phantom.generate(80, seed=3)])
+    pairs = near_pairs(thumbs[:40], thumbs[40:], max_bits=6, min_corr=0.99)
+    lookalike = np.flatnonzero((pairs.bits <= 6) & (pairs.corr < 0.7))
+    assert len(lookalike), "no hash look-alike among 80 phantoms: widen the sample"
+    i, j = pairs.i[lookalike[0]], pairs.j[lookalike[0]]
+    base, base_sha = thumbs[40:], [f"b{k}" for k in range(40)]
+    query = np.stack([thumbs[i], base[j][:, ::-1]])  # the look-alike, a mirrored copy of j
+    exact, near = copies_of(["q0", "q1"], query, base_sha, base)
+    assert exact.tolist() == [False, False] and near.tolist() == [False, True]

@@ -247,5 +247,5 @@ def copies_of(query_sha: list[str], query_thumbs: np.ndarray, base_sha: list[str
     near = np.zeros(len(query_sha), bool)
     if len(query_thumbs) and len(base_thumbs):
         pairs = near_pairs(query_thumbs, base_thumbs, max_bits, min_corr)
-        near[pairs.i] = True
+        near[pairs.i[pairs.near(max_bits, min_corr)]] = True  # the grouping rule, confirmed
     return exact, near & ~exact

@@ -183,8 +183,10 @@ def expand(sweep: Sweep, run_dir: Path) -> dict[str, list[Cell]]:
             raise BrainhpcError(f"{sweep.source}: evaluate entry {e.name!r}: no classify or "
                                 f"segment cells on {', '.join(e.datasets)} to score")
         for ds in (n for n in e.datasets if n in models):
-            add("evaluate", ds, e.name, {"name": e.name, "path": str(e.path),
-                                         "labels": e.labels, "split": e.split})
+            source = {"path": str(e.path)} if e.path is not None else \
+                {"phantom": e.phantom, "seed": e.seed}
+            add("evaluate", ds, e.name, {"name": e.name, **source, "labels": e.labels,
+                                         "split": e.split})
     plan["aggregate"].append(Cell("aggregate", "results", {"name": sweep.name}, rd))
     for stage in ("generate", "classify", "segment", "evaluate"):
         for cell in plan[stage]:

@@ -320,14 +320,16 @@ class EvaluateEntry:
     scored on ``path`` (a raw folder, pre-processed as prepare does, or a prepared dataset)."""
 
     name: str
-    path: Path
+    path: Path | None  # None: phantom slices
     labels: str | None = None  # raw folders: "tumour=yes healthy=no" (one label: one class)
     split: str | None = None  # prepared datasets: train | val | test | all (default test)
     datasets: tuple[str, ...] = (SINGLE,)
+    phantom: int | None = None  # or: this many fresh phantom slices (with masks), drawn with
+    seed: int = 1  # this seed (another seed than the run's phantom data: never seen in training)
 
     @property
     def prepared(self) -> bool:
-        return (self.path / "manifest.json").exists()
+        return self.path is not None and (self.path / "manifest.json").exists()
 
 
 @dataclass(frozen=True)
@@ -591,12 +593,24 @@ def _read_segment(t: _Table, defaults: dict, gen: GenerateSpec | None,
 
 def _read_evaluate(t: _Table, names: tuple[str, ...]) -> EvaluateEntry:
     name = _name(t.get("name", str, required=True), t.key("name"), t.source)
-    path = _folder(t.get("path", str, required=True), t.key("path"), t.source,
-                   "; a raw image folder or a prepared dataset")
+    raw_path, phantom = t.get("path", str), t.get("phantom", int)
+    seed = t.get("seed", int, 1)
     labels = t.strings("labels")
     split = t.get("split", str)
     datasets = _datasets(t, names)
     t.done()
+    if (raw_path is None) == (phantom is None):
+        raise BrainhpcError(f"{t.source}: {t.key('path')}: an [[evaluate]] entry needs exactly "
+                            "one of path (a raw image folder or a prepared dataset) or phantom "
+                            "(a number of fresh phantom slices)")
+    if phantom is not None:
+        _positive(phantom, t.key("phantom"), t.source)
+        if labels is not None or split is not None:
+            raise BrainhpcError(f"{t.source}: {t.key('phantom')}: phantom slices carry their "
+                                "labels and have no splits; drop labels/split")
+        return EvaluateEntry(name=name, path=None, datasets=datasets, phantom=phantom,
+                             seed=seed)
+    path = _folder(raw_path, t.key("path"), t.source, "; a raw image folder or a prepared dataset")
     entry = EvaluateEntry(name=name, path=path, datasets=datasets)
     if entry.prepared:
         if labels is not None:

@@ -44,17 +44,51 @@ class ExternalConfig:
     run_dir: Path
     out: Path  # the evaluate cell's folder
     name: str
-    path: Path  # a raw image folder or a prepared dataset
+    path: Path | None = None  # a raw image folder or a prepared dataset
     dataset: str | None = None  # whose models; None: the one dataset of a plain [data]
+    phantom: int | None = None  # or: fresh phantom slices, written to OUT/phantom/ first
+    seed: int = 1
     labels: str | None = None  # raw folders: "tumour=yes healthy=no" (one label: one class)
     split: str | None = None  # prepared datasets: train | val | test | all (None: test)
     device: str = "auto"
     force: bool = False
 
     def __post_init__(self):
-        self.run_dir, self.out, self.path = Path(self.run_dir), Path(self.out), Path(self.path)
+        self.run_dir, self.out = Path(self.run_dir), Path(self.out)
         if not self.name:
             raise BrainhpcError("evaluate: the external set needs a name")
+        if (self.path is None) == (self.phantom is None):
+            raise BrainhpcError(f"evaluate {self.name}: give exactly one of path or phantom")
+        self.path = self.out / "phantom" if self.phantom is not None else Path(self.path)
+
+
+def write_phantom_folder(folder: Path, n: int, seed: int) -> Path:
+    """``n`` phantom slices as a raw Br35H-style folder (``yes/``, ``no/``, ``X_mask.png`` beside
+    each image), written to a staging folder and renamed: an external set that needs no download
+    and that no model of the run saw (the run's own phantoms use another seed)."""
+    import shutil
+    import tempfile
+
+    import cv2
+
+    from brainhpc.data import phantom
+
+    if folder.is_dir():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        for p in phantom.generate(n, seed=seed):
+            sub = staging / ("yes" if p.label else "no")
+            sub.mkdir(exist_ok=True)
+            cv2.imwrite(str(sub / p.name), p.image)
+            cv2.imwrite(str(sub / p.name.replace(".png", "_mask.png")),
+                        (p.mask > 0).astype("uint8") * 255)
+        staging.rename(folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return folder
 
 
 def _json(path: Path) -> dict:
@@ -137,6 +171,8 @@ def external(cfg: ExternalConfig) -> dict:
     t0 = time.time()
     device = "cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu"
     cells = _cells(cfg)
+    if cfg.phantom is not None:
+        write_phantom_folder(cfg.path, cfg.phantom, cfg.seed)
     loaded: dict = {}  # image size -> the pre-processed external set (one read per size)
     scored: dict[str, list[dict]] = {s: [] for s in SCORED_STAGES}
     unfinished, errors, no_masks = [], [], None

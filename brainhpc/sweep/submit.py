@@ -157,7 +157,8 @@ def binds(sweep: Sweep, run_dir: Path) -> list[tuple[str, bool]]:
     """(path, read-only) the container needs: run dir, raw data, external sets,
     $BRAINHPC_CACHE, profile's."""
     out = [(str(Path(run_dir).resolve()), False)]
-    for path in [d.path for d in sweep.datasets] + [e.path for e in sweep.evaluate]:
+    for path in [d.path for d in sweep.datasets] + [e.path for e in sweep.evaluate
+                                                    if e.path is not None]:
         if path is not None and (str(path), True) not in out:
             out.append((str(path), True))
     if os.environ.get("BRAINHPC_CACHE"):
