@@ -365,3 +365,23 @@ def test_run_dir_key_sets_the_default_run_folder(tmp_path, monkeypatch, capsys):
     assert f"run dir {tmp_path / 'runs-here' / 'rd'}" in capsys.readouterr().out
     assert main([str(path), "--dry-run", "--run-dir", str(tmp_path / "other")]) == 0
     assert f"run dir {tmp_path / 'other'}" in capsys.readouterr().out
+
+
+def test_evaluate_entry_of_fresh_phantom_slices(tmp_path):
+    base = ('name = "ph"\nprofile = "local"\n[data]\nphantom = 40\nsize = 32\n'
+            '[[classify.cells]]\nmodel = "cnn"\ntrain_data = ["real"]\n')
+    path = tmp_path / "s.toml"
+    path.write_text(base + '[[evaluate]]\nname = "fresh"\nphantom = 30\nseed = 7\n')
+    plan = expand(load_sweep(path), tmp_path / "run")
+    (cell,) = plan["evaluate"]
+    assert cell.params["phantom"] == 30 and cell.params["seed"] == 7
+    cfg = stage_config(cell)
+    assert cfg.path == tmp_path / "run" / "evaluate" / "fresh" / "phantom"
+    for extra, match in (('path = "x"\n', "exactly one of path"),
+                         ('labels = ["tumour=yes"]\n', "drop labels/split")):
+        path.write_text(base + '[[evaluate]]\nname = "fresh"\nphantom = 30\n' + extra)
+        with pytest.raises(BrainhpcError, match=match):
+            load_sweep(path)
+    path.write_text(base + '[[evaluate]]\nname = "fresh"\n')
+    with pytest.raises(BrainhpcError, match="exactly one of path"):
+        load_sweep(path)

@@ -193,3 +193,19 @@ def test_set_without_masks_skips_segmenters_saying_so(run, tmp_path):
     assert _json(tmp_path / "out2" / "summary.json")["status"] == "failed"
     with pytest.raises(BrainhpcError, match="plan.json is missing"):
         external(ExternalConfig(run_dir=tmp_path, out=tmp_path / "o", name="x", path=folder))
+
+
+def test_fresh_phantom_set_is_written_once_and_scored(run, tmp_path):
+    rd, _, _ = run
+    out = tmp_path / "fresh"
+    cfg = ExternalConfig(run_dir=rd, out=out, name="fresh", phantom=30, seed=123)
+    assert cfg.path == out / "phantom"
+    summary = external(cfg)
+    assert summary["errors"] == [] and summary["segmenters_skipped"] is None
+    assert {s["n"] for st in ("classify", "segment") for s in summary["scored"][st]} == {30}
+    assert {s["dropped"] for st in ("classify", "segment") for s in summary["scored"][st]} == {0}
+    images = sorted((out / "phantom").rglob("*.png"))
+    assert len(images) == 60  # 30 slices and their masks
+    stamp = images[0].stat().st_mtime_ns
+    external(cfg)  # a re-run reuses the folder and skips the scored models
+    assert images[0].stat().st_mtime_ns == stamp
