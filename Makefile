@@ -10,11 +10,11 @@ RUN_GPU ?= runs/gpu-check
 PROFILE   ?= gpu-cluster
 PARTITION ?=
 SUBMIT_ARGS ?=
-DATA      ?= ~/data/brain-tumor-mri/Training
+DATA      ?=
 RUN_DIR   ?= runs/paper
 PYTEST_ARGS ?=
 
-.PHONY: help install smoke test test-fast lint bench gpu-check submit-all cluster-up cluster-down \
+.PHONY: help install smoke test test-fast lint bench gpu-check submit-all study cluster-up cluster-down \
         cluster-status clean image sif docker-smoke container-test
 
 help:
@@ -24,7 +24,8 @@ help:
 	@echo "make lint         ruff"
 	@echo "make bench        benchmarks: ratios against naive baselines, measured side by side"
 	@echo "make gpu-check    on a 1-GPU node: CUDA, NCCL, img/s per architecture, smoke on the GPU"
-	@echo "make submit-all   submit the paper sweep (PROFILE=gpu-cluster DATA= RUN_DIR= PARTITION= SUBMIT_ARGS=--dry-run)"
+	@echo "make submit-all   submit the paper sweep (PROFILE=gpu-cluster DATA=\"br35h=... lgg=...\" RUN_DIR= PARTITION= SUBMIT_ARGS=--dry-run)"
+	@echo "make study        the CPU study through the local cluster (jobs/cpu-study.toml; DATA= as above)"
 	@echo "make image        build the container image (VARIANT=cpu|gpu); sif, docker-smoke"
 	@echo "make container-test  lint + podman build + smoke inside the image (as CI does)"
 	@echo "make cluster-up   start the local single-node SLURM cluster (root; see slurm/README.md)"
@@ -58,8 +59,13 @@ gpu-check: $(STAMP)  ## one table: CUDA, 1-rank NCCL, bf16/fp32 img/s at 128 px,
 	$(BIN)/python -m brainhpc.gpu_check --out $(RUN_GPU)
 
 submit-all: $(STAMP)
-	$(BIN)/python -m brainhpc.sweep jobs/paper.toml --profile $(PROFILE) --data $(DATA) \
-	  --run-dir $(RUN_DIR) $(if $(PARTITION),--partition $(PARTITION)) $(SUBMIT_ARGS)
+	$(BIN)/python -m brainhpc.sweep jobs/paper.toml --profile $(PROFILE) \
+	  $(foreach d,$(DATA),--data $(d)) --run-dir $(RUN_DIR) \
+	  $(if $(PARTITION),--partition $(PARTITION)) $(SUBMIT_ARGS)
+
+study: $(STAMP)  ## the CPU study through the local cluster (make cluster-up first; resumable)
+	$(BIN)/python -m brainhpc.sweep jobs/cpu-study.toml $(foreach d,$(DATA),--data $(d)) \
+	  $(SUBMIT_ARGS)
 
 # ---- containers (containers/README.md) ----
 VARIANT ?= cpu

@@ -95,18 +95,26 @@ def test_missing_data_and_profile_are_clear(tmp_path):
         load_sweep(tmp_path / "absent.toml")
 
 
-def test_shipped_sweep_files_validate():
-    for name in ("smoke", "paper", "full"):
+def paper_sweep(home: Path, monkeypatch, **kw):
+    """jobs/paper.toml (make submit-all) with its data folders under a stand-in $HOME."""
+    monkeypatch.setenv("HOME", str(home))
+    for folder in ("br35h", "lgg-flair", "brain-tumor-mri/Training"):
+        (home / "data" / folder).mkdir(parents=True, exist_ok=True)
+    return load_sweep(REPO / "jobs" / "paper.toml", **kw)
+
+
+def test_shipped_sweep_files_validate(tmp_path, monkeypatch):
+    for name in ("smoke", "full"):
         sweep = load_sweep(REPO / "jobs" / f"{name}.toml", data=REPO / "slurm")
         plan = expand(sweep, Path("/tmp/unused"))
         assert plan["generate"] and plan["classify"], name
-    paper = expand(load_sweep(REPO / "jobs" / "paper.toml", data=REPO / "slurm"), Path("/x"))
+    paper = expand(paper_sweep(tmp_path, monkeypatch), Path("/x"))
     ids = {c.id for c in paper["classify"]}
     for train in ("real", "synthetic_vae", "mixed_dcgan"):
-        assert f"vae-{train}-s0" in ids
-    vae = next(c for c in paper["classify"] if c.id == "vae-real-s0")
+        assert f"br35h/vae-{train}-s0" in ids and f"lgg/vae-{train}-s0" in ids
+    vae = next(c for c in paper["classify"] if c.id == "br35h/vae-real-s0")
     assert vae.params["techniques"] == ["giaem", "dbscan", "kmeans-single", "kmeans-global"]
-    assert {"cnn-real-s0", "cnn-synthetic_dcgan-s0", "cnn-mixed_vae-s0"} <= ids
+    assert {"br35h/cnn-real-s2", "lgg/cnn-synthetic_ddpm-s0", "br35h/cnn-mixed_vae-s1"} <= ids
 
 
 def test_run_dir_of_another_sweep_is_refused(tmp_path):
@@ -178,14 +186,12 @@ def _normalise(text: str, run_dir: Path, data: Path | None = None) -> str:
 STUDY = GOLDEN / "study.toml"  # a frozen copy of jobs/smoke.toml
 
 
-def _golden_sweep(case: str, tmp_path: Path):
+def _golden_sweep(case: str, tmp_path: Path, monkeypatch):
     """(sweep, data dir) of each golden case."""
     if case == "local":  # the local CPU profile
         return load_sweep(STUDY), None
     if case == "gpu-cluster":  # make submit-all: the paper sweep on the GPU profile
-        data = tmp_path / "Training"
-        data.mkdir()
-        return load_sweep(REPO / "jobs" / "paper.toml", data=data, profile="gpu-cluster"), data
+        return paper_sweep(tmp_path, monkeypatch, profile="gpu-cluster"), tmp_path / "data"
     if case == "cpu-cluster":
         return load_sweep(STUDY, profile="cpu-cluster"), None
     if case.startswith("datasets"):  # several datasets, segment and evaluate stages
@@ -201,9 +207,9 @@ def _golden_sweep(case: str, tmp_path: Path):
 
 @pytest.mark.parametrize("case", ["local", "gpu-cluster", "cpu-cluster", "packed", "datasets",
                                   "datasets-gpu"])
-def test_sbatch_scripts_match_golden(tmp_path, case):
+def test_sbatch_scripts_match_golden(tmp_path, monkeypatch, case):
     """The generated sbatch scripts, paths normalised; UPDATE_GOLDEN=1 rewrites the files."""
-    sweep, data = _golden_sweep(case, tmp_path)
+    sweep, data = _golden_sweep(case, tmp_path, monkeypatch)
     run = tmp_path / "run"
     plan = expand(sweep, run)
     text = _normalise(dry_run(sweep, plan, run.resolve(), list(STAGES)), run.resolve(), data)
@@ -220,14 +226,14 @@ def test_sbatch_scripts_match_golden(tmp_path, case):
         assert re.search(r"^srun .*--cpus-per-task=\d+ ", script, re.M), stage
         assert 'scontrol requeue "$task"' in script.split("# teardown")[1], stage
     if case == "gpu-cluster":
-        for stage in ("generate", "classify"):
+        for stage in ("generate", "classify", "segment"):
             assert "#SBATCH --gpus-per-node=1\n" in scripts[stage]
             assert "#SBATCH --partition=gpu\n" in scripts[stage]
             assert "#SBATCH --ntasks-per-node=1\n" in scripts[stage]
         for stage in ("prepare", "aggregate"):
             assert "--gpus" not in scripts[stage] and "#SBATCH --partition=cpu\n" in scripts[stage]
-        assert "apptainer exec --nv --bind RUN_DIR,DATA_DIR:DATA_DIR:ro " \
-               "/shared/containers/brainhpc.sif python -u -m submitit.core._submit" in text
+        assert "apptainer exec --nv --bind RUN_DIR,DATA_DIR/br35h:DATA_DIR/br35h:ro," \
+               "DATA_DIR/lgg-flair:DATA_DIR/lgg-flair:ro" in text
         assert "module load apptainer" in text and "device: cuda" in text
     if case == "packed":
         assert "#SBATCH --array=0-1%2" in scripts["classify"]  # 6 cells, 3 per task
@@ -246,26 +252,24 @@ def test_sbatch_scripts_match_golden(tmp_path, case):
         assert "--bind RUN_DIR,DATA_DIR:DATA_DIR:ro /shared" in text  # the external set
 
 
-def test_gpu_profile_partitions_and_overrides(tmp_path):
+def test_gpu_profile_partitions_and_overrides(tmp_path, monkeypatch):
     """GPU stages take GPUs on the GPU partition, CPU stages none on the CPU partition;
     --partition moves only the GPU stages, --cpu-partition only the CPU ones."""
-    data = tmp_path / "d"
-    data.mkdir()
+    s = paper_sweep(tmp_path, monkeypatch)
     paper = REPO / "jobs" / "paper.toml"
-    s = load_sweep(paper, data=data)
     assert s.profile == "gpu-cluster"
     got = {st: (r.partition, r.gpus_per_node, r.tasks, s.device(st))
            for st, r in s.resources.items()}
     assert got == {"prepare": ("cpu", 0, 1, "cpu"), "generate": ("gpu", 1, 1, "cuda"),
                    "classify": ("gpu", 1, 1, "cuda"), "segment": ("gpu", 1, 1, "cuda"),
                    "evaluate": ("cpu", 0, 1, "cpu"), "aggregate": ("cpu", 0, 1, "cpu")}
-    s = load_sweep(paper, data=data, partition="a100", cpu_partition="short")
+    s = load_sweep(paper, partition="a100", cpu_partition="short")
     assert {st: r.partition for st, r in s.resources.items()} == {
         "prepare": "short", "generate": "a100", "classify": "a100", "segment": "a100",
         "evaluate": "short", "aggregate": "short"}
     # the file's per-stage partition of a CPU stage is that stage's own
     text = paper.read_text() + '[resources.aggregate]\npartition = "login"\n'
-    s = load_sweep(write(tmp_path, text), data=data)
+    s = load_sweep(write(tmp_path, text))
     assert s.resources["aggregate"].partition == "login"
     assert s.resources["prepare"].partition == "cpu"
     # no GPUs in the profile: GPU stages run on the CPU
@@ -358,16 +362,14 @@ def test_sinfo_parsing():
                                                                  2160, 30]
 
 
-def test_cluster_check_lists_every_problem(tmp_path):
-    data = tmp_path / "d"
-    data.mkdir()
-    ok = load_sweep(REPO / "jobs" / "paper.toml", data=data)  # gpu-cluster: gpu + cpu
+def test_cluster_check_lists_every_problem(tmp_path, monkeypatch):
+    ok = paper_sweep(tmp_path, monkeypatch)  # gpu-cluster: gpu + cpu
     sub.check_cluster(ok, ["prepare", "generate", "classify", "aggregate"], INFO)
     text = (REPO / "jobs" / "paper.toml").read_text() + (
         "[resources.generate]\ngpus_per_node = 8\n[resources.classify]\ngpus_per_node = 1\n"
         'gpu_type = "h100"\n[resources.prepare]\ntime_min = 300\n[resources.aggregate]\n'
         'partition = "nope"\n')
-    bad = load_sweep(write(tmp_path, text), data=data)
+    bad = load_sweep(write(tmp_path, text))
     with pytest.raises(BrainhpcError) as err:
         sub.check_cluster(bad, ["prepare", "generate", "classify", "aggregate"], INFO)
     msg = str(err.value)

@@ -339,7 +339,7 @@ def test_status_lists_prefixed_cells_of_every_stage(tmp_path):
                     ("evaluate", "br35h/ext"): "failed"}
 
 
-@pytest.mark.parametrize("name", ["paper", "full"])
+@pytest.mark.parametrize("name", ["full"])
 def test_shipped_evaluate_example_validates_when_uncommented(tmp_path, name):
     text = (REPO / "jobs" / f"{name}.toml").read_text()
     live = re.sub(r"^# (\[\[evaluate\]\]|name = |path = |labels = )", r"\1", text, flags=re.M)
@@ -385,3 +385,25 @@ def test_evaluate_entry_of_fresh_phantom_slices(tmp_path):
     path.write_text(base + '[[evaluate]]\nname = "fresh"\n')
     with pytest.raises(BrainhpcError, match="exactly one of path"):
         load_sweep(path)
+
+
+@pytest.mark.parametrize("name", ["cpu-study", "paper"])
+def test_shipped_study_files_expand(tmp_path, monkeypatch, name):
+    """The study (CPU) and its GPU version: two datasets, masks on LGG's tumour generators, a
+    segment stage on LGG only, each dataset scored on the other and on brain-tumor-mri."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for folder in ("br35h", "lgg-flair", "brain-tumor-mri/Training"):
+        (tmp_path / "data" / folder).mkdir(parents=True)
+    sweep = load_sweep(REPO / "jobs" / f"{name}.toml")
+    plan = expand(sweep, tmp_path / "run")
+    assert {d.name for d in sweep.datasets} == {"br35h", "lgg"}
+    masked = {c.id for c in plan["generate"] if c.params.get("with_masks")}
+    assert masked == {f"lgg/{arch}-tumour" for arch in sweep.generate.archs}
+    assert {c.params["dataset"] for c in plan["segment"]} == {"lgg"}
+    assert {c.id for c in plan["evaluate"]} == {"br35h/lgg", "lgg/br35h", "br35h/btm", "lgg/btm"}
+    for ds in ("br35h", "lgg"):
+        ids = {c.id for c in plan["classify"]}
+        assert {f"{ds}/cnn-real-s0", f"{ds}/vae-real-s0"} <= ids
+    if name == "cpu-study":
+        assert sweep.run_dir == tmp_path / "brainhpc-runs" / "cpu-study"
+        assert {d.size for d in sweep.datasets} == {64}
