@@ -9,7 +9,7 @@ import pytest
 
 from brainhpc.errors import BrainhpcError
 from brainhpc.fsio import write_json
-from brainhpc.sweep.aggregate import REFERENCE, aggregate
+from brainhpc.sweep.aggregate import REFERENCE, aggregate, report
 from brainhpc.sweep.cells import Cell, CellRunner, expand
 from brainhpc.sweep.config import load_sweep
 from brainhpc.sweep.status import cell_states, table
@@ -109,6 +109,13 @@ def test_aggregate_writes_every_planned_row(tmp_path):
     assert "learns (>= 90%)" in md and "image statistics only 52.0%" in md
     assert (out / "proportion.png").stat().st_size > 1000
     assert (out / "by_train_data.png").stat().st_size > 1000
+    # the README's tables come from the CSVs alone, and say what table.md says
+    tables = report(out)
+    for part in tables.split("\n\n"):
+        assert part.strip() in md, part
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["sweep"] == "res" and prov["command"].startswith("python -m brainhpc.sweep ")
+    assert prov["cells_done"] >= 6 and prov["brainhpc"]
 
 
 def test_aggregate_keeps_rows_of_cells_that_never_ran(tmp_path):

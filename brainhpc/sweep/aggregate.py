@@ -545,6 +545,98 @@ def plots(rows: list[dict], seg: list[dict], out: Path) -> list[str]:
     return made
 
 
+# ------------------------------------------------------------------ provenance and reports
+
+def provenance(run_dir: Path, rows: list[dict]) -> dict:
+    """What made these results: the sweep file and command, the code's commit, the machine,
+    and the compute the cells took (sum of their cell walls; the run's own span)."""
+    import os
+    import platform
+    import subprocess
+
+    from brainhpc import __version__
+    from brainhpc.sweep.config import REPO
+
+    sweep = _json(run_dir / "sweep.json")
+    commit = dirty = None
+    try:
+        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"],
+                                capture_output=True, text=True, timeout=10).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "-C", str(REPO), "status", "--porcelain",
+                                     "--untracked-files=no"], capture_output=True, text=True,
+                                    timeout=10).stdout.strip()) if commit else None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    cpu = ""
+    try:
+        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                    if line.startswith("model name")), "")
+    except OSError:
+        pass
+    walls, starts, ends = [], [], []
+    for marker in run_dir.glob("*/**/cell.json"):
+        m = _json(marker)
+        if m.get("status") == "done" and isinstance(m.get("wall_seconds"), (int, float)):
+            walls.append(m["wall_seconds"])
+            starts.append(m.get("started") or 0)
+            ends.append(m.get("finished") or 0)
+    source = sweep.get("source", "")
+    try:
+        shown = str(Path(source).relative_to(REPO))
+    except ValueError:
+        shown = source
+    return {"sweep": sweep.get("name"), "sweep_file": source,
+            "command": f"python -m brainhpc.sweep {shown}" if source else None,
+            "commit": commit, "uncommitted_changes": dirty, "brainhpc": __version__,
+            "machine": {"cpu": cpu, "cpus": os.cpu_count(), "platform": platform.platform()},
+            "cells_done": len(walls), "cell_wall_seconds_sum": round(sum(walls), 1),
+            "span_seconds": round(max(ends) - min(starts), 1) if walls else None}
+
+
+def _typed(value: str):
+    """A CSV cell back to what the aggregate wrote: None, a bool, an int, a float or text."""
+    if value in ("", None):
+        return None
+    if value in ("True", "False"):
+        return value == "True"
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
+def read_rows(path: Path, keep: tuple[str, ...] = ("seed", "p")) -> list[dict]:
+    """A results CSV back as row dicts with numbers (``keep`` columns stay as written)."""
+    if not path.exists():
+        return []
+    with path.open() as f:
+        return [{k: (v if k in keep else _typed(v)) for k, v in r.items()}
+                for r in csv.DictReader(f)]
+
+
+def report(results: str | Path) -> str:
+    """The README's tables, rendered from a results folder's CSVs alone (so a test can check
+    that the README shows exactly what ``results/metrics.csv`` holds)."""
+    results = Path(results)
+    rows = read_rows(results / "metrics.csv")
+    if not rows:
+        raise BrainhpcError(f"{results / 'metrics.csv'} is missing or empty")
+    for r in rows:
+        for k in ("train_data", "kind", "generator", "technique", "model", "dataset", "cell",
+                  "status"):
+            r[k] = "" if r.get(k) is None else str(r[k])
+    seg = read_rows(results / "segmentation.csv")
+    for r in seg:
+        for k in ("train_data", "kind", "generator", "dataset", "cell", "status"):
+            r[k] = "" if r.get(k) is None else str(r[k])
+    gens = read_rows(results / "generators.csv")
+    parts = [checks(rows), classification_table(rows), localisation_table(rows),
+             segmentation_table(seg), generator_table(gens)]
+    return "\n".join(p for p in parts if p).rstrip() + "\n"
+
+
 def aggregate(run_dir: str | Path) -> dict:
     """Write RUN_DIR/results/ from the plan and whatever the cells left; never fails on a cell."""
     run_dir = Path(run_dir)
@@ -562,6 +654,9 @@ def aggregate(run_dir: str | Path) -> dict:
     name = (_json(run_dir / "sweep.json") or {}).get("name", "")
     write_text(out / "table.md", tables(rows, seg, gens, name))
     made = plots(rows, seg, out)
+    from brainhpc.fsio import write_json
+
+    write_json(out / "provenance.json", provenance(run_dir, rows))
     failed = sorted({r["cell"] for r in rows + seg + gens
                      if r["status"] != "done" and r.get("model") != "baseline"})
     return {"status": "done", "rows": len(rows), "segment_rows": len(seg),

@@ -5,6 +5,7 @@
                              [--force] [--run-dir DIR] [--data [NAME=]PATH ...]
     python -m brainhpc.sweep status RUN_DIR
     python -m brainhpc.sweep aggregate RUN_DIR     (re-write RUN_DIR/results here and now)
+    python -m brainhpc.sweep report RUN_DIR/results (the README's tables, from the CSVs alone)
 
 With SLURM it needs a site profile (``--profile`` or ``profile =`` in the file), checks it
 against the cluster (``sinfo``) and the container against this host, then returns right after
@@ -23,7 +24,7 @@ from pathlib import Path
 from brainhpc.errors import BrainhpcError
 from brainhpc.fsio import write_json
 from brainhpc.sweep import submit as sub
-from brainhpc.sweep.aggregate import aggregate
+from brainhpc.sweep.aggregate import aggregate, report
 from brainhpc.sweep.cells import expand, read_marker
 from brainhpc.sweep.config import PROFILES, STAGE_TABLE, STAGES, load_sweep
 from brainhpc.sweep.status import cell_states, table
@@ -33,8 +34,10 @@ DEFAULT_JOBS = "jobs/smoke.toml"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("jobs_file", nargs="?", default=DEFAULT_JOBS,
-                   help=f"sweep file (default {DEFAULT_JOBS}), or 'status' / 'aggregate'")
-    p.add_argument("target", nargs="?", help="RUN_DIR after 'status' or 'aggregate'")
+                   help=f"sweep file (default {DEFAULT_JOBS}), or 'status' / 'aggregate' / "
+                        "'report'")
+    p.add_argument("target", nargs="?",
+                   help="RUN_DIR after 'status' or 'aggregate'; a results folder after 'report'")
     p.add_argument("--executor", choices=sub.EXECUTORS, default="slurm")
     p.add_argument("--profile", help="site profile name (slurm/profiles/) or .toml path")
     p.add_argument("--partition", help="partition of the GPU stages (and of the CPU stages "
@@ -62,6 +65,12 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
+    if args.jobs_file == "report":
+        if args.target is None:
+            raise BrainhpcError("report needs a results folder: python -m brainhpc.sweep report "
+                                "RUN_DIR/results")
+        print(report(args.target), end="")
+        return 0
     if args.jobs_file in ("status", "aggregate"):
         run_dir = args.target or args.run_dir
         if run_dir is None:
