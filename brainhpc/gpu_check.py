@@ -114,8 +114,8 @@ def smoke(out: Path, timeout_s: float) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
     res: dict = {"rc": proc.returncode, "tail": (proc.stdout + proc.stderr)[-2000:]}
     devices, precisions = set(), set()
-    for path in sorted(out.glob("classify/*/metrics.json")) + sorted(
-            out.glob("generate/*/card.json")):
+    for path in sorted(out.glob("classify/**/metrics.json")) + sorted(
+            out.glob("generate/**/card.json")):
         try:
             rec = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
