@@ -4,6 +4,7 @@ gpu-check's parts that run without a GPU."""
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from brainhpc.train.distributed import allocated_cpus
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")
+REPO = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------ resolve
@@ -232,3 +234,13 @@ def test_gpu_check_parts_on_cpu(capsys):
     names = [r[0].strip() for r in rows]
     assert names == ["process group (gloo)", "training throughput", "BrainCVAE 32 px b32"]
     assert rows[2][1] in ("OK", "FAIL") and "auto picks" in rows[2][2]
+
+
+def test_smoke_cells_share_the_cores(tmp_path):
+    from brainhpc.smoke import cell_threads
+
+    base = (REPO / "jobs" / "smoke.toml").read_text()
+    assert cell_threads(REPO / "jobs" / "smoke.toml") == 1  # cpus_per_task = 1
+    more = tmp_path / "smoke.toml"
+    more.write_text(base.replace("cpus_per_task = 1", "cpus_per_task = 64"))
+    assert cell_threads(more) == max(1, allocated_cpus() // 2)  # two cells at once
