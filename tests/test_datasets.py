@@ -260,3 +260,62 @@ def test_copies_need_the_grouping_rule_not_a_hash_match_alone():
     query = np.stack([thumbs[i], base[j][:, ::-1]])  # the look-alike, a mirrored copy of j
     exact, near = copies_of(["q0", "q1"], query, base_sha, base)
     assert exact.tolist() == [False, False] and near.tolist() == [False, True]
+
+
+def test_near_pair_distances_do_not_depend_on_which_image_is_the_query():
+    from brainhpc.data.duplicates import near_pairs
+
+    thumbs = np.stack([pp.thumbnail(pp.square_crop(pp.remove_background(p.image))[0])
+                       for p in phantom.generate(24, seed=4)])
+    turned = np.ascontiguousarray(np.rot90(thumbs, 1, axes=(1, 2))[:, ::-1])
+    ab = near_pairs(thumbs, turned, max_bits=64, min_corr=-1)
+    ba = near_pairs(turned, thumbs, max_bits=64, min_corr=-1)
+    bits_ab = {(i, j): b for i, j, b in zip(ab.i.tolist(), ab.j.tolist(), ab.bits.tolist(),
+                                            strict=True)}
+    bits_ba = {(j, i): b for i, j, b in zip(ba.i.tolist(), ba.j.tolist(), ba.bits.tolist(),
+                                            strict=True)}
+    assert bits_ab == bits_ba
+    assert all(bits_ab[(k, k)] <= 6 for k in range(24))  # each turned copy is found
+
+
+def test_tiny_lesions_survive_the_resize_and_keep_their_label(tmp_path):
+    img = phantom.make_slice(2, 0).image
+    mask = np.zeros(img.shape, np.uint8)
+    cy, cx = np.array(img.shape) // 2
+    mask[cy:cy + 2, cx:cx + 2] = 255  # far smaller than one pixel at 32 px
+    out = pp.process_array(0, "", img, 32, mask)
+    assert out.mask_label == 1 and out.mask.any()
+    big = np.zeros(img.shape, np.uint8)
+    big[cy - 30:cy + 30, cx - 30:cx + 30] = 255
+    area = (pp.process_array(0, "", img, 32, big).mask > 0).sum()  # majority coverage
+    _, geom = pp.preprocess_array(img, 32)
+    expected = 60 * 60 * (32 / geom.side) ** 2
+    assert abs(area - expected) < 0.2 * expected  # no halo: the lesion's own area
+
+
+def test_lgg_slice_without_its_mask_is_skipped_with_a_reason(tmp_path):
+    write_lgg(tmp_path / "lgg", cases=3, slices=4)
+    orphan = next((tmp_path / "lgg").rglob("*_2_mask.png"))
+    orphan.unlink()
+    from brainhpc.data.layouts import discover
+
+    found = discover(tmp_path / "lgg")
+    assert any("this layout labels a slice by its mask" in s["reason"] for s in found.skipped)
+    assert all(e.mask is not None for e in found.files)
+
+
+def test_a_split_without_one_label_is_refused(tmp_path):
+    """Three healthy scans that are all copies of one: one group, so one split holds them."""
+    raw = tmp_path / "raw"
+    for p in phantom.generate(30, seed=2):
+        if p.label:
+            (raw / "yes").mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(raw / "yes" / p.name), p.image)
+    (raw / "no").mkdir()
+    healthy = next(p for p in phantom.generate(30, seed=3) if not p.label)
+    for k in range(3):
+        cv2.imwrite(str(raw / "no" / f"copy{k}.png"), healthy.image)
+    from brainhpc.errors import BrainhpcError
+
+    with pytest.raises(BrainhpcError, match="has no healthy image"):
+        prepare(PrepareConfig(out=tmp_path / "out", data=raw, size=32, progress=False))

@@ -84,3 +84,16 @@ def test_one_class_folder_is_scored_not_refused(trained, tmp_path):
     with pytest.raises(Exception, match="cannot recognise the layout"):
         evaluate(EvaluateConfig(checkpoint=cell, data=ext, out=tmp_path / "ev2", workers=1))
     assert np.isfinite(m["score_summary"]["mean"])
+
+
+def test_own_test_split_reproduces_the_cells_numbers(trained, tmp_path):
+    """Scored on its own prepared dataset's test split, a saved model gives exactly the numbers
+    its classify cell wrote: prepare's groups already separate that split, nothing is dropped."""
+    _, prepared, cell = trained
+    import json
+
+    m = json.loads((cell / "metrics.json").read_text())
+    ev = evaluate(EvaluateConfig(checkpoint=cell, data=prepared, out=tmp_path / "own"))
+    assert ev["overlap"]["checked"] is False and "own prepared dataset" in ev["overlap"]["reason"]
+    for key in ("n", "balanced_accuracy", "roc_auc", "confusion_matrix", "recall_per_class"):
+        assert ev[key] == m[key], key

@@ -67,8 +67,10 @@ def test_aggregate_writes_every_planned_row(tmp_path):
                                                  "memorisation": {"near_copy_share": 0.0}}})
     write_json(gen["vae-tumour"].marker, {"status": "failed", "error": "BrainhpcError: boom",
                                           "log": "/logs/7_1_0_log.out"})
-    write_json(run / "prepare" / "data" / "prepared" / "manifest.json", {"confound": {
-        "cv_auc": 0.55, "test": {"balanced_accuracy": 0.52, "roc_auc": 0.56, "n": 20}}})
+    write_json(run / "prepare" / "data" / "prepared" / "manifest.json", {
+        "layout": "br35h",  # the reference study's columns appear beside Br35H rows only
+        "confound": {"cv_auc": 0.55, "test": {"balanced_accuracy": 0.52, "roc_auc": 0.56,
+                                              "n": 20}}})
     cls = {c.id: c for c in plan["classify"]}
     common = {"n_train": {"total": 70}, "epochs": 1, "brainhpc": "0.1", "config_hash": "abc"}
     _done(cls["cnn-real-s0"], {**block(0.95, 0.99), **common})

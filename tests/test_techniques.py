@@ -76,7 +76,8 @@ def test_dbscan_hand_computed():
     maps[1, 5:7, 2:5] = 0.7  # 6 pixels, 3 rows away: a separate, larger cluster
     maps[2, ::3, ::3] = 0.9  # scattered pixels 3 apart: nothing dense
     scores, regions = dbscan_scores(maps, 0.5, eps=1.5, min_samples=3, return_regions=True)
-    np.testing.assert_allclose(scores, [9 / 64, 6 / 64, 0.0])
+    # shares of the scored (non-zero) pixels: 11, 10 and 9 of them
+    np.testing.assert_allclose(scores, [9 / 11, 6 / 10, 0.0])
     expect0 = np.zeros((8, 8), bool)
     expect0[1:4, 1:4] = True
     expect1 = np.zeros((8, 8), bool)
@@ -84,10 +85,10 @@ def test_dbscan_hand_computed():
     assert (regions[0] == expect0).all() and (regions[1] == expect1).all() and not regions[2].any()
     # config values mean 64 px images: at 8 px, eps=16 and min_samples=320 are 2 and 5
     f = FittedTechnique(TechniqueConfig(technique="dbscan", eps=16, min_samples=320),
-                        {"anomaly_threshold": 0.5, "tumor_index": 0.1}, 0.0)
-    assert f.predict(maps)[0].tolist() == [1, 0, 0]  # eps=2, min_samples=5: 9 and 6 of 64
+                        {"anomaly_threshold": 0.5, "tumor_index": 0.7}, 0.0)
+    assert f.predict(maps)[0].tolist() == [1, 0, 0]  # eps=2, min_samples=5: 9/11 and 6/10
     f = FittedTechnique(TechniqueConfig(technique="dbscan", eps=12, min_samples=320),
-                        {"anomaly_threshold": 0.5, "tumor_index": 0.09}, 0.0)
+                        {"anomaly_threshold": 0.5, "tumor_index": 0.5}, 0.0)
     # eps 1.5: a 2x3 block's corner pixels have only 4 neighbours (self included), yet they are
     # border points of the two core pixels in the middle: the cluster keeps all 6
     assert f.predict(maps)[0].tolist() == [1, 1, 0]

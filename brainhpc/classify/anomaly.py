@@ -26,6 +26,7 @@ validation (that would turn a detector into a supervised classifier of image sou
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import cv2
@@ -34,6 +35,8 @@ import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from brainhpc.errors import BrainhpcError
+
+log = logging.getLogger(__name__)
 
 LANDMARKS = (1, 10, 20, 30, 40, 50, 60, 70, 80, 90, 99)
 RESIDUALS = ("abs", "ssim")
@@ -62,8 +65,12 @@ class Standardiser:
         return np.percentile(values.astype(np.float32), LANDMARKS)
 
     @classmethod
-    def fit(cls, images: np.ndarray, brain: np.ndarray | None) -> Standardiser:
+    def fit(cls, images: np.ndarray, brain: np.ndarray | None, what: str = "training data"
+            ) -> Standardiser:
         """Average the healthy training slices' landmarks, each mapped so p1 -> 0, p99 -> 1."""
+        if brain is None:
+            log.warning("intensity standardisation of %s: no brain masks, landmarks taken over "
+                        "the whole image (background included)", what)
         masks = brain_masks(brain, images)
         rows = []
         for img, m in zip(images.reshape(len(images), *images.shape[-2:]), masks, strict=True):
@@ -71,8 +78,8 @@ class Standardiser:
             if lm is not None and lm[-1] > lm[0]:
                 rows.append((lm - lm[0]) / (lm[-1] - lm[0]))
         if not rows:
-            raise BrainhpcError("intensity standardisation: no training slice has a brain mask "
-                                "of usable size")
+            raise BrainhpcError(f"intensity standardisation of {what}: no slice has a brain mask "
+                                "of usable size (>= 32 pixels)")
         return cls(np.mean(rows, axis=0))
 
     def apply(self, images: np.ndarray, brain: np.ndarray | None) -> np.ndarray:
@@ -82,9 +89,9 @@ class Standardiser:
         out = np.zeros((n, 1, h, w), np.float32)
         for i, (img, m) in enumerate(zip(images.reshape(n, h, w), masks, strict=True)):
             lm = self.landmarks(img, m)
-            if lm is None:
+            if lm is None:  # no usable brain: an all-zero input (and no residual) for it
                 continue
-            lm = np.maximum.accumulate(lm + np.arange(len(lm)) * 1e-4)  # strictly increasing
+            lm = lm + np.arange(len(lm)) * 1e-4  # strictly increasing for np.interp
             mapped = np.interp(img.astype(np.float32), lm, self.standard)
             # above p99 keep the slope of the last segment (hyperintense lesions live there)
             top = img > lm[-1]
@@ -200,11 +207,6 @@ def localisation(val_values, val_masks, val_brain, test_values, test_masks, test
                                          for k, v in dice_scores(pred, test_masks).items()}}
 
 
-def empty_mask_dice(masks: np.ndarray) -> float:
-    """Dice of predicting nothing on tumour slices: 0 (the floor every method must clear)."""
-    return 0.0 if (masks.reshape(len(masks), -1) > 0).any() else 1.0
-
-
 # ----------------------------------------------------------------------------- the baseline
 
 def intensity_baseline(val_x: np.ndarray, val_y: np.ndarray, val_brain: np.ndarray,
@@ -226,8 +228,8 @@ def intensity_baseline(val_x: np.ndarray, val_y: np.ndarray, val_brain: np.ndarr
     tx = test_x.reshape(len(test_x), -1)
     tb = test_brain.reshape(tx.shape) > 0
 
-    def image_score(x, b, thr):
-        return ((x > thr) & b).sum(1) / x.shape[1]
+    def image_score(x, b, thr):  # share of the brain above the threshold
+        return ((x > thr) & b).sum(1) / np.maximum(b.sum(1), 1)
 
     if val_masks is not None and (val_masks > 0).any():
         thr = best_dice_threshold(val_x.reshape(val_brain.shape), val_masks, val_brain)

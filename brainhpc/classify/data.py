@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from brainhpc.data import preprocess
 from brainhpc.data.shards import LABEL_NAMES, LABELS, OPTIONAL, ShardData, load_split
 from brainhpc.errors import BrainhpcError
 
@@ -131,6 +132,8 @@ def load_synthetic(synthetic_dir: str | os.PathLike | None, generator: str) -> d
                 f"{folder}: holds no {name} images (label {label}); re-run generate cell "
                 f"{generator}-{name}"
             )
+        if data.brain is None:  # generated slices: the brain mask prepare would have drawn
+            data.brain = np.stack([preprocess.brain_mask(im[0]) for im in data.images])[:, None]
         out[label] = data
     return out
 

@@ -100,9 +100,14 @@ def _load_data(cfg: EvaluateConfig, size: int):
     return data, skipped, "raw folder"
 
 
-def drop_overlap(data: ShardData, clf: dict) -> tuple[ShardData, dict]:
+def drop_overlap(data: ShardData, clf: dict, own: bool = False) -> tuple[ShardData, dict]:
     """``data`` without copies and near-copies of the classifier's development images, and the
-    counts (with a few examples) of what was dropped."""
+    counts (with a few examples) of what was dropped. ``own``: ``data`` is a split of the very
+    dataset the model was developed on, whose splits prepare already grouped (its test split is
+    scored as the classify cell scored it)."""
+    if own:
+        return data, {"checked": False, "reason": "a split of the classifier's own prepared "
+                      "dataset: prepare's duplicate and patient groups already separate it"}
     dev = clf.get("development_images")
     if dev is None or data.thumbs is None or data.sha256 is None:
         why = ("the checkpoint has no development fingerprints (trained before they existed)"
@@ -158,7 +163,9 @@ def evaluate(cfg: EvaluateConfig, loaded: dict | None = None) -> dict:
         data, skipped, kind = _load_data(cfg, size)
         if loaded is not None:
             loaded[size] = (data, skipped, kind)
-    data, overlap = drop_overlap(data, clf)
+    own = cfg.prepared and clf.get("data_key") is not None and \
+        read_manifest(cfg.data).get("config_hash") == clf["data_key"]
+    data, overlap = drop_overlap(data, clf, own)
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise BrainhpcError("evaluate: device 'cuda' requested but torch sees no CUDA device")
     device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")

@@ -600,8 +600,11 @@ def _classify(cfg: ClassifyConfig, ident: dict, size: int, info, t_start: float)
         best_metric, best_mode = f"val_{cfg.criterion}", "max"
     else:
         healthy = healthy_only(train, f"training data {spec}")
-        std = anomaly.Standardiser.fit(healthy.images, healthy.brain) if cfg.standardise \
-            else None
+        if healthy.brain is None and val.brain is not None:
+            raise BrainhpcError(f"training data {spec}: no brain masks, but {cfg.data}/val has "
+                                "them: the VAE would train on other inputs than it is scored on")
+        std = anomaly.Standardiser.fit(healthy.images, healthy.brain, f"training data {spec}") \
+            if cfg.standardise else None
         prep = Detector(torch.nn.Identity(), std)  # the inputs only; the VAE comes later
         task = VAETask(cfg, size, prep.inputs(healthy_only(val, f"{cfg.data}/val")))
         dataset = torch.utils.data.TensorDataset(torch.from_numpy(prep.inputs(healthy)))
@@ -646,7 +649,8 @@ def _classify(cfg: ClassifyConfig, ident: dict, size: int, info, t_start: float)
     saved = {"format": MODEL_FORMAT, "model": cfg.model, "image_size": size, "hparams": hparams,
              "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
              "train_data": str(spec), "seed": cfg.seed, "config_hash": config_hash(ident),
-             "brainhpc": __version__, "development_images": development_fingerprints(cfg.data)}
+             "brainhpc": __version__, "development_images": development_fingerprints(cfg.data),
+             "data_key": read_manifest(cfg.data).get("config_hash")}
     report: dict = {}
     if cfg.model == "cnn":
         val_score = cnn_scores(model, val.images, device)
@@ -767,7 +771,7 @@ def vae_report(cfg: ClassifyConfig, det: Detector, val: ShardData, test: ShardDa
     if test.masks is not None and val.masks is not None and (val.masks > 0).any():
         report["localisation"] = anomaly.localisation(val_maps, val.masks, val_b, test_maps,
                                                       test.masks, test_b)
-        report["localisation"]["empty_mask_dice"] = anomaly.empty_mask_dice(test.masks)
+        report["localisation"]["empty_mask_dice"] = 0.0  # predicting nothing on tumour slices
     save_error_maps(cfg.out / "error_maps.png", test, test_in, test_maps, fitted,
                     f"vae ({cfg.vae_arch}) on {spec}, test split")
     return report

@@ -1,14 +1,16 @@
-"""From VAE reconstruction-error maps |x - x_hat| to tumour predictions: four techniques, the
-leakage-free threshold selection that tunes them, and localisation scores on phantom masks.
+"""From VAE residual maps to tumour predictions: four techniques, the leakage-free threshold
+selection that tunes them, and localisation scores where the data has tumour masks.
 
-Every technique turns an error map (H x W floats in [0, 1]) into a continuous tumour score
-(used for ROC-AUC) and predicts tumour when the score passes a cut:
+Every technique turns a residual map (H x W floats in [0, 1]; exact zeros are unscored pixels
+outside the brain mask, see ``brainhpc.classify.anomaly``) into a continuous tumour score (used
+for ROC-AUC) and predicts tumour when the score passes a cut. Shares are of the scored pixels
+(``scored_area``), so a big brain does not look more anomalous than a small one:
 
-* ``giaem``: score = share of pixels whose error exceeds ``anomaly_threshold``; tumour if the
+* ``giaem``: score = share of scored pixels whose error exceeds ``anomaly_threshold``; tumour if the
   score > ``tumor_index``. Region: the pixels above the threshold.
 * ``dbscan``: scikit-learn DBSCAN (``eps``, ``min_samples``, Euclidean, pixel units) on the
   coordinates of the pixels above ``anomaly_threshold`` (with ``use_error`` also on
-  ``error_scale * error``); score = size of the largest cluster / image area; tumour if the
+  ``error_scale * error``); score = size of the largest cluster / scored area; tumour if the
   score > ``tumor_index``. Only anomalous pixels that can join a cluster are clustered: a grid
   count (two small convolutions for all maps) drops, exactly, the pixels that DBSCAN would call
   noise, and maps left without candidates are skipped; a map with more than
@@ -151,14 +153,21 @@ def _as_labels(labels, n: int, what: str) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------- giaem
 
+def scored_area(maps: np.ndarray) -> np.ndarray:
+    """Pixels each map scores: its non-zero ones (exact zeros lie outside the brain mask), so
+    image scores are shares of the brain and a big brain does not look more anomalous."""
+    flat = maps.reshape(len(maps), -1)
+    return np.maximum(np.count_nonzero(flat, axis=1), 1).astype(np.float64)
+
+
 def giaem_scores(maps: np.ndarray, anomaly_threshold: float) -> np.ndarray:
-    """Share of each map's pixels whose error exceeds ``anomaly_threshold``."""
+    """Share of each map's scored pixels whose error exceeds ``anomaly_threshold``."""
     n = len(maps)
     flat = maps.reshape(n, -1)
     out = np.empty(n)
     for a in range(0, n, ROW_CHUNK):  # blocks that stay in cache beat one N x H x W temporary
         out[a:a + ROW_CHUNK] = np.count_nonzero(flat[a:a + ROW_CHUNK] > anomaly_threshold, axis=1)
-    return out / float(flat.shape[1] or 1)
+    return out / scored_area(maps)
 
 
 # --------------------------------------------------------------------------------------- dbscan
@@ -311,7 +320,7 @@ def dbscan_scores(maps: np.ndarray, anomaly_threshold: float, eps: float = 2.0,
     if stats is not None:
         stats["dbscan_capped_maps"] = stats.get("dbscan_capped_maps", 0) + len(capped)
         stats["dbscan_clustered_maps"] = stats.get("dbscan_clustered_maps", 0) + len(todo)
-    scores = sizes / float(h * w)
+    scores = sizes / scored_area(maps)
     return (scores, region) if return_regions else scores
 
 
@@ -370,7 +379,7 @@ def kmeans_single_scores(maps: np.ndarray, anomaly_threshold: float,
     else:
         cut, size, mean = two_means_1d(flat)
     anomalous = (size > 0) & (mean > anomaly_threshold)
-    scores = np.where(anomalous, size / float(maps[0].size if n else 1), 0.0)
+    scores = np.where(anomalous, size / scored_area(maps), 0.0)
     if not return_regions:
         return scores
     return scores, (maps > cut[:, None, None]) & anomalous[:, None, None]

@@ -86,13 +86,15 @@ def confound_check(train_stats: np.ndarray, train_labels: np.ndarray, train_grou
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         if folds >= 2:
-            oof = np.zeros(len(y))
+            oof = np.full(len(y), np.nan)
             cv = StratifiedGroupKFold(folds, shuffle=True, random_state=seed)
             for tr, te in cv.split(train_stats, y, train_groups):
-                if len(np.unique(y[tr])) == 2:
+                if len(np.unique(y[tr])) == 2:  # a one-class fold predicts nothing
                     oof[te] = _model().fit(train_stats[tr], y[tr]).predict_proba(
                         train_stats[te])[:, 1]
-            result["cv_auc"] = round(float(roc_auc_score(y, oof)), 4)
+            ok = ~np.isnan(oof)
+            if len(np.unique(y[ok])) == 2:
+                result["cv_auc"] = round(float(roc_auc_score(y[ok], oof[ok])), 4)
         model = _model().fit(train_stats, y)
         score = model.predict_proba(test_stats)[:, 1]
     yt = np.asarray(test_labels)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from brainhpc.data.preprocess import THUMB
+from brainhpc.data.preprocess import THUMB, phash
 
 NEAR_DUP_BITS = 6  # phash distance that counts when the correlation confirms it
 CONFIRM_CORR = 0.7
@@ -51,12 +51,8 @@ def orientations(thumbs: np.ndarray) -> list[np.ndarray]:
 
 
 def phashes(thumbs: np.ndarray) -> np.ndarray:
-    """64-bit perceptual hash of each thumbnail (N uint64)."""
-    out = np.empty(len(thumbs), np.uint64)
-    for i, t in enumerate(thumbs):
-        low = cv2.dct(t.astype(np.float32))[:8, :8].flatten()
-        out[i] = np.packbits(low > np.median(low[1:])).view(">u8")[0]
-    return out
+    """64-bit perceptual hash of each thumbnail (N uint64; ``preprocess.phash``)."""
+    return np.array([phash(t) for t in thumbs], np.uint64)
 
 
 def descriptors(thumbs: np.ndarray) -> np.ndarray:
@@ -108,14 +104,19 @@ def near_pairs(query: np.ndarray, base: np.ndarray | None = None,
     hq = [phashes(o) for o in orientations(query)]
     dq = [descriptors(o) for o in orientations(query)]
     hb, db = phashes(base), descriptors(base)
+    # the DCT hash does not turn with the image: d(T(a), b) != d(a, T^-1(b)) in general, so
+    # both directions count (the correlation is exact under flips and quarter turns)
+    hb_turned = hq if same else [phashes(o) for o in orientations(base)]
+    hq0 = hq[0]
     parts: list[tuple] = []
     for lo in range(0, len(query), BLOCK):
         hi = min(len(query), lo + BLOCK)
         b0 = lo if same else 0  # with itself: only j >= lo can pair with i in [lo, hi)
         bits = np.full((hi - lo, len(base) - b0), 64, np.int64)
         corr = np.full((hi - lo, len(base) - b0), -1.0, np.float32)
-        for h, d in zip(hq, dq, strict=True):
+        for h, d, hbt in zip(hq, dq, hb_turned, strict=True):
             np.minimum(bits, np.bitwise_count(h[lo:hi, None] ^ hb[None, b0:]), out=bits)
+            np.minimum(bits, np.bitwise_count(hq0[lo:hi, None] ^ hbt[None, b0:]), out=bits)
             np.maximum(corr, d[lo:hi] @ db[b0:].T, out=corr)
         hit = (bits <= max_bits) | (corr >= min_corr)
         if same:
@@ -171,7 +172,8 @@ def duplicate_groups(sha: list[str], thumbs: np.ndarray, labels: np.ndarray,
     for m in exact_groups:
         for k in m[1:]:
             copies.union(m[0], k)
-    pairs = near_pairs(thumbs)
+    pairs = near_pairs(thumbs, max_bits=max(max_bits, AUDIT_BITS),
+                       min_corr=min(min_corr, AUDIT_CORR))
     near = pairs.near(max_bits, min_corr)
     other_patient = np.zeros(len(pairs), bool)
     if patients is not None:
@@ -183,7 +185,7 @@ def duplicate_groups(sha: list[str], thumbs: np.ndarray, labels: np.ndarray,
     copy_ids = copies.ids()
     conflicts = sum(len(set(labels[copy_ids == g].tolist())) > 1
                     for g in np.unique(copy_ids) if (copy_ids == g).sum() > 1)
-    groups = copies
+    groups = copies  # from here on the same union-find also joins each patient's slices
     if patients is not None:
         first: dict[str, int] = {}
         for i, p in enumerate(patients):
@@ -215,14 +217,15 @@ def duplicate_groups(sha: list[str], thumbs: np.ndarray, labels: np.ndarray,
 
 def audit(pairs: Pairs, split: np.ndarray, labels: np.ndarray,
           patients: list[str] | None = None, max_bits: int = AUDIT_BITS,
-          min_corr: float = AUDIT_CORR) -> dict:
+          min_corr: float = AUDIT_CORR, rule_bits: int = NEAR_DUP_BITS,
+          rule_corr: float = NEAR_DUP_CORR) -> dict:
     """Pairs that cross splits: at the grouping rule (0 unless grouping failed, or pairs of two
     different patients) and at the looser audit thresholds; cross-label pairs estimate how
     many of the loose ones are different scans."""
     cross = split[pairs.i] != split[pairs.j]
     diff_label = labels[pairs.i] != labels[pairs.j]
     loose = pairs.loose(max_bits, min_corr)
-    strict = pairs.near()
+    strict = pairs.near(rule_bits, rule_corr)
     out = {
         "cross_split_near_pairs": int((cross & strict).sum()),
         "audit_threshold_bits": max_bits,

@@ -140,6 +140,10 @@ def _collect(folder: Path, root: Path, label: int | None, found: Found, recursiv
                 found.skipped.append({"source": rel, "reason": reason})
                 continue
             mask = masks.get(stem)
+            if label is None and mask is None:  # labelled by its mask (lgg), and it has none
+                found.skipped.append({"source": rel, "reason": f"no {stem}{MASK_SUFFIX}.<ext> "
+                                      "beside it: this layout labels a slice by its mask"})
+                continue
             mask_rel = Path(dirpath, mask).relative_to(root).as_posix() if mask else None
             channel = LGG_FLAIR_CHANNEL if label is None and ext.lower() in (".tif", ".tiff") \
                 else None

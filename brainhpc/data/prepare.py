@@ -50,7 +50,7 @@ from brainhpc.images import save_grid
 
 log = logging.getLogger(__name__)
 
-MIN_PER_LABEL = 3  # one image of each label for each split, at least
+MIN_PER_LABEL = 3  # images of each label, at least (check_splits checks each split after)
 PREVIEW_IMAGES = 32
 
 
@@ -313,6 +313,19 @@ def split_groups(group_ids: np.ndarray, labels: np.ndarray, fractions, seed: int
     return out
 
 
+def check_splits(labels: np.ndarray, split: np.ndarray, cfg: PrepareConfig) -> None:
+    """Every split needs both labels (thresholds are chosen on val and scored on test); with
+    few patients or big duplicate groups a label can end up in one split only."""
+    counts = _counts(labels, split)
+    empty = [f"{name} has no {lab} image" for name, c in counts.items()
+             for lab in LABELS if c[lab] == 0]
+    if empty:
+        raise BrainhpcError(
+            f"{cfg.data or 'phantom data'}: the leakage-aware split leaves {'; '.join(empty)} "
+            f"(counts {counts}); duplicate groups and patients are never split, so this dataset "
+            "needs more distinct scans per label (or other --split fractions)")
+
+
 # ----------------------------------------------------------------------------- command
 
 def _existing(out: Path) -> dict | None:
@@ -399,7 +412,10 @@ def prepare(cfg: PrepareConfig) -> dict:
         if len(idx) > 1:
             listed.append(sorted(items.sources[i] for i in idx))
     split = split_groups(groups, items.labels, cfg.split, cfg.seed)
-    dup_stats["audit"] = duplicates.audit(pairs, split, items.labels, items.patients)
+    dup_stats["audit"] = duplicates.audit(pairs, split, items.labels, items.patients,
+                                          rule_bits=cfg.near_dup_bits,
+                                          rule_corr=cfg.near_dup_corr)
+    check_splits(items.labels, split, cfg)
     log.info("%d images, %d duplicate groups (%d exact), largest %d: kept within one split; "
              "%d near pairs at the audit thresholds still cross splits",
              len(items.labels), dup_stats["groups"], dup_stats["exact_groups"],

@@ -187,14 +187,26 @@ def resize(square: np.ndarray, size: int, nearest: bool = False) -> np.ndarray:
 
 
 def apply_geometry(mask: np.ndarray, geom: Geometry, size: int) -> np.ndarray:
-    """Move a mask (same canvas as the source image) exactly as the image was moved."""
+    """Move a 0/255 mask (same canvas as the source image) exactly as the image was moved.
+
+    Shrinking keeps the pixels at least half covered by the mask (area interpolation), except
+    that a mask never vanishes: a lesion smaller than a target pixel keeps the pixels it
+    touches, so "the slice holds tumour" reads the same from the stored mask as from the file.
+    """
     crop = mask[geom.y0:geom.y1, geom.x0:geom.x1]
     square = np.zeros((geom.side, geom.side), np.uint8)
     square[geom.off_y:geom.off_y + crop.shape[0], geom.off_x:geom.off_x + crop.shape[1]] = crop
-    return resize(square, size, nearest=True)
+    if geom.side <= size:
+        return resize(square, size, nearest=True)
+    area = cv2.resize(square, (size, size), interpolation=cv2.INTER_AREA)
+    out = np.where(area >= 128, 255, 0).astype(np.uint8)
+    if square.any() and not out.any():
+        out = np.where(area > 0, 255, 0).astype(np.uint8)
+    return out
 
 
 def preprocess_array(img: np.ndarray, size: int) -> tuple[np.ndarray, Geometry]:
+    """The pre-processed image and where its crop came from (what ``process_array`` stores)."""
     square, geom = square_crop(remove_background(img))
     return resize(square, size), geom
 
@@ -254,13 +266,9 @@ class Processed:
     thumb: np.ndarray | None = None  # THUMB x THUMB uint8, size-independent
     brain: np.ndarray | None = None  # size x size 0/255
     mask: np.ndarray | None = None  # size x size 0/255 tumour mask, when there is one
-    mask_label: int | None = None  # 1 if the (full-resolution) mask holds tumour, else 0
+    mask_label: int | None = None  # 1 if the mask holds tumour, else 0
     aspect: float = 1.0
     error: str | None = None
-
-    @property
-    def phash(self) -> int:
-        return phash(self.thumb)
 
 
 def process_array(index: int, digest: str, img: np.ndarray, size: int,
@@ -297,7 +305,7 @@ def process_file(task: FileTask | tuple) -> Processed:
         if task.mask is not None:
             try:
                 with open(task.mask, "rb") as f:
-                    mask = decode_mask(f.read())
+                    mask = decode_mask(f.read(), unchanged=task.channel is not None)
             except OSError as e:
                 raise BadImage(f"mask unreadable: {e.strerror or e}") from e
         return process_array(task.index, digest, img, task.size, mask)
@@ -305,16 +313,18 @@ def process_file(task: FileTask | tuple) -> Processed:
         return Processed(task.index, digest, error=str(e))
 
 
-def decode_mask(data: bytes) -> np.ndarray:
-    """A mask file as 8-bit grayscale (all-black masks, i.e. healthy slices, are fine)."""
+def decode_mask(data: bytes, unchanged: bool = False) -> np.ndarray:
+    """A mask file as 8-bit grayscale (all-black masks, i.e. healthy slices, are fine);
+    ``unchanged`` decodes it as its image was (a picked channel: no EXIF turn for either)."""
     try:
         check_complete(data)
     except BadImage as e:
         raise BadImage(f"mask: {e}") from None
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
+    flags = cv2.IMREAD_UNCHANGED if unchanged else cv2.IMREAD_GRAYSCALE
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
     if img is None:
         raise BadImage("mask: not a decodable image")
-    return img
+    return img[:, :, 0] if img.ndim == 3 else img
 
 
 def process_phantom(task: tuple[int, int, int]) -> tuple[Processed, int, str]:

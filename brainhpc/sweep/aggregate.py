@@ -117,15 +117,11 @@ def _spec_cols(train_data: str) -> dict:
             "p": "" if spec.p is None else spec.p}
 
 
-def _external_cells(plan: dict) -> list[dict]:
-    return list(plan.get("evaluate", []))
-
-
 def _external(run_dir: Path, plan: dict, stage: str, cell: dict) -> list[tuple[str, dict]]:
     """(external set name, its metrics.json for this cell) for every evaluate cell of the
     cell's dataset."""
     out = []
-    for ev in _external_cells(plan):
+    for ev in plan.get("evaluate", []):
         if _dataset(ev) != _dataset(cell):
             continue
         path = run_dir / "evaluate" / ev["id"] / stage / cell["id"] / "metrics.json"
@@ -201,9 +197,10 @@ def classify_rows(run_dir: Path, plan: dict) -> list[dict]:
                          "balanced_accuracy": stats.get("balanced_accuracy"),
                          "roc_auc": stats.get("roc_auc"), "accuracy": stats.get("accuracy"),
                          "n_test": stats.get("n")})
-    for r in rows:
+    br35h = {ds for ds in datasets if _manifest(run_dir, ds).get("layout") == "br35h"}
+    for r in rows:  # the reference study's numbers are Br35H's: beside Br35H rows only
         ref = REFERENCE.get((r["model"], r.get("technique") or None, r["kind"])) \
-            if r.get("p") == "" else None
+            if r.get("p") == "" and r["dataset"] in br35h else None
         if ref:
             r["ref_accuracy"], r["ref_f1"] = ref[0] / 100, ref[3] / 100
     return rows
@@ -267,7 +264,7 @@ def generator_rows(run_dir: Path, plan: dict) -> list[dict]:
 
 
 def write_csv(path: Path, rows: list[dict], cols: tuple[str, ...]) -> None:
-    extra = sorted({k for r in rows for k in r} - set(cols) - {"ref"})
+    extra = sorted({k for r in rows for k in r} - set(cols))
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(cols) + extra, extrasaction="ignore",
                        lineterminator="\n")
@@ -330,11 +327,11 @@ def classification_table(rows: list[dict]) -> str:
             head += [f"{name}: bal. acc", f"{name}: ROC-AUC", f"{name}: dropped"]
         out += [f"### {ds}: test split", "", "| " + " | ".join(head) + " |",
                 "|" + "---|" * len(head)]
-        majority = None
         for (model, tech, train), rs in _groups(ds_rows, lambda r: (
                 r["model"], r.get("technique") or None, r["train_data"])):
             done = [r for r in rs if r["status"] == "done"]
-            ref = REFERENCE.get((model, tech, rs[0]["kind"])) if rs[0]["p"] == "" else None
+            ref = next(((100 * r["ref_accuracy"], 0, 0, 100 * r["ref_f1"]) for r in rs
+                        if isinstance(r.get("ref_accuracy"), (int, float))), None)
             cells = [MODEL_NAMES.get(tech, tech) if model != "baseline" else MODEL_NAMES[tech],
                      train, *(_fmt(_nums(done, k)) if k != "roc_auc" else
                               _fmt(_nums(done, k), pct=False)
@@ -348,13 +345,11 @@ def classification_table(rows: list[dict]) -> str:
                           _fmt(_nums(done, f"{name}_roc_auc"), pct=False),
                           _fmt(_nums(done, f"{name}_dropped"), pct=False).split(".")[0]]
             out.append("| " + " | ".join(cells) + " |")
-            if majority is None and done and done[0].get("n_test"):
-                majority = done[0]
         out += ["", "Balanced accuracy and recalls in %, ROC-AUC as a fraction. Trivial "
                 "baselines: the majority class scores balanced accuracy 50.0 and ROC-AUC 0.5; "
                 "a row flagged degenerate predicts one class for >= 95% of the test slices. "
-                "Reference columns: the reference study (Br35H, its own split, accuracy and "
-                "F1 in %).", ""]
+                "Reference columns (Br35H only): the reference study, on its own split, "
+                "accuracy and F1 in %.", ""]
     return "\n".join(out)
 
 
