@@ -110,7 +110,8 @@ def throughput(device: torch.device, archs, size: int, warmup: int, steps: int) 
 
 def smoke(out: Path, timeout_s: float) -> dict:
     """Run the smoke sweep in a subprocess; what it trained on and what the CNN scored."""
-    cmd = [sys.executable, "-m", "brainhpc", "smoke", "--out", str(out), "--force"]
+    cmd = [sys.executable, "-m", "brainhpc", "smoke", "--out", str(out), "--force",
+           "--profile", "local-gpu"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
     res: dict = {"rc": proc.returncode, "tail": (proc.stdout + proc.stderr)[-2000:]}
     devices, precisions = set(), set()

@@ -31,6 +31,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--executor", choices=("local", "debug"), default="local",
                    help="local: one subprocess per cell (default); debug: in this process")
     p.add_argument("--force", action="store_true", help="redo every cell")
+    p.add_argument("--profile", default=None,
+                   help="site profile (default: the file's, local; local-gpu puts the GPU "
+                        "stages on this machine's GPU)")
     p.set_defaults(func=run)
 
 
@@ -47,6 +50,8 @@ def run(args) -> int:
         os.environ["OMP_NUM_THREADS"] = str(cell_threads(jobs))  # inherited by the cells
         log.info("smoke cells: %s thread(s) each", os.environ["OMP_NUM_THREADS"])
     argv = [str(jobs), "--executor", args.executor, "--run-dir", str(args.out)]
+    if args.profile:
+        argv += ["--profile", args.profile]
     rc = sweep_cli.main(argv + (["--force"] if args.force else []))
     results = args.out / "results"
     if rc == 0:

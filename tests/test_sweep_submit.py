@@ -138,3 +138,40 @@ def test_submitted_scripts_requeue_on_the_host(tmp_path, fake_slurm):
     assert "#SBATCH --requeue" in script and "--wckey" not in script
     flag = f"flag={run}/logs/generate/requeue-$SLURM_JOB_ID"
     assert flag in script and script.index("# command") < script.index(flag)
+
+
+def test_local_executor_shows_the_gpus_a_stage_asked_for(tmp_path, monkeypatch):
+    """make gpu-check runs the smoke on this machine's GPU (profile local-gpu): the local
+    executor must pass the stage's GPUs on, or submitit hides them (CUDA_VISIBLE_DEVICES="")."""
+    import submitit
+
+    from brainhpc.sweep import submit as sub
+    from brainhpc.sweep.cells import expand
+    from brainhpc.sweep.config import REPO, load_sweep
+
+    seen = []
+
+    class Job:
+        job_id = "1"
+
+        def result(self):
+            return {}
+
+    class Local:
+        def __init__(self, folder):
+            pass
+
+        def update_parameters(self, **kw):
+            seen.append(kw)
+
+        def submit(self, fn, cell):
+            return Job()
+
+    monkeypatch.setattr(submitit, "LocalExecutor", Local)
+    sweep = load_sweep(REPO / "jobs" / "smoke.toml", profile="local-gpu")
+    plan = expand(sweep, tmp_path / "run")
+    cells = {s: plan[s][:1] for s in ("prepare", "generate")}
+    cells.update({s: [] for s in plan if s not in cells})
+    sub.run_here("local", sweep, cells, tmp_path / "run", force=False)
+    assert [kw["gpus_per_node"] for kw in seen] == [0, 1]  # prepare on the CPU, generate a GPU
+    assert sweep.device("generate") == "cuda" and sweep.device("prepare") == "cpu"

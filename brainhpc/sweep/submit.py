@@ -452,7 +452,9 @@ def run_here(executor: str, sweep: Sweep, cells: dict[str, list[Cell]], run_dir:
             size = 1
         else:
             ex = submitit.LocalExecutor(folder=log_folder(run_dir, stage))
-            ex.update_parameters(timeout_min=r.time_min, tasks_per_node=r.tasks)
+            # GPUs the stage asked for are visible to its cells (0: CUDA_VISIBLE_DEVICES="")
+            ex.update_parameters(timeout_min=r.time_min, tasks_per_node=r.tasks,
+                                 gpus_per_node=r.gpus_per_node)
             size = r.array_parallelism
         for chunk in chunks(cells[stage], size):
             jobs = [ex.submit(CellRunner(force), cell) for cell in chunk]
