@@ -133,3 +133,31 @@ def test_canvas_holds_the_head_with_a_margin(sample):
         ys, xs = np.nonzero(lab == big)
         assert ys.min() > 0 and xs.min() > 0
         assert ys.max() < p.image.shape[0] - 1 and xs.max() < p.image.shape[1] - 1
+
+
+def test_visible_lesions_are_bigger_and_the_rest_of_the_slice_is_the_same():
+    std = phantom.generate(60, seed=8)
+    vis = phantom.generate(60, seed=8, lesions="visible")
+    tumours = [k for k, p in enumerate(std) if p.label]
+    assert [p.label for p in std] == [p.label for p in vis]
+    area = (lambda ps: np.mean([ps[k].mask.sum() for k in tumours]))  # noqa: E731
+    assert area(vis) > 1.5 * area(std)
+    healthy = next(k for k, p in enumerate(std) if not p.label)
+    assert np.array_equal(std[healthy].image, vis[healthy].image)  # lesions only differ
+    with pytest.raises(BrainhpcError, match="lesions must be one of standard, visible"):
+        phantom.generate(3, lesions="huge")
+
+
+def test_prepare_and_sweep_take_the_lesion_style(tmp_path):
+    from brainhpc.data.prepare import PrepareConfig
+    from brainhpc.sweep.config import load_sweep
+
+    assert "phantom_lesions" not in PrepareConfig(out=tmp_path, phantom=20).identity()
+    assert PrepareConfig(out=tmp_path, phantom=20,
+                         phantom_lesions="visible").identity()["phantom_lesions"] == "visible"
+    with pytest.raises(BrainhpcError, match="phantom_lesions must be one of"):
+        PrepareConfig(out=tmp_path, phantom=20, phantom_lesions="big")
+    path = tmp_path / "s.toml"
+    path.write_text('[data]\nphantom = 20\nphantom_lesions = "big"\n')
+    with pytest.raises(BrainhpcError, match="data.phantom_lesions: unknown 'big'"):
+        load_sweep(path)

@@ -9,6 +9,12 @@ irregular lesions (brighter or darker, optionally ring-enhancing, with oedema) a
 mask (lesion incl. rim, not oedema). Benign bright spots and vessels appear in both classes, and
 contrast, gain and lesion polarity all vary, so global brightness alone cannot separate them.
 
+``lesions`` picks how hard the lesions are to see (``LESIONS``): "standard" (radius 6-30% of the
+head's semi-axis, 1.25-1.7x brighter or 0.3-0.72x darker than what they replace: at 64 px many
+are a few pixels of faint contrast, a hard task) or "visible" (radius 14-30%, 1.6-2.0x or
+0.2-0.45x: what a short CPU run can learn, so the smoke shows learning). Everything else, the
+benign spots included, is the same.
+
 numpy + OpenCV only; about 4 ms per ~250 px slice on one core (>= 200 slices/s).
 """
 
@@ -32,6 +38,17 @@ CONTRASTS = {
 # Oedema is dark on T1 and bright on T2/FLAIR.
 OEDEMA_SIGN = {"t1": -1.0, "t2": 1.0, "flair": 1.0}
 FONT = cv2.FONT_HERSHEY_SIMPLEX
+
+
+@dataclass(frozen=True)
+class LesionStyle:
+    radius: tuple[float, float]  # of the head's semi-axis, drawn log-uniformly
+    bright: tuple[float, float]  # lesion / what it replaces, for bright lesions
+    dark: tuple[float, float]  # the same for dark ones
+
+
+LESIONS = {"standard": LesionStyle((0.06, 0.3), (1.25, 1.7), (0.3, 0.72)),
+           "visible": LesionStyle((0.18, 0.32), (1.8, 2.2), (0.15, 0.35))}
 
 
 @dataclass
@@ -61,7 +78,8 @@ def _jitter(rng: np.random.Generator, tissue: dict[str, float]) -> dict[str, flo
     return {k: float(np.clip(v * rng.uniform(0.88, 1.12), 0.02, 1.0)) for k, v in tissue.items()}
 
 
-def _lesion(rng, img, mask, brain, cx, cy, rad, tissue, contrast) -> None:
+def _lesion(rng, img, mask, brain, cx, cy, rad, tissue, contrast,
+            style: LesionStyle = LESIONS["standard"]) -> None:
     """Draw one irregular lesion (and its oedema) into ``img``/``mask`` around (cx, cy)."""
     h, w = img.shape
     oed = rng.uniform(0.6, 1.6) if rng.random() < 0.7 else 0.0  # oedema reach in radii
@@ -88,7 +106,7 @@ def _lesion(rng, img, mask, brain, cx, cy, rad, tissue, contrast) -> None:
         sub += OEDEMA_SIGN[contrast] * rng.uniform(0.08, 0.25) * wgt
     ref = float(sub[les].mean())  # relative to what it replaces (oedema incl.), so it shows
     bright = rng.random() < 0.55
-    val = ref * (rng.uniform(1.25, 1.7) if bright else rng.uniform(0.3, 0.72))
+    val = ref * (rng.uniform(*style.bright) if bright else rng.uniform(*style.dark))
     tex = 1.0 + 0.08 * smooth_noise(rng, y1 - y0, x1 - x0, rng.uniform(4, 8))
     if rng.random() < 0.4:  # ring enhancement: bright rim around a dark necrotic core
         rim_w = rng.uniform(0.2, 0.4)
@@ -101,7 +119,8 @@ def _lesion(rng, img, mask, brain, cx, cy, rad, tissue, contrast) -> None:
     mask[y0:y1, x0:x1] |= les.astype(np.uint8)
 
 
-def _lesions(rng, img, mask, brain, parench, to_px, a, tissue, contrast) -> None:
+def _lesions(rng, img, mask, brain, parench, to_px, a, tissue, contrast,
+             style: LesionStyle) -> None:
     """1-3 lesions of varied size at random places in the brain (``a``: head semi-axis, px)."""
     for _ in range(int(rng.choice([1, 1, 1, 2, 2, 3]))):
         for _try in range(10):
@@ -109,11 +128,12 @@ def _lesions(rng, img, mask, brain, parench, to_px, a, tissue, contrast) -> None
             lx, ly = to_px(rr * np.cos(th), rr * np.sin(th))
             if brain[int(ly), int(lx)]:
                 break
-        rad = a * np.exp(rng.uniform(np.log(0.06), np.log(0.3)))
-        _lesion(rng, img, mask, parench | (mask > 0), lx, ly, rad, tissue, contrast)
+        rad = a * np.exp(rng.uniform(*np.log(style.radius)))
+        _lesion(rng, img, mask, parench | (mask > 0), lx, ly, rad, tissue, contrast, style)
     if not mask.any():  # every lesion fell off the parenchyma: one mid-sized, well inside
         lx, ly = to_px(0.2, -0.3)
-        _lesion(rng, img, mask, brain, lx, ly, 0.15 * a, tissue, contrast)
+        _lesion(rng, img, mask, brain, lx, ly, max(0.15, style.radius[0]) * a, tissue,
+                contrast, style)
 
 
 def _benign(rng, img, pts_to_px, tissue) -> None:
@@ -154,7 +174,8 @@ def _overlays(rng, img: np.ndarray, level: int) -> None:
             cv2.line(img, (x, y0 + k), (x + 4, y0 + k), level, 1)
 
 
-def make_one(rng: np.random.Generator, index: int, tumour: bool) -> Phantom:
+def make_one(rng: np.random.Generator, index: int, tumour: bool,
+             lesions: str = "standard") -> Phantom:
     """One slice from ``rng`` (the caller seeds it); ``index`` only names it."""
     side = rng.integers(CANVAS[0], CANVAS[1] + 1, 2)
     h, w = (int(side[0]), int(side[0])) if rng.random() < 0.3 else (int(side[0]), int(side[1]))
@@ -242,7 +263,8 @@ def make_one(rng: np.random.Generator, index: int, tumour: bool) -> Phantom:
     mask = np.zeros((h, w), np.uint8)
     if tumour:
         parench = brain & ~sulci & (img != csf)
-        _lesions(lesion_rng, img, mask, brain, parench, to_px, a, tissue, contrast)
+        _lesions(lesion_rng, img, mask, brain, parench, to_px, a, tissue, contrast,
+                 LESIONS[lesions])
 
     img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.6, 1.2))  # partial volume
     img *= 1.0 + rng.uniform(0.1, 0.3) * smooth_noise(rng, h, w, rng.uniform(1.5, 3)).clip(-2, 2)
@@ -264,7 +286,8 @@ def make_one(rng: np.random.Generator, index: int, tumour: bool) -> Phantom:
     return Phantom(image, label, mask, name, contrast)
 
 
-def generate(n: int, seed: int = 0, tumour_fraction: float = 0.5) -> list[Phantom]:
+def generate(n: int, seed: int = 0, tumour_fraction: float = 0.5,
+             lesions: str = "standard") -> list[Phantom]:
     """``n`` slices; slice i depends only on (seed, i), its label on its own generator."""
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise BrainhpcError(f"phantom: n must be an integer >= 1, got {n!r}")
@@ -272,10 +295,14 @@ def generate(n: int, seed: int = 0, tumour_fraction: float = 0.5) -> list[Phanto
         raise BrainhpcError(f"phantom: seed must be an integer >= 0, got {seed!r}")
     if not 0.0 <= float(tumour_fraction) <= 1.0:
         raise BrainhpcError(f"phantom: tumour_fraction must be in [0, 1], got {tumour_fraction!r}")
-    return [make_slice(i, int(seed), float(tumour_fraction)) for i in range(int(n))]
+    if lesions not in LESIONS:
+        raise BrainhpcError(f"phantom: lesions must be one of {', '.join(LESIONS)}, "
+                            f"got {lesions!r}")
+    return [make_slice(i, int(seed), float(tumour_fraction), lesions) for i in range(int(n))]
 
 
-def make_slice(index: int, seed: int = 0, tumour_fraction: float = 0.5) -> Phantom:
+def make_slice(index: int, seed: int = 0, tumour_fraction: float = 0.5,
+               lesions: str = "standard") -> Phantom:
     """Slice ``index`` of ``generate(n, seed, tumour_fraction)`` alone (for parallel workers)."""
     rng = np.random.default_rng([int(seed), int(index)])
-    return make_one(rng, int(index), bool(rng.random() < tumour_fraction))
+    return make_one(rng, int(index), bool(rng.random() < tumour_fraction), lesions)

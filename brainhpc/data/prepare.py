@@ -34,7 +34,7 @@ import numpy as np
 from tqdm import tqdm
 
 from brainhpc import __version__
-from brainhpc.data import duplicates, layouts, preprocess
+from brainhpc.data import duplicates, layouts, phantom, preprocess
 from brainhpc.data.confound import confound_check, image_statistics
 from brainhpc.data.shards import (
     DEFAULT_SHARD_SIZE,
@@ -59,6 +59,7 @@ class PrepareConfig:
     out: Path
     data: Path | None = None  # a labelled image folder (see brainhpc.data.layouts)
     phantom: int | None = None  # or: this many procedural phantom slices
+    phantom_lesions: str = "standard"  # how visible their lesions are (phantom.LESIONS)
     size: int = 128
     seed: int = 0
     split: tuple[float, float, float] = (0.7, 0.2, 0.1)
@@ -79,6 +80,9 @@ class PrepareConfig:
         if self.phantom is not None and (not isinstance(self.phantom, int) or self.phantom < 10):
             raise BrainhpcError(f"prepare: --phantom must be an integer >= 10, "
                                 f"got {self.phantom!r}")
+        if self.phantom_lesions not in phantom.LESIONS:
+            raise BrainhpcError(f"prepare: phantom_lesions must be one of "
+                                f"{', '.join(phantom.LESIONS)}, got {self.phantom_lesions!r}")
         if not isinstance(self.size, int) or not 16 <= self.size <= 1024:
             raise BrainhpcError(f"prepare: --size must be an integer in 16..1024, "
                                 f"got {self.size!r}")
@@ -111,6 +115,8 @@ class PrepareConfig:
         d = asdict(self)
         for key in ("out", "force", "workers", "progress"):
             d.pop(key)
+        if d["phantom_lesions"] == "standard":  # identities of earlier datasets unchanged
+            d.pop("phantom_lesions")
         d["data"] = None if self.data is None else str(self.data.resolve())
         d["split"] = list(self.split)
         return d
@@ -232,7 +238,7 @@ def _masks(procs: list[preprocess.Processed], labels: list[int], size: int,
 def _gather(cfg: PrepareConfig, workers: int, one_class: bool = False) -> Items:
     size = cfg.size
     if cfg.phantom is not None:
-        tasks = [(i, cfg.seed, size) for i in range(cfg.phantom)]
+        tasks = [(i, cfg.seed, size, cfg.phantom_lesions) for i in range(cfg.phantom)]
         results = _map(preprocess.process_phantom, tasks, workers, cfg.progress, "phantom")
         procs = [r[0] for r in results]
         labels = [r[1] for r in results]
@@ -499,6 +505,8 @@ def add_parser(subparsers) -> None:
     src.add_argument("--data", type=Path, help="labelled image folder (br35h, brain-tumor-mri, "
                                                "lgg, or any layout with --labels)")
     src.add_argument("--phantom", type=int, metavar="N", help="N procedural phantom slices")
+    p.add_argument("--phantom-lesions", default="standard",
+                   help="phantom lesions: standard (faint and small at 64 px) | visible")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
     p.add_argument("--seed", type=int, default=0, help="split (and phantom) seed")
@@ -514,7 +522,8 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    cfg = PrepareConfig(out=args.out, data=args.data, phantom=args.phantom, size=args.size,
+    cfg = PrepareConfig(out=args.out, data=args.data, phantom=args.phantom,
+                        phantom_lesions=args.phantom_lesions, size=args.size,
                         seed=args.seed, split=args.split,
                         labels=" ".join(args.labels) if args.labels else None, force=args.force,
                         workers=args.workers, shard_size=args.shard_size,

@@ -327,9 +327,9 @@ def decode_mask(data: bytes, unchanged: bool = False) -> np.ndarray:
     return img[:, :, 0] if img.ndim == 3 else img
 
 
-def process_phantom(task: tuple[int, int, int]) -> tuple[Processed, int, str]:
-    """Worker entry point: (index, seed, size) -> (Processed with mask, label, name)."""
-    index, seed, size = task
-    p = phantom.make_slice(index, seed)
+def process_phantom(task: tuple) -> tuple[Processed, int, str]:
+    """Worker entry point: (index, seed, size[, lesions]) -> (Processed with mask, label, name)."""
+    index, seed, size, *rest = task
+    p = phantom.make_slice(index, seed, lesions=rest[0] if rest else "standard")
     digest = hashlib.sha256(p.image.tobytes()).hexdigest()
     return process_array(index, digest, p.image, size, p.mask), p.label, p.name

@@ -117,6 +117,8 @@ def expand(sweep: Sweep, run_dir: Path) -> dict[str, list[Cell]]:
     for d in sweep.datasets:
         prep = {"data": None if d.path is None else str(d.path), "phantom": d.phantom,
                 "size": d.size, "seed": d.seed, "labels": d.labels}
+        if d.phantom_lesions != "standard":  # earlier run folders keep their cell hashes
+            prep["phantom_lesions"] = d.phantom_lesions
         plan["prepare"].append(Cell("prepare", d.name, {**prep, "dataset": d.name}
                                     if sweep.named else prep, rd))
     g = sweep.generate

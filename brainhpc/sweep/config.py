@@ -56,6 +56,7 @@ from pathlib import Path
 from brainhpc import models
 from brainhpc.classify.data import parse_train_spec
 from brainhpc.data.layouts import parse_labels
+from brainhpc.data.phantom import LESIONS
 from brainhpc.data.shards import LABELS, SPLITS
 from brainhpc.errors import BrainhpcError
 
@@ -267,6 +268,7 @@ class DataSpec:
     seed: int = 0
     labels: str | None = None  # for layouts that are not auto-detected (see brainhpc prepare)
     name: str = SINGLE  # [data.<name>]; "data" for a plain [data]
+    phantom_lesions: str = "standard"  # phantom only: how visible the lesions are
 
 
 @dataclass(frozen=True)
@@ -403,7 +405,11 @@ def _read_dataset(t: _Table, name: str, override: Path | None) -> DataSpec:
     size = _positive(t.get("size", int, 128), t.key("size"), t.source)
     seed = t.get("seed", int, 0)
     labels = t.get("labels", str)
+    lesions = t.get("phantom_lesions", str, "standard")
     t.done()
+    if lesions not in LESIONS:
+        raise BrainhpcError(f"{t.source}: {t.key('phantom_lesions')}: unknown {lesions!r}; "
+                            f"valid: {', '.join(LESIONS)}")
     if override is not None:
         path, phantom = str(override), None
     flag = "--data PATH" if name == SINGLE else f"--data {name}=PATH"
@@ -413,7 +419,8 @@ def _read_dataset(t: _Table, name: str, override: Path | None) -> DataSpec:
     if path is not None:
         path = _folder(path, t.key("path"), t.source, f"; override with {flag}")
     _positive(phantom, t.key("phantom"), t.source)
-    return DataSpec(path=path, phantom=phantom, size=size, seed=seed, labels=labels, name=name)
+    return DataSpec(path=path, phantom=phantom, size=size, seed=seed, labels=labels, name=name,
+                    phantom_lesions=lesions)
 
 
 def _overrides(data, names: list[str], named: bool, source: str) -> dict[str, Path]:
