@@ -31,7 +31,13 @@ import torch
 from brainhpc import __version__
 from brainhpc.classify.data import concat
 from brainhpc.classify.metrics import classification_metrics
-from brainhpc.classify.run import check_size, load_classifier, save_error_maps, score_with
+from brainhpc.classify.run import (
+    check_size,
+    load_classifier,
+    percent,
+    save_error_maps,
+    score_with,
+)
 from brainhpc.classify.techniques import localisation
 from brainhpc.data.duplicates import copies_of
 from brainhpc.data.shards import SPLITS, ShardData, load_split
@@ -76,7 +82,7 @@ class EvaluateConfig:
         return (self.data / "manifest.json").exists()
 
 
-def _load_data(cfg: EvaluateConfig, size: int):
+def load_data(cfg: EvaluateConfig, size: int):
     """(ShardData, skipped files, description) at the checkpoint's ``size``."""
     if cfg.prepared:
         psize = int(read_manifest(cfg.data)["config"]["size"])
@@ -160,7 +166,7 @@ def evaluate(cfg: EvaluateConfig, loaded: dict | None = None) -> dict:
     if loaded is not None and size in loaded:
         data, skipped, kind = loaded[size]
     else:
-        data, skipped, kind = _load_data(cfg, size)
+        data, skipped, kind = load_data(cfg, size)
         if loaded is not None:
             loaded[size] = (data, skipped, kind)
     own = cfg.prepared and clf.get("data_key") is not None and \
@@ -199,14 +205,10 @@ def evaluate(cfg: EvaluateConfig, loaded: dict | None = None) -> dict:
         rec = block["recall_per_class"]
         log.info("evaluate %s (%s) on %s: balanced acc %s, ROC-AUC %s, recall healthy %s "
                  "tumour %s (n %d)", clf["path"], block_name, cfg.data,
-                 _pct(block["balanced_accuracy"]),
+                 percent(block["balanced_accuracy"]),
                  "-" if block["roc_auc"] is None else f"{block['roc_auc']:.3f}",
-                 _pct(rec["healthy"]), _pct(rec["tumour"]), block["n"])
+                 percent(rec["healthy"]), percent(rec["tumour"]), block["n"])
     return result
-
-
-def _pct(v) -> str:
-    return "-" if v is None else f"{100 * v:.1f}%"
 
 
 def add_parser(subparsers) -> None:

@@ -1,8 +1,10 @@
-"""The study's two classifiers: BrainCNN (supervised) and BrainCVAE (healthy-only anomaly model).
+"""The study's classifiers: BrainCNN (supervised), and two healthy-only anomaly models, the
+paper's BrainCVAE and a spatial-latent VAE (``SpatialVAE``) with the same interface.
 
-Both take 1 x H x W images in [0, 1] at any size divisible by 8 (CNN) or 4 (VAE), so the same
-code serves 32, 64 and 128 px. ``vae_loss`` is the VAE's training objective; ``error_maps``
-turns images into the |x - x_hat| maps the techniques in ``brainhpc.classify.techniques`` read.
+They take 1 x H x W images in [0, 1] at any size divisible by 8 (CNN, SpatialVAE) or 4
+(BrainCVAE), so the same code serves 32, 64 and 128 px. ``vae_loss`` is the VAEs' training
+objective; ``error_maps`` gives plain |x - x_hat| maps (the classify cell's residuals, standardised
+and limited to the brain, come from ``brainhpc.classify.anomaly``).
 
 The VAE's ``forward`` returns decoder *logits* (``decode`` applies the sigmoid): the loss is
 binary cross-entropy with logits, computed in fp32, which stays exact under bf16 autocast where

@@ -707,7 +707,7 @@ def image_statistics_baseline(prepared: Path) -> dict | None:
 def summary_lines(m: dict) -> list[str]:
     """One line per row of the cell's results (the CNN, or each technique and baseline)."""
     def fmt(block: dict, loc: dict | None = None) -> str:
-        parts = [f"balanced acc {_pct(block.get('balanced_accuracy'))}",
+        parts = [f"balanced acc {percent(block.get('balanced_accuracy'))}",
                  f"ROC-AUC {_num(block.get('roc_auc'))}"]
         if loc:
             parts += [f"pixel AUPRC {_num(loc.get('pixel_auprc'))}",
@@ -732,12 +732,12 @@ def summary_lines(m: dict) -> list[str]:
     stats = m.get("image_statistics_baseline")
     if stats:
         lines.append(f"{where}: image statistics only (baseline) balanced acc "
-                     f"{_pct(stats.get('balanced_accuracy'))}, "
+                     f"{percent(stats.get('balanced_accuracy'))}, "
                      f"ROC-AUC {_num(stats.get('roc_auc'))}")
     return lines
 
 
-def _pct(v) -> str:
+def percent(v) -> str:
     return "-" if v is None else f"{100 * v:.1f}%"
 
 

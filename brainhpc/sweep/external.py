@@ -124,7 +124,7 @@ def _segment_one(cfg: ExternalConfig, ecfg, folder: Path, out: Path, loaded: dic
                  device: str) -> dict:
     """Score one segmenter (``evaluate_segmenter``) after dropping copies of its development
     images (its dataset's train and validation splits); skips what is already scored."""
-    from brainhpc.classify.evaluate import _load_data, drop_overlap
+    from brainhpc.classify.evaluate import drop_overlap, load_data
     from brainhpc.classify.run import development_fingerprints
     from brainhpc.fsio import config_hash, sha256_file
     from brainhpc.segment.run import evaluate_segmenter, load_segmenter
@@ -143,7 +143,7 @@ def _segment_one(cfg: ExternalConfig, ecfg, folder: Path, out: Path, loaded: dic
     seg = load_segmenter(model_pt)
     size = int(seg["image_size"])
     if size not in loaded:
-        loaded[size] = _load_data(ecfg, size)
+        loaded[size] = load_data(ecfg, size)
     data, _skipped, kind = loaded[size]
     if data.masks is None:
         return {"status": "no masks"}
