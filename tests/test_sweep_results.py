@@ -109,6 +109,9 @@ def test_aggregate_writes_every_planned_row(tmp_path):
     assert "| Intensity threshold (baseline) | real | 55.0 ± 0.0 | 0.600 ± 0.000 |" in md
     assert "CNN trained on real data reaches balanced accuracy 95.0%" in md
     assert "learns (>= 90%)" in md and "image statistics only 52.0%" in md
+    (gen["vae-healthy"].folder / "samples.png").write_bytes(b"png")  # a cell's figure ...
+    aggregate(run)
+    assert (out / "figures" / "generate" / "vae-healthy-samples.png").read_bytes() == b"png"
     assert (out / "proportion.png").stat().st_size > 1000
     assert (out / "by_train_data.png").stat().st_size > 1000
     # the README's tables come from the CSVs alone, and say what table.md says

@@ -12,6 +12,9 @@
     generators.csv    one row per generate cell: FID, KID, memorisation, times
     table.md          the tables a reader needs, baselines beside every model (see ``tables``)
     by_train_data.png, proportion.png, segmentation_proportion.png (when their cells exist)
+    figures/<stage>/  the cells' sample grids, real slices, memorisation pairs, VAE error maps and
+                      segmentation overlays (PNG copies: results/ stands on its own)
+    provenance.json   the sweep file, command, code commit, machine and compute behind them
 
 It reads ``RUN_DIR/plan.json`` (written at submission) for the expected cells, so a cell that
 never produced output still gets its row. Cell folders are ``RUN_DIR/<stage>/<cell id>`` (an id
@@ -632,6 +635,28 @@ def report(results: str | Path) -> str:
     return "\n".join(p for p in parts if p).rstrip() + "\n"
 
 
+FIGURES = {"generate": ("samples.png", "real.png", "memorisation.png"),
+           "classify": ("error_maps.png",), "segment": ("overlays.png",)}
+
+
+def collect_figures(run_dir: Path, plan: dict, out: Path) -> list[str]:
+    """The cells' PNGs a reader looks at (sample grids beside real slices, memorisation pairs,
+    VAE error maps, segmentation overlays) copied to ``out/figures/<stage>/<cell>-<name>``:
+    results/ is then complete on its own, without checkpoints or shards."""
+    from brainhpc.fsio import write_bytes
+
+    made = []
+    for stage, names in FIGURES.items():
+        for c in plan.get(stage, []):
+            for name in names:
+                src = run_dir / stage / c["id"] / name
+                if src.is_file():
+                    rel = f"figures/{stage}/{c['id'].replace('/', '-')}-{name}"
+                    write_bytes(out / rel, src.read_bytes())
+                    made.append(rel)
+    return made
+
+
 def aggregate(run_dir: str | Path) -> dict:
     """Write RUN_DIR/results/ from the plan and whatever the cells left; never fails on a cell."""
     run_dir = Path(run_dir)
@@ -648,7 +673,7 @@ def aggregate(run_dir: str | Path) -> dict:
         write_csv(out / "segmentation.csv", seg, SEGMENT_COLS)
     name = (_json(run_dir / "sweep.json") or {}).get("name", "")
     write_text(out / "table.md", tables(rows, seg, gens, name))
-    made = plots(rows, seg, out)
+    made = plots(rows, seg, out) + collect_figures(run_dir, plan, out)
     from brainhpc.fsio import write_json
 
     write_json(out / "provenance.json", provenance(run_dir, rows))
