@@ -283,9 +283,9 @@ def memorisation(synthetic: np.ndarray, train: np.ndarray, threshold: float = NE
         tiles, caps = [], []
         for i in order:
             tiles += [synthetic[i], train[idx[i]]]
-            caps += [f"syn {i} r={corr[i]:.3f}", f"train {idx[i]}"]
+            caps += [f"r={corr[i]:.2f}", f"#{idx[i]}"]  # fits a 64 px tile
         save_grid(np.stack(tiles), png, ncols=8, captions=caps,
-                  title=f"nearest train image per synthetic (near-copy: r >= {threshold})")
+                  title=f"synthetic (r) | nearest train image (#); near-copy: r >= {threshold}")
         res["pairs_png"] = str(png)
     return res
 

@@ -322,8 +322,10 @@ def classification_table(rows: list[dict]) -> str:
     """Per dataset: balanced accuracy and ROC-AUC first, recalls, the degenerate count, the
     reference study's accuracy and F1 beside ours, the external sets; baselines as rows."""
     out = []
-    ext = _external_names(rows)
     for (ds,), ds_rows in _groups(sorted(rows, key=_order), lambda r: (r["dataset"],)):
+        # only the sets this dataset's models were scored on (never its own name)
+        ext = [n for n in _external_names(ds_rows)
+               if any(r.get(f"{n}_balanced_accuracy") not in (None, "") for r in ds_rows)]
         head = ["Model", "Train data", "Bal. acc", "ROC-AUC", "Recall healthy",
                 "Recall tumour", "Acc", "F1", "Degenerate", "Done", "Ref Acc", "Ref F1"]
         for name in ext:
