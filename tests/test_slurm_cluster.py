@@ -74,8 +74,12 @@ def wait_job(job_id: str, n_tasks: int = 1, timeout: float = JOB_TIMEOUT_S) -> l
         if len(states) >= n_tasks and all(s in FINAL_STATES for s in states):
             return states
         time.sleep(0.5)
+    queue = subprocess.run(["squeue", "-h", "-o", "%i %T %r %j"], capture_output=True,
+                           text=True, timeout=30).stdout.strip()
     subprocess.run(["scancel", job_id], timeout=30)
-    pytest.fail(f"job {job_id} not finished after {timeout} s (states {states}); cancelled it")
+    pytest.fail(f"job {job_id} not finished after {timeout} s (states {states}); cancelled it. "
+                f"Queue (id state reason name); other jobs holding the node starve the tests:\n"
+                f"{queue}")
 
 
 @pytest.mark.parametrize("path", PROFILES, ids=[p.name for p in PROFILES])
