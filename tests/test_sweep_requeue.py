@@ -8,6 +8,7 @@ import json
 import os
 import signal
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import submitit
@@ -194,3 +195,33 @@ def test_device_comes_from_the_resources_not_the_options(tmp_path):
     bad = Cell("classify", "x", {**cell.params, "device": "cpu"}, cell.run_dir)
     with pytest.raises(BrainhpcError, match="may not set device"):
         stage_config(bad)
+
+
+def test_wall_time_adds_up_over_attempts(tmp_path, monkeypatch, slurm_task):
+    """cell.json's wall_seconds is the last attempt's, wall_seconds_total all attempts' of this
+    config (an interrupted one, a failed one, the finishing one); --force starts the count again."""
+    clock = iter(range(0, 1000, 10))  # each time.time() call: 10 s later
+    monkeypatch.setattr(cells_mod, "time", SimpleNamespace(time=lambda: float(next(clock))))
+    outcomes = iter([{"status": "interrupted"}, RuntimeError("disk full"), {"status": "done"},
+                     {"status": "done"}])
+
+    def behaviour(cell):
+        out = next(outcomes)
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+    _fake_stage(monkeypatch, [], behaviour)
+    cell = _cell(tmp_path)
+    slurm_task(CellRunner(device="cpu"), cell)
+    totals = []
+    for force in (False, False, False, True):
+        try:
+            CellRunner(force=force, device="cpu")._run(cell, cells_mod._job_env(), force)
+        except RuntimeError:
+            pass
+        m = read_marker(cell)
+        totals.append((m["status"], m["wall_seconds"], m["wall_seconds_total"]))
+    # t0 and the finishing time() are 10 s apart in every attempt (one call each)
+    assert totals == [("interrupted", 10, 10), ("failed", 10, 20), ("done", 10, 30),
+                      ("done", 10, 10)]

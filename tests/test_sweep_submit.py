@@ -175,3 +175,21 @@ def test_local_executor_shows_the_gpus_a_stage_asked_for(tmp_path, monkeypatch):
     sub.run_here("local", sweep, cells, tmp_path / "run", force=False)
     assert [kw["gpus_per_node"] for kw in seen] == [0, 1]  # prepare on the CPU, generate a GPU
     assert sweep.device("generate") == "cuda" and sweep.device("prepare") == "cpu"
+
+
+def test_max_num_timeout_reaches_the_submitted_cells(tmp_path, fake_slurm):
+    """[resources] max_num_timeout is what each pickled submission counts time-outs down from
+    (the flag-leaving handler in cells.py reads that countdown)."""
+    import pickle
+
+    path = tmp_path / "tiny.toml"
+    path.write_text(SWEEP + "\n[resources]\nmax_num_timeout = 5\n"
+                    "[resources.classify]\nmax_num_timeout = 0\n")
+    run = tmp_path / "run"
+    assert main([str(path), "--run-dir", str(run)]) == 0
+    countdowns = {}
+    for stage in ("generate", "classify"):
+        pkls = sorted((run / "logs" / stage).glob("*_submitted.pkl"))
+        assert pkls, f"no pickled submission under {run / 'logs' / stage}"
+        countdowns[stage] = {pickle.loads(p.read_bytes())._timeout_countdown for p in pkls}
+    assert countdowns == {"generate": {5}, "classify": {0}}

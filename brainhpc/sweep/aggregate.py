@@ -576,8 +576,9 @@ def provenance(run_dir: Path, rows: list[dict]) -> dict:
     walls, starts, ends = [], [], []
     for marker in run_dir.glob("*/**/cell.json"):
         m = _json(marker)
-        if m.get("status") == "done" and isinstance(m.get("wall_seconds"), (int, float)):
-            walls.append(m["wall_seconds"])
+        wall = m.get("wall_seconds_total", m.get("wall_seconds"))  # all attempts
+        if m.get("status") == "done" and isinstance(wall, (int, float)):
+            walls.append(wall)
             starts.append(m.get("started") or 0)
             ends.append(m.get("finished") or 0)
     source = sweep.get("source", "")

@@ -372,9 +372,23 @@ class CellRunner(submitit.helpers.Checkpointable):
                 "host": socket.gethostname(), "tasks": env["tasks"], "device": self.device,
                 "brainhpc": __version__, "restarts": env["restarts"]}
         rank0 = env["rank"] == 0
+        # wall_seconds is this attempt's; wall_seconds_total adds this config's earlier
+        # attempts (requeues, failed tries) that recorded theirs, so requeued cells are not
+        # under-counted in `status` and the provenance
+        prev = read_marker(cell) or {}
+        earlier = 0.0 if force or prev.get("config_hash") != cell.hash or \
+            prev.get("status") == "done" else \
+            float(prev.get("wall_seconds_total", prev.get("wall_seconds")) or 0.0)
         t0 = time.time()
+
+        def times() -> dict:
+            now = time.time()
+            return {"started": t0, "finished": now, "wall_seconds": round(now - t0, 3),
+                    "wall_seconds_total": round(earlier + now - t0, 3)}
+
         if rank0:
-            write_json(cell.marker, {**base, "status": "running", "started": t0})
+            write_json(cell.marker, {**base, "status": "running", "started": t0,
+                                     "wall_seconds_total": round(earlier, 3)})
         try:
             if self.device == "cuda":
                 check_cuda(cell)
@@ -382,7 +396,7 @@ class CellRunner(submitit.helpers.Checkpointable):
         except Exception as e:
             if rank0:
                 write_json(cell.marker, {
-                    **base, "status": "failed", "started": t0, "finished": time.time(),
+                    **base, "status": "failed", **times(),
                     "error": f"{type(e).__name__}: {e}", "user_error": isinstance(e,
                                                                                   BrainhpcError),
                     "traceback": traceback.format_exc()})
@@ -390,9 +404,7 @@ class CellRunner(submitit.helpers.Checkpointable):
         status = result.get("status", "done")
         status = "done" if status in ("done", "worker") else status
         if rank0:
-            write_json(cell.marker, {**base, "status": status, "started": t0,
-                                     "finished": time.time(),
-                                     "wall_seconds": round(time.time() - t0, 3)})
+            write_json(cell.marker, {**base, "status": status, **times()})
         return {"cell": cell.id, "status": status}
 
     def _on_signal(self, signum, frame) -> None:

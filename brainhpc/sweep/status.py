@@ -48,7 +48,8 @@ def cell_states(run_dir: Path, queued: dict[str, str] | None = None) -> list[dic
         if state == "lost":
             detail = "job ended without finishing (killed or out of time); re-run the sweep"
         rows.append({"stage": stage, "cell": cid, "state": state, "job": job or m.get("job_id",
-                     ""), "wall_s": m.get("wall_seconds", ""), "restarts": m.get("restarts", 0),
+                     ""), "wall_s": m.get("wall_seconds_total", m.get("wall_seconds", "")),
+                     "restarts": m.get("restarts", 0),
                      "log": m.get("log", ""), "detail": detail})
     return rows
 
