@@ -271,6 +271,9 @@ done
 ls "$out"/smoke/prepare/data/prepared/*/shard-*.h5 >/dev/null || fail "smoke wrote no shards"
 [ "$(stat -c %u "$out/smoke/results/table.md")" = 1000 ] || fail "outputs not owned by uid 1000"
 echo "--- results/table.md (head)"; head -12 "$out/smoke/results/table.md"
+# the README's claim: the smoke's CNN on real phantoms passes its learning check
+grep -q "learns (>= 90%)" "$out/smoke/results/table.md" ||
+    fail "the smoke's CNN on real data is below the 90% learning check (results/table.md)"
 echo "smoke outputs: $(find "$out/smoke" -type f | wc -l) files, owner uid 1000"
 
 step "prepare --data /data with a mounted volume"

@@ -127,3 +127,21 @@ def test_residuals_stay_inside_the_brain_and_ssim_comes_from_monai():
         assert r.shape == (2, 32, 32) and r.min() >= 0 and r.max() <= 1
         assert not r[:, :5, :].any() and not r[:, :, -5:].any()  # brain eroded by the kernel
         assert r[:, 10:14, 10:14].mean() > 5 * r[:, 20:26, 20:26].mean() + 1e-6, kind
+
+
+@pytest.mark.parametrize("median", [3, 7])  # 7: the 8-bit median path
+def test_well_reconstructed_brain_pixels_still_count_as_scored(median):
+    """Exact zeros mean "outside the brain" to the techniques: a near-perfect reconstruction
+    (residual below 1/255, which the 8-bit median rounds to 0) must not shrink the scored area
+    and so inflate a GIAEM score."""
+    from brainhpc.classify.techniques import scored_area
+
+    x = torch.full((1, 1, 64, 64), 0.5)
+    x_hat = x + 0.003
+    x_hat[:, :, 20:28, 20:28] = 0.0  # an 8 x 8 misfit
+    brain = np.zeros((1, 64, 64), np.uint8)
+    brain[:, 4:60, 4:60] = 255
+    r = anomaly.residual_maps(x, x_hat, brain, "abs", median=median)
+    inside = anomaly.score_masks(brain, median)
+    assert scored_area(r)[0] == inside.sum()
+    assert not r[~inside].any()

@@ -258,6 +258,7 @@ def test_evaluate_prepared_all_splits_and_rerun(cnn_cell, prepared, tmp_path):
                                  out=tmp_path / "ev"))
     assert ev["n"] == 64 + 24 + 24 and ev["chosen"]["threshold"] == \
         load_classifier(cfg.out)["threshold"]
+    assert "holds the development images" in ev["overlap"]["reason"]  # said, not hidden
     again = evaluate(EvaluateConfig(checkpoint=cfg.out, data=prepared, split="all",
                                     out=tmp_path / "ev"))
     assert again["skipped"]
@@ -406,3 +407,13 @@ def test_classify_reads_what_generate_writes(prepared, tmp_path):
     m = classify(ClassifyConfig(model="cnn", train_data="synthetic:vae", data=prepared,
                                 synthetic_dir=syn, out=tmp_path / "c", **FAST))
     assert m["n_train"] == {"total": 48, "healthy": 24, "tumour": 24, "synthetic": 48, "real": 0}
+
+
+def test_vae_checkpoint_from_before_the_four_technique_detector_is_a_clear_error(cnn_cell,
+                                                                                 tmp_path):
+    cfg, _ = cnn_cell
+    state = torch.load(cfg.out / "model.pt", weights_only=True)
+    state.update(model="vae", technique="giaem")  # the old one-technique layout
+    torch.save(state, tmp_path / "model.pt")
+    with pytest.raises(BrainhpcError, match="older brainhpc.*techniques, residual.*re-run"):
+        load_classifier(tmp_path / "model.pt")

@@ -223,6 +223,8 @@ def _swap(old: str, new: str) -> str:
      "evaluate[0].split: /"),
     (_swap('name = "ext"', 'name = "e x"'), "evaluate[0].name: 'e x' is not a valid name"),
     (_swap('name = "ext"\n', ""), "missing key evaluate[0].name"),
+    (_swap('name = "ext"', 'name = "intensity"'),
+     "evaluate[0].name: 'intensity' names a baseline column of the results"),
     (_swap('name = "ext"', 'name = "ext"\nlabel = "tumour=."'), "unknown key evaluate[0].label"),
     (_swap('labels = ["tumour=yes", "healthy=no"]', 'labels = ["tumor=yes", "sick=no"]'),
      "evaluate[0].labels: --labels: cannot read 'sick=no'"),
@@ -240,6 +242,10 @@ def _swap(old: str, new: str) -> str:
      "evaluate entry 'ext': no classify or segment cells on lgg to score"),
     (MULTI + '[[segment.cells]]\ntrain_data = ["real"]\ndatasets = ["lgg"]\nepochs = 3\n',
      "segment.cells[0] and segment.cells[1] both make cell unet-real-s0 of dataset lgg, "
+     "with different settings"),
+    (_swap("[segment]", '[[classify.cells]]\nmodel = "vae"\ntechniques = ["dbscan"]\n'
+           'train_data = ["real"]\ndatasets = ["br35h"]\nepochs = 3\n[segment]'),
+     "classify.cells[1] and classify.cells[2] both make cell vae-real-s0 of dataset br35h, "
      "with different settings"),
     (_swap("[data.br35h]", "[resources.segment]\nmem_gb = 0\n[data.br35h]"),
      "resources.segment.mem_gb must be > 0"),
@@ -343,9 +349,9 @@ def test_status_lists_prefixed_cells_of_every_stage(tmp_path):
 def test_shipped_evaluate_example_validates_when_uncommented(tmp_path, name):
     text = (REPO / "jobs" / f"{name}.toml").read_text()
     live = re.sub(r"^# (\[\[evaluate\]\]|name = |path = |labels = )", r"\1", text, flags=re.M)
-    br35h = tmp_path / "brain-tumor-detection"
+    br35h = tmp_path / "br35h"
     br35h.mkdir()
-    live = live.replace('"~/data/brain-tumor-detection"', f'"{br35h}"')
+    live = live.replace('"~/data/br35h"', f'"{br35h}"')
     assert live.count("[[evaluate]]") == 1
     plan = expand(load_sweep(write(tmp_path, live), data=tmp_path), tmp_path / "run")
     (cell,) = plan["evaluate"]

@@ -163,3 +163,18 @@ def test_cell_runner_marks_failure_with_the_error(tmp_path):
     marker = json.loads(cell.marker.read_text())
     assert marker["status"] == "failed" and "prepared dataset" in marker["error"]
     assert marker["user_error"] is True and marker["config_hash"] == cell.hash
+
+
+def test_segmentation_table_columns_are_external_sets_not_baselines():
+    """empty_/intensity_dice_patient are the baselines' columns: they are rows of the table,
+    never external-set columns (an [[evaluate]] set named "ext" is one)."""
+    from brainhpc.sweep.aggregate import segmentation_table
+
+    row = {"dataset": "lgg", "cell": "lgg/unet-real-s0", "status": "done", "train_data": "real",
+           "kind": "real", "dice_patient": 0.7, "dice_slice": 0.6, "hd95": 4.0,
+           "sensitivity": 0.8, "specificity": 0.9, "empty_dice_patient": 0.0,
+           "intensity_dice_patient": 0.1, "ext_dice_patient": 0.5}
+    head = segmentation_table([row]).splitlines()[2]
+    assert "ext: Dice per patient" in head
+    assert "empty:" not in head and "intensity:" not in head
+    assert "| lgg | baseline: intensity threshold | 0.100 |" in segmentation_table([row])

@@ -529,6 +529,7 @@ def test_two_datasets_segment_and_external_set_through_slurm(tmp_path):
     table = (run / "results" / "table.md").read_text()
     assert "### br35h: test split" in table and "### lgg: test split" in table
     assert "ext: bal. acc" in table and "ext: Dice per patient" in table
+    assert "empty: Dice" not in table and "intensity: Dice" not in table  # baselines, not sets
     again = sweep("aggregate", str(run))  # the same files, here and now
     assert again.returncode == 0 and "1 segment rows" in again.stdout, again.stderr
 

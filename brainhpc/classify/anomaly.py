@@ -108,6 +108,9 @@ class Standardiser:
         return cls(torch.as_tensor(state["standard"]).double().numpy())
 
 
+SCORED_FLOOR = np.float32(1e-6)  # the least residual of a scored pixel (0 = outside the brain)
+
+
 def median_kernel(size: int) -> int:
     """Odd median-filter side for an image side: 3 px at 64, 5 px at 128."""
     return max(3, (size // 32) | 1)
@@ -136,7 +139,10 @@ def residual_maps(x: torch.Tensor, x_hat: torch.Tensor, brain: np.ndarray, kind:
         for i in range(len(maps)):
             maps[i] = cv2.medianBlur(maps[i], k) if k <= 5 else \
                 cv2.medianBlur((maps[i] * 255).astype(np.uint8), k).astype(np.float32) / 255
-    return np.where(score_masks(brain.reshape(maps.shape), k), maps, 0.0).astype(np.float32)
+    # exact 0 means "not scored" to the techniques (scored_area, KMeans, threshold grids): a
+    # perfectly reconstructed pixel, or one the 8-bit median path rounds down, stays above it
+    return np.where(score_masks(brain.reshape(maps.shape), k), np.maximum(maps, SCORED_FLOOR),
+                    0.0).astype(np.float32)
 
 
 def score_masks(brain: np.ndarray, k: int) -> np.ndarray:

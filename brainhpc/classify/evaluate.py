@@ -44,6 +44,7 @@ from brainhpc.data.shards import SPLITS, ShardData, load_split
 from brainhpc.errors import BrainhpcError
 from brainhpc.fsio import config_hash, sha256_file, write_json
 from brainhpc.generate import check_prepared as read_manifest
+from brainhpc.quality import dataset_key
 from brainhpc.train.distributed import DEVICES
 
 log = logging.getLogger(__name__)
@@ -170,8 +171,12 @@ def evaluate(cfg: EvaluateConfig, loaded: dict | None = None) -> dict:
         if loaded is not None:
             loaded[size] = (data, skipped, kind)
     own = cfg.prepared and clf.get("data_key") is not None and \
-        read_manifest(cfg.data).get("config_hash") == clf["data_key"]
+        dataset_key(cfg.data) == clf["data_key"]
     data, overlap = drop_overlap(data, clf, own)
+    if own and cfg.split != "test":  # asked for: scoring the model on what it learned from
+        overlap["reason"] = (f"split {cfg.split!r} of the classifier's own prepared dataset: "
+                             "it holds the development images, scored as asked (nothing "
+                             "dropped)")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise BrainhpcError("evaluate: device 'cuda' requested but torch sees no CUDA device")
     device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")

@@ -80,6 +80,7 @@ from brainhpc.errors import BrainhpcError
 from brainhpc.fsio import atomic_path, config_hash, sha256_file, write_json
 from brainhpc.generate import check_prepared as read_manifest
 from brainhpc.images import save_grid
+from brainhpc.quality import dataset_key
 from brainhpc.train import TrainConfig, Trainer, init_distributed
 from brainhpc.train.distributed import DEVICES, barrier, teardown
 from brainhpc.train.precision import PRECISIONS
@@ -463,6 +464,10 @@ def load_classifier(path: str | Path) -> dict:
             or state.get("model") not in MODELS:
         raise BrainhpcError(f"{path}: not a brainhpc classifier checkpoint (format "
                             f"{MODEL_FORMAT}, written by `brainhpc classify` as model.pt)")
+    missing = [k for k in ("techniques", "residual") if state["model"] == "vae" and k not in state]
+    if missing:  # a one-technique VAE from before the four-technique detector
+        raise BrainhpcError(f"{path}: a VAE classifier from an older brainhpc (no "
+                            f"{', '.join(missing)}); re-run its classify cell to score it")
     model = build_model(state["model"], int(state["image_size"]), state["hparams"])
     model.load_state_dict(state["state_dict"])
     state["path"] = path
@@ -650,7 +655,7 @@ def _classify(cfg: ClassifyConfig, ident: dict, size: int, info, t_start: float)
              "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
              "train_data": str(spec), "seed": cfg.seed, "config_hash": config_hash(ident),
              "brainhpc": __version__, "development_images": development_fingerprints(cfg.data),
-             "data_key": read_manifest(cfg.data).get("config_hash")}
+             "data_key": dataset_key(cfg.data)}
     report: dict = {}
     if cfg.model == "cnn":
         val_score = cnn_scores(model, val.images, device)
@@ -844,10 +849,7 @@ def run(args) -> int:
         force=args.force, checkpoint_every=args.checkpoint_every, device=args.device,
         precision=args.precision, val_every=args.val_every, num_workers=args.workers,
         progress=not args.no_progress)
-    metrics = classify(cfg)
-    if metrics.get("status") == "done":
-        for line in summary_lines(metrics):
-            print(line)
+    metrics = classify(cfg)  # its summary lines are logged (stderr here, the cell's log in a sweep)
     if metrics.get("status") in ("done", "worker"):
         return 0
     return 3  # interrupted: re-run the same command to resume

@@ -154,7 +154,8 @@ def _as_labels(labels, n: int, what: str) -> np.ndarray:
 # ---------------------------------------------------------------------------------------- giaem
 
 def scored_area(maps: np.ndarray) -> np.ndarray:
-    """Pixels each map scores: its non-zero ones (exact zeros lie outside the brain mask), so
+    """Pixels each map scores: its non-zero ones (exact zeros lie outside the brain mask;
+    anomaly.residual_maps keeps every scored pixel above zero), so
     image scores are shares of the brain and a big brain does not look more anomalous."""
     flat = maps.reshape(len(maps), -1)
     return np.maximum(np.count_nonzero(flat, axis=1), 1).astype(np.float64)

@@ -95,15 +95,14 @@ def near_pairs(query: np.ndarray, base: np.ndarray | None = None,
                max_bits: int = AUDIT_BITS, min_corr: float = AUDIT_CORR) -> Pairs:
     """Pairs of thumbnails that either detector calls near at the given (loose) thresholds.
 
-    ``base=None`` compares ``query`` with itself (pairs i < j; T(i) ~ j for an orientation T
-    means T^-1(j) ~ i, so one direction suffices); otherwise every query image against every
-    base image.
+    ``base=None`` compares ``query`` with itself (pairs i < j, each pair tried in both
+    directions: see below); otherwise every query image against every base image.
     """
     same = base is None
     base = query if same else base
     hq = [phashes(o) for o in orientations(query)]
     dq = [descriptors(o) for o in orientations(query)]
-    hb, db = phashes(base), descriptors(base)
+    hb, db = (hq[0], dq[0]) if same else (phashes(base), descriptors(base))
     # the DCT hash does not turn with the image: d(T(a), b) != d(a, T^-1(b)) in general, so
     # both directions count (the correlation is exact under flips and quarter turns)
     hb_turned = hq if same else [phashes(o) for o in orientations(base)]

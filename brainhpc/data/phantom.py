@@ -11,8 +11,8 @@ contrast, gain and lesion polarity all vary, so global brightness alone cannot s
 
 ``lesions`` picks how hard the lesions are to see (``LESIONS``): "standard" (radius 6-30% of the
 head's semi-axis, 1.25-1.7x brighter or 0.3-0.72x darker than what they replace: at 64 px many
-are a few pixels of faint contrast, a hard task) or "visible" (radius 14-30%, 1.6-2.0x or
-0.2-0.45x: what a short CPU run can learn, so the smoke shows learning). Everything else, the
+are a few pixels of faint contrast, a hard task) or "visible" (radius 18-32%, 1.8-2.2x or
+0.15-0.35x: what a short CPU run can learn, so the smoke shows learning). Everything else, the
 benign spots included, is the same.
 
 numpy + OpenCV only; about 4 ms per ~250 px slice on one core (>= 200 slices/s).

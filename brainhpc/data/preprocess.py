@@ -286,7 +286,7 @@ def process_array(index: int, digest: str, img: np.ndarray, size: int,
         # 0/1 or 0/255 masks; a lossy (JPEG) 0/255 mask has noise near 0 and 255
         binary = (mask > (127 if mask.max() > 1 else 0)).astype(np.uint8) * 255
         result.mask = apply_geometry(binary, geom, size)
-        result.mask_label = int(binary.any())
+        result.mask_label = int(result.mask.any())  # what is stored: label and mask agree
     return result
 
 

@@ -103,6 +103,11 @@ def _train_id(text: str) -> str:
     return text.replace(":", "_")
 
 
+def _settings(params: dict) -> dict:
+    """A classify cell's settings other than the techniques its one training scores."""
+    return {k: v for k, v in params.items() if k != "techniques"}
+
+
 def expand(sweep: Sweep, run_dir: Path) -> dict[str, list[Cell]]:
     """Every cell of every stage, in stage order (the stage functions validate params here)."""
     rd = str(Path(run_dir).resolve())
@@ -136,19 +141,15 @@ def expand(sweep: Sweep, run_dir: Path) -> dict[str, list[Cell]]:
                     params["with_masks"] = True
                 add("generate", ds, f"{arch}-{label}", params)
     for ds in sweep.names:
-        by_id: dict[str, dict] = {}
-        for block in (b for b in sweep.classify if ds in b.datasets):
+        by_id: dict[str, tuple[int, dict]] = {}
+        for i, block in enumerate(sweep.classify):
+            if ds not in block.datasets:
+                continue
             for train in block.train_data:
                 for seed in block.seeds:
                     # a VAE detector trains once per (training data, seed) and scores all its
                     # techniques from the same residual maps (brainhpc.classify.run)
                     cid = f"{block.model}-{_train_id(train)}-s{seed}"
-                    if cid in by_id:  # two blocks naming the same cell: run it once
-                        old = by_id[cid]
-                        if "techniques" in old:
-                            old["techniques"] += [t for t in block.techniques
-                                                  if t not in old["techniques"]]
-                        continue
                     params = {"model": block.model, "train_data": train, "seed": seed,
                               **block.options}
                     if block.model == "vae":
@@ -157,8 +158,18 @@ def expand(sweep: Sweep, run_dir: Path) -> dict[str, list[Cell]]:
                         params["epochs"] = block.epochs
                     if block.batch_size is not None:
                         params["batch_size"] = block.batch_size
-                    by_id[cid] = params
-        for cid, params in by_id.items():
+                    if cid in by_id:  # two blocks naming the same cell: run it once
+                        first, old = by_id[cid]
+                        if _settings(old) != _settings(params):
+                            raise BrainhpcError(
+                                f"{sweep.source}: classify.cells[{first}] and classify.cells[{i}]"
+                                f" both make cell {cid} of dataset {ds}, with different settings")
+                        if block.model == "vae":  # one training, the techniques of both
+                            old["techniques"] += [t for t in block.techniques
+                                                  if t not in old["techniques"]]
+                        continue
+                    by_id[cid] = (i, params)
+        for cid, (_, params) in by_id.items():
             add("classify", ds, cid, params)
         seg: dict[str, dict] = {}
         for i, block in enumerate(sweep.segment):

@@ -98,6 +98,8 @@ EVAL_SPLITS = (*SPLITS, "all")  # as brainhpc.classify.evaluate (not imported: i
 SINGLE = "data"  # the name of the one dataset of a plain [data] table
 # dataset and [[evaluate]] names become folder names, cell ids and CSV column prefixes
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+# segmentation.csv's empty_/intensity_dice_patient are baselines, not external sets
+RESERVED_EVALUATE_NAMES = frozenset({"empty", "intensity"})
 GPU_FLAGS = ("gpus-per-node", "gres")
 # sbatch flags the sweep writes itself: slurm_extra may not set them (it names the knob instead)
 _OWN_FLAGS = {"job-name": "", "partition": "partition", "time": "time_min",
@@ -600,6 +602,10 @@ def _read_segment(t: _Table, defaults: dict, gen: GenerateSpec | None,
 
 def _read_evaluate(t: _Table, names: tuple[str, ...]) -> EvaluateEntry:
     name = _name(t.get("name", str, required=True), t.key("name"), t.source)
+    if name in RESERVED_EVALUATE_NAMES:  # their result columns would be the baselines'
+        raise BrainhpcError(f"{t.source}: {t.key('name')}: {name!r} names a baseline column of "
+                            f"the results; choose another name (not one of "
+                            f"{', '.join(sorted(RESERVED_EVALUATE_NAMES))})")
     raw_path, phantom = t.get("path", str), t.get("phantom", int)
     seed = t.get("seed", int, 1)
     labels = t.strings("labels")
