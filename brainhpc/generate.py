@@ -39,7 +39,13 @@ import torch
 from brainhpc import __version__, models
 from brainhpc import quality as qa
 from brainhpc.cli import parse_option
-from brainhpc.data.shards import LABELS, SHARD_FORMAT, load_split, write_shards
+from brainhpc.data.shards import (
+    LABELS,
+    MASK_LAYOUTS,
+    SHARD_FORMAT,
+    load_split,
+    write_shards,
+)
 from brainhpc.errors import BrainhpcError
 from brainhpc.fsio import config_hash, sha256_file, write_json
 from brainhpc.images import save_grid
@@ -144,10 +150,6 @@ def check_prepared(data: Path) -> dict:
         raise BrainhpcError(f"{path}: prepared with format {fmt!r}, this brainhpc reads format "
                             f"{SHARD_FORMAT}; re-run `brainhpc prepare` with this version")
     return manifest
-
-
-MASK_LAYOUTS = ("phantom data (brainhpc prepare --phantom N), the LGG FLAIR layout "
-                "(<case>/<slice>_mask.tif) and any layout with X_mask files beside the images")
 
 
 def check_masks(train, data: Path) -> None:

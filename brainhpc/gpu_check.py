@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -112,8 +113,17 @@ def smoke(out: Path, timeout_s: float) -> dict:
     """Run the smoke sweep in a subprocess; what it trained on and what the CNN scored."""
     cmd = [sys.executable, "-m", "brainhpc", "smoke", "--out", str(out), "--force",
            "--profile", "local-gpu"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
-    res: dict = {"rc": proc.returncode, "tail": (proc.stdout + proc.stderr)[-2000:]}
+    # its own process group: on a timeout the cells the local executor started go too (they
+    # would otherwise keep the GPU and write on into OUT)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    res: dict = {"rc": proc.returncode, "tail": output[-2000:]}
     devices, precisions = set(), set()
     for path in sorted(out.glob("classify/**/metrics.json")) + sorted(
             out.glob("generate/**/card.json")):

@@ -244,3 +244,29 @@ def test_smoke_cells_share_the_cores(tmp_path):
     more = tmp_path / "smoke.toml"
     more.write_text(base.replace("cpus_per_task = 1", "cpus_per_task = 64"))
     assert cell_threads(more) == max(1, allocated_cpus() // 2)  # two cells at once
+
+
+def test_gpu_check_smoke_timeout_kills_the_cells_too(tmp_path, monkeypatch):
+    """The smoke's cells are the local executor's children: a timeout must not leave them
+    holding the GPU (a stand-in "python" starts a grandchild and waits)."""
+    import subprocess
+    import time
+
+    pidfile = tmp_path / "cell.pid"
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/sh\nsleep 60 >/dev/null 2>&1 &\necho $! > {pidfile}\nwait\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(gpu_check.sys, "executable", str(fake))
+    with pytest.raises(subprocess.TimeoutExpired):
+        gpu_check.smoke(tmp_path / "out", timeout_s=1)
+    cell = int(pidfile.read_text())
+    for _ in range(50):  # killed: gone, or a zombie until its reaper notices
+        try:
+            state = Path(f"/proc/{cell}/stat").read_text().split()[2]
+        except FileNotFoundError:
+            break
+        if state == "Z":
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the smoke's cell (pid {cell}) survived the timeout")

@@ -295,6 +295,26 @@ def _mark(cell: Cell, status: str = "done") -> None:
     cell.marker.write_text(json.dumps({"status": status, "config_hash": cell.hash}))
 
 
+def test_evaluate_that_ran_before_its_models_finished_runs_again(tmp_path):
+    """An evaluate cell still queued when new models were submitted can run first and list
+    them as not finished; the next re-run scores them (and only that dataset's set)."""
+    run = tmp_path / "run"
+    plan = expand(load_sweep(write(tmp_path, MULTI)), run)
+    for stage in STAGES:
+        for cell in plan[stage]:
+            _mark(cell)
+    by_id = {c.id: c for s in STAGES for c in plan[s]}
+    lgg_ext = by_id["lgg/ext"]
+    (lgg_ext.folder / "summary.json").write_text(json.dumps(
+        {"status": "done", "not_finished": ["classify/lgg/cnn-real-s0"]}))
+    cells, skipped, _ = sub.todo(plan, run, list(STAGES), False, {})
+    assert {s: ids(cells, s) for s in STAGES if cells[s]} == {
+        "evaluate": ["lgg/ext"], "aggregate": ["results"]}
+    _mark(by_id["lgg/cnn-real-s0"], "failed")  # still unfinished: nothing new to score yet
+    cells, skipped, _ = sub.todo(plan, run, ["evaluate"], False, {})
+    assert ids(cells, "evaluate") == []
+
+
 def test_rerun_submits_a_datasets_evaluate_cells_with_its_new_models(tmp_path):
     run = tmp_path / "run"
     plan = expand(load_sweep(write(tmp_path, MULTI)), run)
@@ -413,3 +433,28 @@ def test_shipped_study_files_expand(tmp_path, monkeypatch, name):
     if name == "cpu-study":
         assert sweep.run_dir == tmp_path / "brainhpc-runs" / "cpu-study"
         assert {d.size for d in sweep.datasets} == {64}
+
+
+def test_fresh_phantom_set_draws_the_datasets_lesion_style(tmp_path):
+    """The smoke trains on visible lesions: its external phantoms must be visible ones too,
+    not the standard (faint) style, in their own folder."""
+    import cv2
+    import numpy as np
+
+    from brainhpc.data import phantom
+    from brainhpc.sweep.external import write_phantom_folder
+
+    path = tmp_path / "s.toml"
+    path.write_text('name = "ph"\nprofile = "local"\n[data]\nphantom = 40\nsize = 32\n'
+                    'phantom_lesions = "visible"\n[[classify.cells]]\nmodel = "cnn"\n'
+                    'train_data = ["real"]\n[[evaluate]]\nname = "fresh"\nphantom = 6\n')
+    (cell,) = expand(load_sweep(path), tmp_path / "run")["evaluate"]
+    cfg = stage_config(cell)
+    assert cfg.phantom_lesions == "visible"
+    assert cfg.path == tmp_path / "run" / "evaluate" / "fresh" / "phantom-visible"
+    write_phantom_folder(cfg.path, cfg.phantom, cfg.seed, cfg.phantom_lesions)
+    want = phantom.generate(6, seed=cfg.seed, lesions="visible")
+    for p in want:
+        got = cv2.imread(str(cfg.path / ("yes" if p.label else "no") / p.name),
+                         cv2.IMREAD_GRAYSCALE)
+        assert np.array_equal(got, p.image), p.name

@@ -53,6 +53,10 @@ IN_MEMORY_LIMIT_BYTES = 4 << 30
 OPTIONAL = {"masks": "array", "brain": "array", "patients": "strings", "thumbs": "array",
             "sha256": "strings"}
 
+# where tumour masks come from (named by errors of the stages that need them)
+MASK_LAYOUTS = ("phantom data (brainhpc prepare --phantom N), the LGG FLAIR layout "
+                "(<case>/<slice>_mask.tif) and any layout with X_mask files beside the images")
+
 
 @dataclass
 class ShardData:

@@ -27,11 +27,8 @@ from brainhpc.classify.data import (
     subsample,
     synthetic_shard_dir,
 )
-from brainhpc.data.shards import LABEL_NAMES, LABELS, ShardData, load_split
+from brainhpc.data.shards import LABEL_NAMES, LABELS, MASK_LAYOUTS, ShardData, load_split
 from brainhpc.errors import BrainhpcError
-
-MASK_LAYOUTS = ("phantom data (brainhpc prepare --phantom N) and layouts with tumour mask files "
-                "(LGG FLAIR: <case>/<slice>_mask.tif)")
 
 
 def require_masks(data: ShardData, what: str) -> ShardData:

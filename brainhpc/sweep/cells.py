@@ -198,6 +198,9 @@ def expand(sweep: Sweep, run_dir: Path) -> dict[str, list[Cell]]:
         for ds in (n for n in e.datasets if n in models):
             source = {"path": str(e.path)} if e.path is not None else \
                 {"phantom": e.phantom, "seed": e.seed}
+            lesions = next(d.phantom_lesions for d in sweep.datasets if d.name == ds)
+            if e.path is None and lesions != "standard":  # fresh phantoms like the models'
+                source["phantom_lesions"] = lesions
             add("evaluate", ds, e.name, {"name": e.name, **source, "labels": e.labels,
                                          "split": e.split})
     plan["aggregate"].append(Cell("aggregate", "results", {"name": sweep.name}, rd))

@@ -48,6 +48,7 @@ class ExternalConfig:
     dataset: str | None = None  # whose models; None: the one dataset of a plain [data]
     phantom: int | None = None  # or: fresh phantom slices, written to OUT/phantom/ first
     seed: int = 1
+    phantom_lesions: str = "standard"  # the phantoms' lesion style (the dataset's: see cells)
     labels: str | None = None  # raw folders: "tumour=yes healthy=no" (one label: one class)
     split: str | None = None  # prepared datasets: train | val | test | all (None: test)
     device: str = "auto"
@@ -59,10 +60,14 @@ class ExternalConfig:
             raise BrainhpcError("evaluate: the external set needs a name")
         if (self.path is None) == (self.phantom is None):
             raise BrainhpcError(f"evaluate {self.name}: give exactly one of path or phantom")
-        self.path = self.out / "phantom" if self.phantom is not None else Path(self.path)
+        if self.phantom is not None:  # one folder per lesion style: --force never reuses it
+            self.path = self.out / ("phantom" if self.phantom_lesions == "standard"
+                                    else f"phantom-{self.phantom_lesions}")
+        else:
+            self.path = Path(self.path)
 
 
-def write_phantom_folder(folder: Path, n: int, seed: int) -> Path:
+def write_phantom_folder(folder: Path, n: int, seed: int, lesions: str = "standard") -> Path:
     """``n`` phantom slices as a raw Br35H-style folder (``yes/``, ``no/``, ``X_mask.png`` beside
     each image), written to a staging folder and renamed: an external set that needs no download
     and that no model of the run saw (the run's own phantoms use another seed)."""
@@ -78,7 +83,7 @@ def write_phantom_folder(folder: Path, n: int, seed: int) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        for p in phantom.generate(n, seed=seed):
+        for p in phantom.generate(n, seed=seed, lesions=lesions):
             sub = staging / ("yes" if p.label else "no")
             sub.mkdir(exist_ok=True)
             cv2.imwrite(str(sub / p.name), p.image)
@@ -148,9 +153,12 @@ def _segment_one(cfg: ExternalConfig, ecfg, folder: Path, out: Path, loaded: dic
     if data.masks is None:
         return {"status": "no masks"}
     trained_on = Path(_json(folder / "metrics.json").get("data") or "")
-    dev = development_fingerprints(trained_on) if (trained_on / "manifest.json").exists() \
-        else None
-    data, overlap = drop_overlap(data, {"development_images": dev})
+    key = ("without development images", size, str(trained_on))  # the same for all its U-Nets
+    if key not in loaded:
+        dev = development_fingerprints(trained_on) if (trained_on / "manifest.json").exists() \
+            else None
+        loaded[key] = drop_overlap(data, {"development_images": dev})
+    data, overlap = loaded[key]
     scores = evaluate_segmenter(seg, data, device, what=f"external set {cfg.name} ({cfg.path})")
     result = {"status": "done", **scores, "n": len(data), "overlap": overlap,
               "data": str(cfg.path), "data_kind": kind, "split": ident["split"],
@@ -172,8 +180,10 @@ def external(cfg: ExternalConfig) -> dict:
     device = "cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu"
     cells = _cells(cfg)
     if cfg.phantom is not None:
-        write_phantom_folder(cfg.path, cfg.phantom, cfg.seed)
-    loaded: dict = {}  # image size -> the pre-processed external set (one read per size)
+        write_phantom_folder(cfg.path, cfg.phantom, cfg.seed, cfg.phantom_lesions)
+    # image size -> the pre-processed external set (one read per size); for segmenters also
+    # (.., size, their prepared dataset) -> that set without its development images
+    loaded: dict = {}
     scored: dict[str, list[dict]] = {s: [] for s in SCORED_STAGES}
     unfinished, errors, no_masks = [], [], None
     for stage in SCORED_STAGES:

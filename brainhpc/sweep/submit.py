@@ -40,7 +40,7 @@ from submitit.slurm.slurm import _make_sbatch_string
 from brainhpc import __version__
 from brainhpc.errors import BrainhpcError
 from brainhpc.fsio import write_json
-from brainhpc.sweep.cells import Cell, CellRunner, dataset_of, read_marker
+from brainhpc.sweep.cells import Cell, CellRunner, dataset_of, is_done, read_marker
 from brainhpc.sweep.config import STAGE_TABLE, STAGES, Resources, Sweep
 
 log = logging.getLogger(__name__)
@@ -339,6 +339,16 @@ def queue_states() -> dict[str, str]:
     return dict(line.split("|", 1) for line in out.split() if "|" in line)
 
 
+def _missed(evaluate_cell: Cell, done_models: set[str]) -> bool:
+    """A finished evaluate cell ran before some of its models finished (it was queued when
+    they were submitted, and ran first): score them now."""
+    try:
+        summary = json.loads((evaluate_cell.folder / "summary.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+    return any(m in done_models for m in summary.get("not_finished", []))
+
+
 def todo(plan: dict[str, list[Cell]], run_dir: Path, stages: list[str], force: bool,
          queued: dict[str, str]) -> tuple[dict[str, list[Cell]], dict[str, list[str]],
                                           dict[str, list[str]]]:
@@ -377,8 +387,10 @@ def todo(plan: dict[str, list[Cell]], run_dir: Path, stages: list[str], force: b
                             "sweep file)")
     if "evaluate" in stages:  # new models of a dataset: score them on its external sets
         fresh = {dataset_of(c) for s in ("classify", "segment") for c in submit[s]}
-        again = [c for c in plan["evaluate"] if dataset_of(c) in fresh
-                 and f"evaluate/{c.id}" in skipped["done"]]
+        done_models = {f"{s}/{c.id}" for s in ("classify", "segment") for c in plan[s]
+                       if is_done(c)}
+        again = [c for c in plan["evaluate"] if f"evaluate/{c.id}" in skipped["done"]
+                 and (dataset_of(c) in fresh or _missed(c, done_models))]
         skipped["done"] = [x for x in skipped["done"] if x not in
                            {f"evaluate/{c.id}" for c in again}]
         ids = {c.id for c in submit["evaluate"] + again}
