@@ -5,23 +5,15 @@ of each kind, phantom data at 64 px, sized so the outputs show learning) run on 
 through submitit's local executor, so it needs neither a cluster nor a GPU. ``make smoke`` and
 ``docker run IMAGE smoke`` call it.
 
-Threads: the local executor runs ``array_parallelism`` cells at once, each of which would start
-one OpenMP thread per core; on 2 cores that is 4 threads fighting for 2, and every OpenMP barrier
-then waits for a descheduled thread. Unless ``OMP_NUM_THREADS`` is set, each cell gets its share
-of the cores (at most the sweep's ``cpus_per_task``).
+Threads: the local executor gives each cell its share of the cores (``submit.local_threads``).
 """
 
 from __future__ import annotations
 
-import logging
-import os
 from pathlib import Path
 
 from brainhpc.sweep import cli as sweep_cli
-from brainhpc.sweep.config import JOBS, load_sweep
-from brainhpc.train.distributed import allocated_cpus
-
-log = logging.getLogger(__name__)
+from brainhpc.sweep.config import JOBS
 
 
 def add_parser(subparsers) -> None:
@@ -37,18 +29,8 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def cell_threads(jobs_file: Path = JOBS / "smoke.toml") -> int:
-    """Intra-op threads per cell: the cores shared by the cells that run at once."""
-    res = load_sweep(jobs_file).resources.values()
-    at_once = max(r.array_parallelism for r in res)
-    return max(1, min(min(r.cpus_per_task for r in res), allocated_cpus() // at_once))
-
-
 def run(args) -> int:
     jobs = JOBS / "smoke.toml"
-    if args.executor == "local" and "OMP_NUM_THREADS" not in os.environ:
-        os.environ["OMP_NUM_THREADS"] = str(cell_threads(jobs))  # inherited by the cells
-        log.info("smoke cells: %s thread(s) each", os.environ["OMP_NUM_THREADS"])
     argv = [str(jobs), "--executor", args.executor, "--run-dir", str(args.out)]
     if args.profile:
         argv += ["--profile", args.profile]

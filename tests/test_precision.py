@@ -237,7 +237,13 @@ def test_gpu_check_parts_on_cpu(capsys):
 
 
 def test_smoke_cells_share_the_cores(tmp_path):
-    from brainhpc.smoke import cell_threads
+    """Local cells share the cores (every sweep run with --executor local, the smoke's too)."""
+    from brainhpc.sweep.config import load_sweep
+    from brainhpc.sweep.submit import local_threads
+
+    def cell_threads(path):
+        return min(local_threads(r, r.array_parallelism)
+                   for r in load_sweep(path).resources.values())
 
     base = (REPO / "jobs" / "smoke.toml").read_text()
     assert cell_threads(REPO / "jobs" / "smoke.toml") == 1  # cpus_per_task = 1

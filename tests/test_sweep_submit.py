@@ -193,3 +193,51 @@ def test_max_num_timeout_reaches_the_submitted_cells(tmp_path, fake_slurm):
         assert pkls, f"no pickled submission under {run / 'logs' / stage}"
         countdowns[stage] = {pickle.loads(p.read_bytes())._timeout_countdown for p in pkls}
     assert countdowns == {"generate": {5}, "classify": {0}}
+
+
+def test_local_cells_get_their_share_of_the_cores(tmp_path, monkeypatch):
+    """--executor local: each cell starts with OMP_NUM_THREADS = its share of the cores (an
+    OMP_NUM_THREADS the user set wins); this process's environment is left as it was."""
+    import os
+
+    import submitit
+
+    from brainhpc.sweep import submit as sub
+    from brainhpc.sweep.cells import expand
+    from brainhpc.sweep.config import REPO, load_sweep
+
+    seen = []
+
+    class Job:
+        job_id = "1"
+
+        def result(self):
+            return {}
+
+    class Local:
+        def __init__(self, folder):
+            pass
+
+        def update_parameters(self, **kw):
+            pass
+
+        def submit(self, fn, cell):  # submitit's local job copies os.environ here
+            seen.append(os.environ.get("OMP_NUM_THREADS"))
+            return Job()
+
+    monkeypatch.setattr(submitit, "LocalExecutor", Local)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("brainhpc.train.distributed.allocated_cpus", lambda: 8)
+    text = (REPO / "jobs" / "smoke.toml").read_text().replace("cpus_per_task = 1",
+                                                             "cpus_per_task = 64")
+    (tmp_path / "s.toml").write_text(text)
+    sweep = load_sweep(tmp_path / "s.toml")
+    plan = expand(sweep, tmp_path / "run")
+    cells = {s: plan[s][:2] if s == "generate" else [] for s in plan}
+    sub.run_here("local", sweep, cells, tmp_path / "run", force=False)
+    assert seen == ["4", "4"]  # two cells at once on 8 cores
+    assert "OMP_NUM_THREADS" not in os.environ
+    seen.clear()
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    sub.run_here("local", sweep, cells, tmp_path / "run", force=False)
+    assert seen == ["3", "3"]

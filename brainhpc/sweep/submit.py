@@ -451,10 +451,21 @@ def submit_slurm(sweep: Sweep, cells: dict[str, list[Cell]], run_dir: Path, forc
     return records
 
 
+def local_threads(r: Resources, at_once: int) -> int:
+    """Intra-op threads of each local cell: the cores shared by the cells that run at once, at
+    most ``cpus_per_task`` (SLURM hands each cell its own cores instead). Without this, two
+    cells on 2 cores start 2 threads each, and every OpenMP barrier waits for a descheduled one."""
+    from brainhpc.train.distributed import allocated_cpus
+
+    return max(1, min(r.cpus_per_task, allocated_cpus() // max(1, at_once)))
+
+
 def run_here(executor: str, sweep: Sweep, cells: dict[str, list[Cell]], run_dir: Path,
              force: bool) -> list[dict]:
-    """local: subprocesses, ``array_parallelism`` at a time; debug: in this process."""
+    """local: subprocesses, ``array_parallelism`` at a time (sharing the cores, unless
+    ``OMP_NUM_THREADS`` is set); debug: in this process."""
     records = []
+    user_threads = os.environ.get("OMP_NUM_THREADS")
     for stage in STAGES:
         if not cells[stage]:
             continue
@@ -469,7 +480,13 @@ def run_here(executor: str, sweep: Sweep, cells: dict[str, list[Cell]], run_dir:
                                  gpus_per_node=r.gpus_per_node)
             size = r.array_parallelism
         for chunk in chunks(cells[stage], size):
-            jobs = [ex.submit(CellRunner(force), cell) for cell in chunk]
+            if executor == "local" and user_threads is None:  # the cells inherit it
+                os.environ["OMP_NUM_THREADS"] = str(local_threads(r, len(chunk)))
+            try:
+                jobs = [ex.submit(CellRunner(force), cell) for cell in chunk]
+            finally:
+                if executor == "local" and user_threads is None:
+                    os.environ.pop("OMP_NUM_THREADS", None)
             for cell, job in zip(chunk, jobs, strict=True):
                 try:
                     job.result()
