@@ -23,8 +23,9 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from brainhpc.data.folder import default_workers
 from brainhpc.data.layouts import discover
-from brainhpc.data.prepare import PrepareConfig, default_workers, prepare
+from brainhpc.prepare import PrepareConfig, prepare
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -25,7 +25,8 @@ import time
 import numpy as np
 import torch
 
-from brainhpc.segment.run import SegmentConfig, SegTask, predict_probs
+from brainhpc.predictors.segmenter import predict_probs
+from brainhpc.segment.cell import SegmentConfig, SegTask
 
 CONFIGS = {"default (res_units=0)": {}, "default in bf16": {"precision": "bf16"},
            "res_units=1": {"res_units": 1}, "tutorial (res_units=2)": {"res_units": 2}}

@@ -101,14 +101,15 @@ def bench_submit(folder: Path) -> None:
 
 
 def bench_checks(folder: Path, repeats: int = 3) -> None:
-    from brainhpc.sweep import submit as sub
-    from brainhpc.sweep.config import STAGES, load_sweep
+    from brainhpc.stages import NAMES as STAGES
+    from brainhpc.sweep import slurm
+    from brainhpc.sweep.config import load_sweep
 
     sweep = load_sweep(REPO / "jobs" / "smoke.toml")
     t = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        sub.check_cluster(sweep, list(STAGES), sub.cluster_info())
+        slurm.check_cluster(sweep, list(STAGES), slurm.cluster_info())
         t.append(time.perf_counter() - t0)
     print(f"cluster check (scontrol show config + sinfo + checks): median "
           f"{statistics.median(t):.2f} s of {repeats}")
@@ -121,7 +122,7 @@ def bench_checks(folder: Path, repeats: int = 3) -> None:
     t = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        sub.image_versions(sweep, folder / "run")
+        slurm.image_versions(sweep, folder / "run")
         t.append(time.perf_counter() - t0)
     print(f"container version check (stand-in prefix, imports torch): median "
           f"{statistics.median(t):.2f} s of {repeats}")

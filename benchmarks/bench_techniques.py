@@ -24,7 +24,7 @@ import numpy as np
 from sklearn.cluster import DBSCAN, KMeans
 from threadpoolctl import threadpool_limits
 
-from brainhpc.classify.techniques import (
+from brainhpc.anomaly.techniques import (
     TECHNIQUES,
     TechniqueConfig,
     _binary,

@@ -1,51 +1,46 @@
-"""The ``brainhpc`` command line: one subcommand per stage, each defined in its own module.
+"""brainhpc: a subcommand per stage (prepare, generate, classify, segment, evaluate), smoke, sweep.
 
-A command module exposes ``add_parser(subparsers)``, which registers its subcommand and sets
-``func=run`` where ``run(args) -> int``. A ``BrainhpcError`` becomes ``error: ...`` on stderr and
-exit status 2; any other exception is a bug and keeps its traceback.
+A stage's subcommand is generated from its config dataclass (``brainhpc.options``): its flags,
+defaults and help are the config's fields. A ``BrainhpcError`` becomes ``error: ...`` on stderr
+and exit status 2; an interrupted cell (SIGTERM, re-run to resume) exits with 3; any other
+exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
 import logging
 import sys
+from functools import partial
 
-from brainhpc import __version__
+from brainhpc import __version__, options, smoke, stages
 from brainhpc.errors import BrainhpcError
+from brainhpc.sweep import cli as sweep_cli
 
-COMMAND_MODULES = [
-    "brainhpc.data.prepare",
-    "brainhpc.smoke",
-    "brainhpc.generate",
-    "brainhpc.classify.run",
-    "brainhpc.classify.evaluate",
-    "brainhpc.segment.run",
-    "brainhpc.sweep.cli",
-]
+INTERRUPTED = 3
 
 
-def parse_option(text: str) -> tuple[str, object]:
-    """``--opt KEY=VALUE`` for the stage commands: VALUE is read as JSON when it parses
-    (numbers, lists, booleans), else kept as a string."""
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"--opt expects KEY=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
+def run_stage(stage: stages.Stage, args: argparse.Namespace) -> int:
+    """``brainhpc <stage> ...``: the config from the flags, the stage function on it."""
+    cfg = options.from_args(stage.config_class(), args)
+    result = stage.run(cfg)
+    return INTERRUPTED if result.get("status") == "interrupted" else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="brainhpc", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="brainhpc", description=__doc__.splitlines()[0],
+                                     epilog="brainhpc COMMAND --help: the flags of a command")
     parser.add_argument("--version", action="version", version=f"brainhpc {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).add_parser(sub)
+    for stage in stages.TABLE.values():
+        if not stage.command:
+            continue
+        p = sub.add_parser(stage.name, help=stage.help, description=stage.help)
+        options.add_arguments(p, stage.config_class())
+        p.set_defaults(func=partial(run_stage, stage))
+    smoke.add_parser(sub)
+    sweep_cli.add_parser(sub)
     return parser
 
 

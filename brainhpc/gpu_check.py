@@ -133,7 +133,7 @@ def smoke(out: Path, timeout_s: float) -> dict:
             continue
         if rec.get("device"):
             devices.add(str(rec["device"]).split(":")[0])
-        prec = rec.get("precision") or {}
+        prec = rec.get("train_precision") or {}
         if prec.get("name"):
             precisions.add(prec["name"])
         if path.parent.name.startswith("cnn-real-") and "balanced_accuracy" in rec:

@@ -1,11 +1,12 @@
 """``brainhpc smoke``: the main job end to end on embedded phantom data (no download needed).
 
-It is the smoke sweep (``jobs/smoke.toml``: prepare -> generate -> classify -> aggregate, one cell
-of each kind, phantom data at 64 px, sized so the outputs show learning) run on this machine
-through submitit's local executor, so it needs neither a cluster nor a GPU. ``make smoke`` and
-``docker run IMAGE smoke`` call it.
+It is the smoke sweep (``jobs/smoke.toml``: prepare -> generate -> classify and segment ->
+evaluate -> aggregate, phantom data at 64 px, sized so the outputs show learning) run on this
+machine through submitit's local executor, so it needs neither a cluster nor a GPU; a live status
+table shows which cells run, their epoch and time while it works. ``make smoke`` and ``docker run
+IMAGE smoke`` call it.
 
-Threads: the local executor gives each cell its share of the cores (``submit.local_threads``).
+Threads: the local executor gives each cell its share of the cores (``local.local_threads``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from brainhpc.sweep import cli as sweep_cli
-from brainhpc.sweep.config import JOBS
+from brainhpc.sweep.resources import JOBS
 
 
 def add_parser(subparsers) -> None:

@@ -25,7 +25,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def prepared_phantom(tmp_path_factory) -> Path:
     """A prepared phantom dataset at 64 px (240 slices, with tumour masks)."""
-    from brainhpc.data.prepare import PrepareConfig, prepare
+    from brainhpc.prepare import PrepareConfig, prepare
 
     out = tmp_path_factory.mktemp("phantom") / "prepared"
     prepare(PrepareConfig(out=out, phantom=240, size=64, seed=0, progress=False))

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from brainhpc.classify import anomaly
-from brainhpc.classify.run import ClassifyConfig, classify
+from brainhpc.anomaly import residuals as anomaly
+from brainhpc.classify import ClassifyConfig, classify
 from brainhpc.data.confound import confound_check, image_statistics
 from brainhpc.data.shards import write_shards
 
@@ -134,7 +134,7 @@ def test_well_reconstructed_brain_pixels_still_count_as_scored(median):
     """Exact zeros mean "outside the brain" to the techniques: a near-perfect reconstruction
     (residual below 1/255, which the 8-bit median rounds to 0) must not shrink the scored area
     and so inflate a GIAEM score."""
-    from brainhpc.classify.techniques import scored_area
+    from brainhpc.anomaly.techniques import scored_area
 
     x = torch.full((1, 1, 64, 64), 0.5)
     x_hat = x + 0.003

@@ -5,16 +5,16 @@ import numpy as np
 import pytest
 import torch
 
-from brainhpc.classify.data import (
+from brainhpc.data.shards import load_split, write_shards
+from brainhpc.data.training import (
     TrainSpec,
-    assemble_training_data,
     class_weights,
     healthy_only,
     parse_train_spec,
     sample_weights,
     synthetic_shard_dir,
+    training_data,
 )
-from brainhpc.data.shards import load_split, write_shards
 from brainhpc.errors import BrainhpcError
 from brainhpc.fsio import write_json
 
@@ -85,24 +85,24 @@ def test_bad_specs_list_the_valid_forms(text, why):
 
 
 def test_real_is_the_train_split(prepared):
-    data = assemble_training_data("real", prepared)
+    data = training_data("real", prepared)
     train = load_split(prepared, "train")
     assert data.sources == train.sources and np.array_equal(data.images, train.images)
     assert data.attrs["train_spec"] == "real"
 
 
 def test_synthetic_and_mixed(prepared, syn_dir):
-    syn = assemble_training_data("synthetic:dcgan", prepared, syn_dir)
+    syn = training_data("synthetic:dcgan", prepared, syn_dir)
     assert len(syn) == 65 and np.bincount(syn.labels).tolist() == [40, 25]
     assert all(s.startswith("dcgan-") for s in syn.sources)
-    mixed = assemble_training_data("mixed:dcgan", prepared, syn_dir)
+    mixed = training_data("mixed:dcgan", prepared, syn_dir)
     assert len(mixed) == 40 + 65
     assert sum(s.startswith("real-train") for s in mixed.sources) == 40
 
 
 @pytest.mark.parametrize("p", [0.0, 0.25, 0.5, 1.0])
 def test_mixed_fraction_keeps_total_and_balance(prepared, syn_dir, p):
-    data = assemble_training_data(f"mixed:dcgan:{p}", prepared, syn_dir, seed=3)
+    data = training_data(f"mixed:dcgan:{p}", prepared, syn_dir, seed=3)
     assert len(data) == 40  # the real train size
     assert np.bincount(data.labels).tolist() == [30, 10]  # the real class counts
     n_syn = [sum(s.startswith("dcgan") for s, y in zip(data.sources, data.labels, strict=True)
@@ -112,9 +112,9 @@ def test_mixed_fraction_keeps_total_and_balance(prepared, syn_dir, p):
 
 
 def test_mixed_subsampling_is_deterministic_by_seed(prepared, syn_dir):
-    a = assemble_training_data("mixed:dcgan:0.5", prepared, syn_dir, seed=1)
-    b = assemble_training_data("mixed:dcgan:0.5", prepared, syn_dir, seed=1)
-    c = assemble_training_data("mixed:dcgan:0.5", prepared, syn_dir, seed=2)
+    a = training_data("mixed:dcgan:0.5", prepared, syn_dir, seed=1)
+    b = training_data("mixed:dcgan:0.5", prepared, syn_dir, seed=1)
+    c = training_data("mixed:dcgan:0.5", prepared, syn_dir, seed=2)
     assert a.sources == b.sources and np.array_equal(a.images, b.images)
     assert a.sources != c.sources
 
@@ -123,11 +123,11 @@ def test_missing_generator_names_the_cell_to_run(prepared, tmp_path):
     root = tmp_path / "half"
     _write(synthetic_shard_dir(root, "dcgan", "tumour"), 0, 5, "t", 1)
     with pytest.raises(BrainhpcError, match="generate cell dcgan-healthy must run first"):
-        assemble_training_data("synthetic:dcgan", prepared, root)
+        training_data("synthetic:dcgan", prepared, root)
     with pytest.raises(BrainhpcError, match="generate cell ddpm-healthy must run first"):
-        assemble_training_data("mixed:ddpm:0.5", prepared, root)
+        training_data("mixed:ddpm:0.5", prepared, root)
     with pytest.raises(BrainhpcError, match="--synthetic-dir"):
-        assemble_training_data("mixed:dcgan", prepared, None)
+        training_data("mixed:dcgan", prepared, None)
 
 
 def test_synthetic_shortfall_and_size_mismatch(prepared, tmp_path):
@@ -136,21 +136,21 @@ def test_synthetic_shortfall_and_size_mismatch(prepared, tmp_path):
     _write(synthetic_shard_dir(few, "vae", "tumour"), 0, 3, "t", 2)
     with pytest.raises(BrainhpcError, match="needs 15 synthetic healthy images but generate cell "
                                             "vae-healthy wrote 3"):
-        assemble_training_data("mixed:vae:0.5", prepared, few)
+        training_data("mixed:vae:0.5", prepared, few)
     big = tmp_path / "big"
     _write(synthetic_shard_dir(big, "vae", "healthy"), 5, 0, "h", 1, size=8)
     _write(synthetic_shard_dir(big, "vae", "tumour"), 0, 5, "t", 2, size=8)
     with pytest.raises(BrainhpcError, match="differ in size"):
-        assemble_training_data("mixed:vae", prepared, big)
+        training_data("mixed:vae", prepared, big)
     wrong = tmp_path / "wrong"
     _write(synthetic_shard_dir(wrong, "vae", "healthy"), 0, 5, "h", 1)  # tumour images only
     _write(synthetic_shard_dir(wrong, "vae", "tumour"), 0, 5, "t", 2)
     with pytest.raises(BrainhpcError, match="holds no healthy images"):
-        assemble_training_data("synthetic:vae", prepared, wrong)
+        training_data("synthetic:vae", prepared, wrong)
 
 
 def test_healthy_only_for_the_vae(prepared, syn_dir):
-    data = assemble_training_data("mixed:dcgan:0.5", prepared, syn_dir)
+    data = training_data("mixed:dcgan:0.5", prepared, syn_dir)
     healthy = healthy_only(data)
     assert len(healthy) == 30 and (healthy.labels == 0).all()
     tumours = data.select(data.labels == 1)

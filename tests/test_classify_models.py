@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from brainhpc.classify.models import BrainCNN, BrainCVAE, vae_loss
 from brainhpc.errors import BrainhpcError
+from brainhpc.models.classifiers import BrainCNN, BrainCVAE, vae_loss
 
 
 @contextlib.contextmanager
@@ -165,9 +165,9 @@ def test_vae_error_maps_through_the_techniques_end_to_end(tmp_path):
 
     import numpy as np
 
-    from brainhpc.classify.data import assemble_training_data, healthy_only
-    from brainhpc.classify.techniques import TechniqueConfig, select_and_apply
+    from brainhpc.anomaly.techniques import TechniqueConfig, select_and_apply
     from brainhpc.data.shards import as_float, load_split, write_shards
+    from brainhpc.data.training import healthy_only, training_data
 
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:32, :32]
@@ -189,7 +189,7 @@ def test_vae_error_maps_through_the_techniques_end_to_end(tmp_path):
 
     for name, n in (("train", 48), ("val", 24), ("test", 24)):
         split(name, n)
-    train = healthy_only(assemble_training_data("real", tmp_path / "prep"))
+    train = healthy_only(training_data("real", tmp_path / "prep"))
     assert len(train) == 24
     torch.manual_seed(0)
     model = BrainCVAE(image_size=32, latent_dim=8)

@@ -13,13 +13,14 @@ import pytest
 import torch
 
 from brainhpc import cli
-from brainhpc.classify import run as crun
-from brainhpc.classify.data import synthetic_shard_dir
-from brainhpc.classify.evaluate import EvaluateConfig, evaluate
-from brainhpc.classify.run import ClassifyConfig, classify, cnn_scores, load_classifier
-from brainhpc.classify.techniques import TECHNIQUES, TechniqueConfig, best_cut, fit_technique
+from brainhpc.anomaly.techniques import TECHNIQUES, TechniqueConfig, best_cut, fit_technique
+from brainhpc.classify import ClassifyConfig, classify
+from brainhpc.classify import tasks as crun
 from brainhpc.data.shards import write_shards
+from brainhpc.data.training import synthetic_shard_dir
 from brainhpc.errors import BrainhpcError
+from brainhpc.evaluate import EvaluateConfig, evaluate
+from brainhpc.predictors.classifier import cnn_scores, load_classifier
 
 SIZE = 32
 FAST = dict(epochs=2, batch_size=16, latent_dim=16, progress=False, device="cpu")
@@ -267,7 +268,6 @@ def test_evaluate_prepared_all_splits_and_rerun(cnn_cell, prepared, tmp_path):
 
 
 def test_evaluate_raw_folder(cnn_cell, tmp_path, capsys):
-    pytest.importorskip("brainhpc.data.prepare", reason="read_folder not available yet")
     cfg, _ = cnn_cell
     raw = tmp_path / "raw"
     images, labels, _ = draw(6, 7, seed=21, size=96)  # another size: pre-processing resizes

@@ -13,8 +13,9 @@ from PIL import Image
 
 from brainhpc.data import phantom
 from brainhpc.data import preprocess as pp
-from brainhpc.data.prepare import PrepareConfig, prepare, read_folder
+from brainhpc.data.folder import read_folder
 from brainhpc.data.shards import SPLITS, ShardDataset, load_split
+from brainhpc.prepare import PrepareConfig, prepare
 
 
 def split_of(root: Path) -> dict[str, str]:

@@ -10,11 +10,12 @@ import cv2
 import numpy as np
 import pytest
 
-from brainhpc.classify.evaluate import EvaluateConfig, evaluate
-from brainhpc.classify.run import ClassifyConfig, classify, load_classifier
+from brainhpc.classify import ClassifyConfig, classify
 from brainhpc.data import phantom
-from brainhpc.data.prepare import PrepareConfig, prepare
 from brainhpc.data.shards import load_split
+from brainhpc.evaluate import EvaluateConfig, evaluate
+from brainhpc.predictors.classifier import load_classifier
+from brainhpc.prepare import PrepareConfig, prepare
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

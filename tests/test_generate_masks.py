@@ -10,12 +10,13 @@ import torch
 
 from brainhpc import models
 from brainhpc.data.shards import load_split, write_shards
+from brainhpc.data.training import training_data
 from brainhpc.errors import BrainhpcError
-from brainhpc.generate import MASK_MIN_PIXELS, GenerateConfig, binarise_masks, generate
+from brainhpc.generate import GenerateConfig, generate
+from brainhpc.generate.masks import MASK_MIN_PIXELS, binarise_masks
 from brainhpc.images import outline_tiles, render_grid
 from brainhpc.models import dcgan
-from brainhpc.segment.data import training_data
-from brainhpc.segment.run import SegmentConfig, segment
+from brainhpc.segment import SegmentConfig, segment
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -62,11 +63,10 @@ def test_prepared_data_without_masks_is_refused(prepared_phantom, tmp_path):
         generate(cfg_for("dcgan", empty, tmp_path / "o2"))
 
 
-def test_identity_holds_with_masks_only_when_set(prepared_phantom, tmp_path):
+def test_identity_holds_with_masks(prepared_phantom, tmp_path):
     plain = cfg_for("vae", prepared_phantom, tmp_path, with_masks=False).identity()
     masked = cfg_for("vae", prepared_phantom, tmp_path).identity()
-    assert "with_masks" not in plain  # finished image-only runs keep skipping as before
-    assert masked == {**plain, "with_masks": True}
+    assert plain["with_masks"] is False and masked == {**plain, "with_masks": True}
 
 
 def test_cli_flag_and_healthy_refusal(prepared_phantom, tmp_path, capsys):
@@ -174,7 +174,7 @@ def test_every_arch_writes_masks_the_segment_stage_reads(arch, syn_dir, prepared
     ckpt = torch.load(root / f"{arch}-tumour" / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["fingerprint"]["with_masks"] is True
     # the segment stage: tumour pairs from these shards, healthy (image-only) with empty masks
-    train = training_data(f"synthetic:{arch}", prepared_phantom, root, seed=0)
+    train = training_data(f"synthetic:{arch}", prepared_phantom, root, seed=0, masks=True)
     assert len(train) == 40 and train.masks.shape == train.images.shape
     tumour = [i for i, s in enumerate(train.sources) if s.startswith(f"synthetic/{arch}/tumour")]
     order = np.argsort([train.sources[i] for i in tumour])
@@ -214,24 +214,24 @@ def test_image_only_run_is_unchanged(syn_dir):
     root, _ = syn_dir
     out = root / "vae-healthy"
     card = json.loads((out / "card.json").read_text())
-    assert card["with_masks"] is False and "masks" not in card and "with_masks" not in card[
-        "config"]
+    assert card["with_masks"] is False and "masks" not in card
+    assert card["config"]["with_masks"] is False
     data = load_split(out / "shards")
     assert data.masks is None and "with_masks" not in data.attrs
     png = cv2.imread(str(out / "samples.png"), cv2.IMREAD_UNCHANGED)
     assert np.array_equal(png, render_grid(data.images,
                                            title="synthetic healthy - vae, step 5, seed 1"))
     fp = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["fingerprint"]
-    assert "with_masks" not in fp and "image_channels" not in fp["model"]
+    assert fp["with_masks"] is False and "image_channels" not in fp["model"]
 
 
 def test_masked_run_resumes_to_the_same_pairs(prepared_phantom, tmp_path):
     generate(cfg_for("vae", prepared_phantom, tmp_path / "ref", epochs=2))
     cfg = cfg_for("vae", prepared_phantom, tmp_path / "cut", epochs=2)
     generate(cfg_for("vae", prepared_phantom, tmp_path / "cut", epochs=1))
-    card = json.loads((tmp_path / "cut" / "card.json").read_text())
-    (tmp_path / "cut" / "card.json").write_text(json.dumps({**card, "status": "running",
-                                                            "config": cfg.identity()}))
+    (tmp_path / "cut" / "card.json").unlink()  # as if stopped there: no card, config running
+    (tmp_path / "cut" / "config.json").write_text(json.dumps({"status": "running",
+                                                              "config": cfg.identity()}))
     done = generate(cfg)
     assert done["resumed"] and done["steps"] == 10
     a, b = load_split(tmp_path / "ref" / "shards"), load_split(tmp_path / "cut" / "shards")
@@ -241,10 +241,10 @@ def test_masked_run_resumes_to_the_same_pairs(prepared_phantom, tmp_path):
 def test_image_only_checkpoint_does_not_resume_as_masked(prepared_phantom, tmp_path):
     out = tmp_path / "o"
     generate(cfg_for("dcgan", prepared_phantom, out, with_masks=False))
-    with pytest.raises(BrainhpcError, match="different config.*with_masks: None -> True"):
+    with pytest.raises(BrainhpcError, match="different config.*with_masks: False -> True"):
         generate(cfg_for("dcgan", prepared_phantom, out))
-    card = json.loads((out / "card.json").read_text())
-    (out / "card.json").write_text(json.dumps({**card, "status": "failed"}))
-    with pytest.raises(BrainhpcError, match="different run.*with_masks: checkpoint None vs now "
+    (out / "card.json").unlink()  # the cell's records lost: the checkpoint itself must refuse
+    (out / "config.json").unlink()
+    with pytest.raises(BrainhpcError, match="different run.*with_masks: checkpoint False vs now "
                                             "True"):
         generate(cfg_for("dcgan", prepared_phantom, out))

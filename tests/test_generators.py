@@ -10,7 +10,7 @@ import torch
 from brainhpc import models
 from brainhpc.data.shards import LABELS, load_split, write_shards
 from brainhpc.errors import BrainhpcError
-from brainhpc.generate import GenerateConfig, add_parser, generate
+from brainhpc.generate import GenerateConfig, generate
 from brainhpc.models import dcgan, ddpm, vae, wgan_gp
 
 TINY = {
@@ -217,9 +217,9 @@ def test_interrupted_run_resumes_to_the_same_samples(prepared, tmp_path):
     # an interrupted run: stopped after the first epoch, card left as "running"
     cfg = cfg_for("vae", prepared, tmp_path / "cut", epochs=2)
     part = generate(GenerateConfig(**{**cfg.__dict__, "epochs": 1}))
-    card = json.loads((tmp_path / "cut" / "card.json").read_text())
-    (tmp_path / "cut" / "card.json").write_text(json.dumps({**card, "status": "running",
-                                                            "config": cfg.identity()}))
+    (tmp_path / "cut" / "card.json").unlink()  # as if stopped there: no card, config running
+    (tmp_path / "cut" / "config.json").write_text(json.dumps({"status": "running",
+                                                              "config": cfg.identity()}))
     assert part["steps"] == 2
     done = generate(cfg)
     assert done["resumed"] and done["steps"] == 4
@@ -229,7 +229,7 @@ def test_interrupted_run_resumes_to_the_same_samples(prepared, tmp_path):
 
 # ------------------------------------------------------------------ bad input
 def test_unknown_arch_and_label_list_valid_ones(prepared, tmp_path):
-    with pytest.raises(BrainhpcError, match="architecture 'gan'.*vae, dcgan, wgan-gp, ddpm"):
+    with pytest.raises(BrainhpcError, match="unknown arch 'gan'.*vae, dcgan, wgan-gp, ddpm"):
         GenerateConfig(arch="gan", label="tumour", data=prepared, out=tmp_path)
     with pytest.raises(BrainhpcError, match="unknown label 'tumours'.*healthy, tumour"):
         GenerateConfig(arch="vae", label="tumours", data=prepared, out=tmp_path)
@@ -282,26 +282,25 @@ def test_corrupt_checkpoint_is_an_error_not_a_restart(prepared, tmp_path):
 def test_checkpoint_of_another_model_is_refused(prepared, tmp_path):
     out = tmp_path / "m"
     generate(cfg_for("vae", prepared, out))
-    card = json.loads((out / "card.json").read_text())
-    (out / "card.json").write_text(json.dumps({**card, "status": "failed"}))
+    (out / "card.json").unlink()  # the cell's records lost: the checkpoint itself must refuse
+    (out / "config.json").unlink()
     with pytest.raises(BrainhpcError, match="different run"):
         generate(cfg_for("vae", prepared, out, options={**TINY["vae"], "latent": 8}))
 
 
-def test_nan_loss_stops_and_marks_the_card_failed(prepared, tmp_path):
+def test_nan_loss_stops_and_marks_the_run_failed(prepared, tmp_path):
     out = tmp_path / "n"
     with pytest.raises(BrainhpcError, match="non-finite loss at step 1"):
         generate(cfg_for("vae", prepared, out, options={**TINY["vae"], "kl_weight": 1e39}))
-    card = json.loads((out / "card.json").read_text())
-    assert card["status"] == "failed" and "non-finite" in card["error"]
-    assert not (out / "shards").exists()
+    state = json.loads((out / "config.json").read_text())
+    assert state["status"] == "failed" and "non-finite" in state["error"]
+    assert not (out / "shards").exists() and not (out / "card.json").exists()
 
 
 def test_cli_parser_runs_generate(prepared, tmp_path):
-    import argparse
-    parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers())
-    args = parser.parse_args([
+    from brainhpc.cli import build_parser
+
+    args = build_parser().parse_args([
         "generate", "--arch", "wgan-gp", "--label", "tumor", "--data", str(prepared),
         "--out", str(tmp_path / "cli"), "--epochs", "1", "--n-samples", "5", "--seed", "2",
         "--batch-size", "16", "--no-quality", "--no-progress", "--device", "cpu",

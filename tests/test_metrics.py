@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from brainhpc.classify.metrics import classification_metrics
+from brainhpc.metrics.classification import classification_metrics
 
 
 def test_all_tumour_is_flagged_and_matches_its_baseline():

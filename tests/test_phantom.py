@@ -149,13 +149,13 @@ def test_visible_lesions_are_bigger_and_the_rest_of_the_slice_is_the_same():
 
 
 def test_prepare_and_sweep_take_the_lesion_style(tmp_path):
-    from brainhpc.data.prepare import PrepareConfig
+    from brainhpc.prepare import PrepareConfig
     from brainhpc.sweep.config import load_sweep
 
-    assert "phantom_lesions" not in PrepareConfig(out=tmp_path, phantom=20).identity()
+    assert PrepareConfig(out=tmp_path, phantom=20).identity()["phantom_lesions"] == "standard"
     assert PrepareConfig(out=tmp_path, phantom=20,
                          phantom_lesions="visible").identity()["phantom_lesions"] == "visible"
-    with pytest.raises(BrainhpcError, match="phantom_lesions must be one of"):
+    with pytest.raises(BrainhpcError, match="unknown phantom_lesions 'big'; valid: standard"):
         PrepareConfig(out=tmp_path, phantom=20, phantom_lesions="big")
     path = tmp_path / "s.toml"
     path.write_text('[data]\nphantom = 20\nphantom_lesions = "big"\n')

@@ -199,7 +199,7 @@ def test_threads_fit_the_slurm_allocation():
 
 # ------------------------------------------------------------------ recorded by the cells
 def test_precision_is_recorded_in_metrics_json(prepared_phantom, tmp_path):
-    from brainhpc.classify.run import ClassifyConfig, classify
+    from brainhpc.classify import ClassifyConfig, classify
 
     for prec in ("fp32", "bf16"):
         out = tmp_path / prec
@@ -207,7 +207,7 @@ def test_precision_is_recorded_in_metrics_json(prepared_phantom, tmp_path):
                                 epochs=1, batch_size=16, precision=prec, progress=False,
                                 device="cpu"))
         m = json.loads((out / "metrics.json").read_text())
-        assert m["precision"]["name"] == prec and m["precision"]["requested"] == prec
+        assert m["train_precision"]["name"] == prec and m["train_precision"]["requested"] == prec
         assert m["threads"] == torch.get_num_threads()
     with pytest.raises(BrainhpcError, match="unknown precision 'fp64'"):
         ClassifyConfig(model="cnn", train_data="real", data=prepared_phantom, out=tmp_path,
@@ -239,7 +239,7 @@ def test_gpu_check_parts_on_cpu(capsys):
 def test_smoke_cells_share_the_cores(tmp_path):
     """Local cells share the cores (every sweep run with --executor local, the smoke's too)."""
     from brainhpc.sweep.config import load_sweep
-    from brainhpc.sweep.submit import local_threads
+    from brainhpc.sweep.local import local_threads
 
     def cell_threads(path):
         return min(local_threads(r, r.array_parallelism)

@@ -16,11 +16,13 @@ import torch
 from brainhpc import __version__
 from brainhpc.cli import main
 from brainhpc.data import phantom
-from brainhpc.data import prepare as prep
-from brainhpc.data.prepare import PrepareConfig, prepare, read_folder, split_groups
+from brainhpc.data.folder import read_folder
 from brainhpc.data.shards import SPLITS, ShardDataset, load_split
+from brainhpc.data.split import split_groups
 from brainhpc.errors import BrainhpcError
 from brainhpc.fsio import sha256_file
+from brainhpc.prepare import PrepareConfig, prepare
+from brainhpc.prepare import cell as prep
 
 
 def all_sources(root: Path) -> dict[str, str]:
@@ -148,7 +150,7 @@ def test_rerun_skips_and_other_settings_need_force(prepared_raw, raw_folder):
     again = prepare(PrepareConfig(out=out, data=raw_folder, size=48, seed=3, progress=False))
     assert again["config_hash"] == m["config_hash"]
     assert (out / "manifest.json").stat().st_mtime_ns == before
-    with pytest.raises(BrainhpcError, match=r"other settings \(size: 48 -> 32\).*--force"):
+    with pytest.raises(BrainhpcError, match=r"a different config \(size: 48 -> 32\).*--force"):
         prepare(PrepareConfig(out=out, data=raw_folder, size=32, seed=3, progress=False))
 
 
@@ -203,9 +205,9 @@ def test_too_few_usable_images(tmp_path):
 
 @pytest.mark.parametrize("kwargs,match", [
     ({}, "exactly one of"),
-    ({"phantom": 40, "size": 8}, "--size"),
-    ({"phantom": 40, "split": "0.7,0.2"}, "three fractions"),
-    ({"phantom": 40, "split": (0.5, 0.5, 0.0)}, "positive fractions"),
+    ({"phantom": 40, "size": 8}, r"prepare: size must be an integer in 16\.\.1024, got 8"),
+    ({"phantom": 40, "split": "0.7,0.2"}, "three positive fractions"),
+    ({"phantom": 40, "split": (0.5, 0.5, 0.0)}, "split must be a list of numbers > 0"),
     ({"phantom": 40, "labels": "tumour=a healthy=b"}, "--labels only applies"),
 ])
 def test_config_validation(tmp_path, kwargs, match):
@@ -226,7 +228,7 @@ def test_python_m_entry_point(tmp_path):
     r = subprocess.run([sys.executable, "-m", "brainhpc", "prepare", "--phantom", "30", "--size",
                         "32", "--out", str(out), "--no-progress"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert "train" in r.stdout and (out / "manifest.json").is_file()
+    assert "prepared" in r.stderr and "train" in r.stderr and (out / "manifest.json").is_file()
 
 
 def test_parallel_prepare_matches_serial(tmp_path):
@@ -248,7 +250,7 @@ def test_prepare_finishes_under_a_sigterm_handler(tmp_path):
     """Inside a submitit/SLURM cell SIGTERM is caught (bypassed); prepare must still finish."""
     code = (
         "import signal, sys\n"
-        "from brainhpc.data.prepare import PrepareConfig, prepare\n"
+        "from brainhpc.prepare import PrepareConfig, prepare\n"
         "signal.signal(signal.SIGTERM, lambda *a: print('bypassed', file=sys.stderr))\n"
         f"prepare(PrepareConfig(out={str(tmp_path / 'p')!r}, phantom=100, size=32, workers=2,"
         " progress=False))\n"

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from brainhpc import quality as qa
 from brainhpc.data.shards import load_split
 from brainhpc.errors import BrainhpcError
+from brainhpc.metrics import realism as qa
 
 _spec = importlib.util.spec_from_file_location("gen_helpers",
                                                Path(__file__).with_name("test_generators.py"))
@@ -114,12 +114,12 @@ def test_cache_location_follows_env_then_dataset(prepared, tmp_path, monkeypatch
 
 def test_evaluate_reports_n_and_handles_missing_heldout(prepared, tmp_path):
     synth = load_split(prepared, "test", label=1).images[:15]
-    res = qa.evaluate(prepared, "tumour", synth, tmp_path, feature_cfg=FEAT,
+    res = qa.report(prepared, "tumour", synth, tmp_path, feature_cfg=FEAT,
                       cache_dir=tmp_path / "c")
     assert res["n_synthetic"] == 15 and res["n_real"] == 40 and res["fid"] > 0
     assert res["fid_train_vs_heldout"] >= 0 and res["memorisation"]["near_copies"] == 0
     bare = make_prepared(tmp_path / "bare", n_train=10, n_held=1)
-    res = qa.evaluate(bare, "healthy", synth, tmp_path, feature_cfg=FEAT, cache_dir=tmp_path)
+    res = qa.report(bare, "healthy", synth, tmp_path, feature_cfg=FEAT, cache_dir=tmp_path)
     assert res["fid"] is None and "no held-out healthy images" in res["note"]
 
 

@@ -17,20 +17,19 @@ import pytest
 import torch
 
 from brainhpc import cli
-from brainhpc.classify.data import assemble_training_data, synthetic_shard_dir
 from brainhpc.data.shards import load_split, write_shards
+from brainhpc.data.training import synthetic_shard_dir, training_data
 from brainhpc.errors import BrainhpcError
-from brainhpc.segment import metrics as sm
-from brainhpc.segment import run as srun
-from brainhpc.segment.data import training_data
-from brainhpc.segment.run import (
-    SegmentConfig,
-    SegTask,
-    evaluate_segmenter,
-    load_segmenter,
-    predict_probs,
-    segment,
-)
+from brainhpc.metrics import segmentation as sm
+from brainhpc.predictors.segmenter import load_segmenter, predict_probs, score_segmenter
+from brainhpc.segment import SegmentConfig, segment
+from brainhpc.segment import cell as srun
+from brainhpc.segment.cell import SegTask
+
+
+def evaluate_segmenter(path, data, what="data"):
+    """A saved U-Net scored on ``data`` with its frozen rule (the metrics block)."""
+    return score_segmenter(load_segmenter(path), data, what=what)[0]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -202,8 +201,8 @@ def make_synthetic(root, prepared, gen="dcgan", healthy_masks=False, tumour_mask
 def test_training_data_matches_classify_and_fills_healthy_masks(prepared_phantom, tmp_path, spec,
                                                               healthy_masks):
     syn = make_synthetic(tmp_path / "syn", prepared_phantom, healthy_masks=healthy_masks)
-    got = training_data(spec, prepared_phantom, syn, seed=3)
-    same = assemble_training_data(spec, prepared_phantom, syn, seed=3)
+    got = training_data(spec, prepared_phantom, syn, seed=3, masks=True)
+    same = training_data(spec, prepared_phantom, syn, seed=3)  # what a classify cell draws
     assert got.sources == same.sources  # the same slices as the classify cell draws
     assert np.array_equal(got.images, same.images)
     assert got.masks is not None and set(np.unique(got.masks)) <= {0, 1}
@@ -217,14 +216,14 @@ def test_training_data_matches_classify_and_fills_healthy_masks(prepared_phantom
 def test_missing_masks_are_refused_with_the_fix(prepared_phantom, tmp_path):
     syn = make_synthetic(tmp_path / "syn", prepared_phantom, tumour_masks=False)
     with pytest.raises(BrainhpcError, match=r"dcgan-tumour.*without masks.*--with-masks"):
-        training_data("mixed:dcgan", prepared_phantom, syn)
+        training_data("mixed:dcgan", prepared_phantom, syn, masks=True)
     bare = tmp_path / "bare"  # a prepared dataset whose layout carries no masks
     for split in ("train", "val", "test"):
         d = load_split(prepared_phantom, split)
         write_shards(bare / split, d.images, d.labels, d.sources, attrs={"size": 64})
     shutil.copy(prepared_phantom / "manifest.json", bare / "manifest.json")
     with pytest.raises(BrainhpcError, match=rf"{bare}, split train: .*no tumour masks.*phantom"):
-        training_data("real", bare)
+        training_data("real", bare, masks=True)
     code = cli.main(["segment", "--train-data", "real", "--data", str(bare), "--out",
                      str(tmp_path / "o"), "--channels", "8,16", "--strides", "2"])
     assert code == 2
@@ -239,13 +238,13 @@ def test_missing_masks_are_refused_with_the_fix(prepared_phantom, tmp_path):
     (dict(channels=(8,)), "channels needs at least 2 levels"),
     (dict(channels=(8, 16, 32), strides=(2,)),
      r"one entry per down-sampling.*len\(channels\) - 1 = 2"),
-    (dict(strides=(2, 0, 2)), "strides entry must be an integer >= 1, got 0"),
+    (dict(strides=(2, 0, 2)), r"strides must be a list of numbers >= 1, got \(2, 0, 2\)"),
     (dict(lr=-1.0), "lr must be a number > 0"),
-    (dict(threshold=1.0), r"threshold must be in \(0, 1\)"),
+    (dict(threshold=1.0), r"threshold must be a number in \(0, 1\)"),
     (dict(min_area=0), "min_area must be an integer >= 1"),
     (dict(loss="focal"), "unknown loss 'focal'; valid: dicece, dice, ce"),
     (dict(device="tpu"), "unknown device 'tpu'"),
-    (dict(dropout=1.0), r"dropout must be in \[0, 1\)"),
+    (dict(dropout=1.0), r"dropout must be a number in \[0, 1\)"),
     (dict(precision="fp16"), "unknown precision 'fp16'; valid: auto, bf16, fp32"),
     (dict(val_every=0), "val_every must be an integer >= 1, got 0"),
 ])
@@ -263,7 +262,7 @@ def test_bad_cli_input(prepared_phantom, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "64 px images cannot pass a U-Net with strides" in err and "divisible by 128" in err
     assert cli.main([*argv, "--channels", "8,x"]) == 2
-    assert "comma-separated integers, got '8,x'" in capsys.readouterr().err
+    assert "channels must be a list of numbers >= 1, got '8,x'" in capsys.readouterr().err
     assert cli.main([*argv[:4], str(tmp_path / "nothing"), *argv[5:]]) == 2
     assert "prepared dataset" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
@@ -283,7 +282,8 @@ def test_real_cell_learns_beats_baselines_and_reloads(real_cell, prepared_phanto
     cfg, m = real_cell
     out = cfg.out
     assert m["status"] == "done" and m["image_size"] == 64 and m["world_size"] == 1
-    assert m["precision"]["requested"] == "auto" and m["precision"]["name"] in ("fp32", "bf16")
+    prec = m["train_precision"]
+    assert prec["requested"] == "auto" and prec["name"] in ("fp32", "bf16")
     t, base = m["test"], m["baselines"]
     # the network delineates lesions the trivial rules do not: Dice on test tumour slices
     assert base["empty"]["dice_slice_mean"] == 0.0
@@ -320,6 +320,47 @@ def test_real_cell_learns_beats_baselines_and_reloads(real_cell, prepared_phanto
 
 
 @pytest.mark.slow
+def test_brainhpc_evaluate_scores_a_unet(real_cell, prepared_phantom, tmp_path):
+    """`brainhpc evaluate` takes a U-Net like a classifier: on its own prepared test split it
+    reproduces the cell's test numbers; on a raw folder with X_mask files it scores Dice, drops
+    copies of the U-Net's development images, and draws overlays.png."""
+    from brainhpc.data import phantom
+    from brainhpc.evaluate.cell import write_phantom_folder
+
+    cfg, m = real_cell
+    own = tmp_path / "own"
+    assert cli.main(["evaluate", "--checkpoint", str(cfg.out), "--data", str(prepared_phantom),
+                     "--out", str(own)]) == 0
+    ev = json.loads((own / "metrics.json").read_text())
+    assert ev["kind"] == "segmenter" and ev["status"] == "done" and ev["frozen"]
+    for key in ("dice_slice_mean", "dice_patient_mean", "hd95_mean", "detection"):
+        assert ev[key] == m["test"][key], key
+    assert ev["overlap"]["checked"] is False  # prepare's groups already separate its splits
+    raw = write_phantom_folder(tmp_path / "raw", 40, seed=77)
+    copied = load_split(prepared_phantom, "train").sources[:3]  # development images
+    for k, p in enumerate(phantom.generate(240, seed=0)):
+        if p.name in {Path(c).name for c in copied}:
+            sub = raw / ("yes" if p.label else "no")
+            cv2.imwrite(str(sub / f"copy-{k}.png"), p.image)
+            cv2.imwrite(str(sub / f"copy-{k}_mask.png"), (p.mask > 0).astype("uint8") * 255)
+    out = tmp_path / "raw-ev"
+    assert cli.main(["evaluate", "--checkpoint", str(cfg.out / "model.pt"), "--data", str(raw),
+                     "--out", str(out), "--workers", "1"]) == 0
+    ev = json.loads((out / "metrics.json").read_text())
+    assert ev["data_kind"] == "raw folder" and ev["n"] == 40
+    assert ev["overlap"]["checked"] and ev["overlap"]["dropped"] == ev["overlap"]["n_before"] - 40
+    assert 0 <= ev["dice_patient_mean"] <= 1 and ev["baseline_empty"]["dice_patient_mean"] == 0
+    assert (out / "overlays.png").exists()
+    # a folder without masks cannot score a segmenter: said, not a crash
+    bare = tmp_path / "bare"
+    for p in phantom.generate(12, seed=5):
+        (bare / ("yes" if p.label else "no")).mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(bare / ("yes" if p.label else "no") / p.name), p.image)
+    assert cli.main(["evaluate", "--checkpoint", str(cfg.out), "--data", str(bare), "--out",
+                     str(tmp_path / "bare-ev")]) == 2
+
+
+@pytest.mark.slow
 def test_evaluate_segmenter_refuses_bad_input(real_cell, prepared_phantom, tmp_path):
     cfg, _ = real_cell
     test = load_split(prepared_phantom, "test")
@@ -333,7 +374,7 @@ def test_evaluate_segmenter_refuses_bad_input(real_cell, prepared_phantom, tmp_p
         evaluate_segmenter(cfg.out / "model.pt", bare, what="ext")
     junk = tmp_path / "model.pt"
     junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(BrainhpcError, match="corrupt or unreadable segmenter checkpoint"):
+    with pytest.raises(BrainhpcError, match="corrupt or unreadable model file"):
         evaluate_segmenter(junk, test)
     with pytest.raises(BrainhpcError, match="does not exist"):
         load_segmenter(tmp_path / "nowhere")
@@ -352,7 +393,7 @@ def test_rerun_skips_different_config_refused_force_redoes(real_cell, prepared_p
     redone = segment(SegmentConfig(train_data="real", data=prepared_phantom, out=cfg.out,
                                    epochs=3, val_every=2, precision="fp32", force=True, **FAST))
     assert redone["epochs"] == 3 and not redone.get("skipped") and not redone["resumed"]
-    assert redone["steps"] == 3 * 10 and redone["precision"]["name"] == "fp32"
+    assert redone["steps"] == 3 * 10 and redone["train_precision"]["name"] == "fp32"
     log = [json.loads(x) for x in (cfg.out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log if r["kind"] == "val"] == [1, 2]  # every 2nd, and the last
     assert redone["chosen"]["best_epoch"] in (1, 2)
@@ -405,7 +446,7 @@ def test_synthetic_and_mixed_cells_with_patients(prepared_phantom, tmp_path):
     kw = dict(data=grouped, synthetic_dir=syn, epochs=2, **FAST)
     m = segment(SegmentConfig(train_data="synthetic:dcgan", out=tmp_path / "s", precision="bf16",
                               **kw))
-    assert m["precision"]["name"] == "bf16"  # autocast + channels_last through MONAI's U-Net
+    assert m["train_precision"]["name"] == "bf16"  # autocast + channels_last through MONAI's U-Net
     assert m["n_train"]["total"] == 80 and m["n_train"]["synthetic"] == 80
     assert m["n_train"]["tumour_slices"] == 40 and m["test"]["n_patients"] == 5
     assert m["test"]["n_slices"] == 25

@@ -4,6 +4,7 @@ re-run selection, sbatch scripts against golden files (submitit's own test style
 import json
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -11,10 +12,13 @@ import pytest
 import submitit
 
 from brainhpc.errors import BrainhpcError
-from brainhpc.sweep import submit as sub
-from brainhpc.sweep.cells import expand
+from brainhpc.stages import NAMES as STAGES
+from brainhpc.stages import TABLE
+from brainhpc.sweep import rundir, slurm
 from brainhpc.sweep.cli import dry_run, main
-from brainhpc.sweep.config import REPO, STAGES, load_sweep
+from brainhpc.sweep.config import load_sweep
+from brainhpc.sweep.plan import expand
+from brainhpc.sweep.resources import REPO
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -68,7 +72,7 @@ def test_expand_gives_stable_ids_and_layout(tmp_path):
     ('"synthetic:vae"', '"synthetic:dcgan"', "needs generator 'dcgan'"),
     ('"dbscan"', '"kmeans"', "unknown technique 'kmeans'"),
     ("size = 32", 'size = "big"', "data.size must be int"),
-    ("phantom = 100", "phantom = 0", "data.phantom must be >= 1"),
+    ("phantom = 100", "phantom = 0", "prepare/data: phantom must be an integer >= 10"),
     ('model = "cnn"', 'model = "resnet"', "unknown model 'resnet'"),
     ("[data]", "[resources]\ncpus_per_tusk = 2\n[data]", "unknown key resources.cpus_per_tusk"),
     ("[data]", "[resources.generate]\nmem_gb = -1\n[data]", "resources.generate.mem_gb"),
@@ -121,11 +125,11 @@ def test_run_dir_of_another_sweep_is_refused(tmp_path):
     a = load_sweep(write(tmp_path, TINY, "a.toml"))
     b = load_sweep(write(tmp_path, TINY.replace('"tiny"', '"other"'), "b.toml"))
     run = tmp_path / "run"
-    sub.claim_run_dir(a, run, force=False)
-    sub.claim_run_dir(a, run, force=False)  # the same sweep again: fine
+    rundir.claim_run_dir(a, run, force=False)
+    rundir.claim_run_dir(a, run, force=False)  # the same sweep again: fine
     with pytest.raises(BrainhpcError, match="created by sweep 'tiny'.*--force"):
-        sub.claim_run_dir(b, run, force=False)
-    sub.claim_run_dir(b, run, force=True)
+        rundir.claim_run_dir(b, run, force=False)
+    rundir.claim_run_dir(b, run, force=True)
     assert json.loads((run / "sweep.json").read_text())["name"] == "other"
 
 
@@ -134,7 +138,7 @@ def test_todo_skips_done_and_queued_and_refuses_changed(tmp_path):
     run = tmp_path / "run"
     plan = expand(sweep, run)
     stages = ["prepare", "generate", "classify", "aggregate"]
-    cells, skipped, waiting = sub.todo(plan, run, stages, False, {})
+    cells, skipped, waiting = rundir.todo(plan, run, stages, False, {})
     assert sum(map(len, cells.values())) == 1 + 2 + 4 + 1
     assert not any(waiting.values())
     done = plan["generate"][0]
@@ -146,7 +150,7 @@ def test_todo_skips_done_and_queued_and_refuses_changed(tmp_path):
     (run / "jobs.json").write_text(json.dumps([{"stage": "classify", "job_id": "77",
                                                 "executor": "slurm",
                                                 "cells": [c.id for c in plan["classify"]]}]))
-    cells, skipped, waiting = sub.todo(plan, run, stages, False, {"77_1": "PENDING"})
+    cells, skipped, waiting = rundir.todo(plan, run, stages, False, {"77_1": "PENDING"})
     assert skipped["done"] == ["generate/vae-healthy"]
     assert skipped["queued"] == ["classify/cnn-synthetic_vae-s0 (job 77_1 PENDING)"]
     assert waiting["classify"] == ["77"]  # later stages (aggregate) wait for it
@@ -154,14 +158,14 @@ def test_todo_skips_done_and_queued_and_refuses_changed(tmp_path):
     assert "cnn-real-s0" in [c.id for c in cells["classify"]]  # failed: submitted again
     done.marker.write_text(json.dumps({"status": "done", "config_hash": "stale"}))
     with pytest.raises(BrainhpcError, match="config changed.*generate/vae-healthy.*--force"):
-        sub.todo(plan, run, stages, False, {})
-    cells, _, _ = sub.todo(plan, run, stages, True, {})
+        rundir.todo(plan, run, stages, False, {})
+    cells, _, _ = rundir.todo(plan, run, stages, True, {})
     assert len(cells["generate"]) == 2
 
 
 def test_arrays_split_at_max_array_size(tmp_path):
     plan = expand(load_sweep(write(tmp_path, TINY)), tmp_path)
-    parts = sub.chunks(plan["classify"], 3)
+    parts = rundir.chunks(plan["classify"], 3)
     assert [len(p) for p in parts] == [3, 1]
     assert [c.id for p in parts for c in p] == [c.id for c in plan["classify"]]
 
@@ -205,26 +209,47 @@ def _golden_sweep(case: str, tmp_path: Path, monkeypatch):
     return load_sweep(write(tmp_path, text, "study.toml")), None
 
 
+def _scripts(sweep, plan, run: Path, data: Path | None) -> dict[str, str]:
+    """stage -> its sbatch script as --dry-run prints it, paths normalised."""
+    out = {}
+    for stage in STAGES:
+        if not plan[stage]:
+            continue
+        r = sweep.resources[stage]
+        before = [s for s in TABLE[stage].after if plan[s]]
+        dep = f"afterany:<{', '.join(before)} job ids>" if before else None
+        script = slurm.sbatch_script(sweep, stage, run, -(-len(plan[stage]) // r.cells_per_task),
+                                     dep)
+        out[stage] = _normalise(script.rstrip("\n") + "\n", run, data)
+    return out
+
+
 @pytest.mark.parametrize("case", ["local", "gpu-cluster", "cpu-cluster", "packed", "datasets",
                                   "datasets-gpu"])
 def test_sbatch_scripts_match_golden(tmp_path, monkeypatch, case):
-    """The generated sbatch scripts, paths normalised; UPDATE_GOLDEN=1 rewrites the files."""
+    """Each stage's sbatch script, one golden file each (tests/golden/sbatch/<case>/<stage>.sh),
+    paths normalised; UPDATE_GOLDEN=1 rewrites the files."""
     sweep, data = _golden_sweep(case, tmp_path, monkeypatch)
-    run = tmp_path / "run"
+    run = (tmp_path / "run").resolve()
     plan = expand(sweep, run)
-    text = _normalise(dry_run(sweep, plan, run.resolve(), list(STAGES)), run.resolve(), data)
-    text = re.sub(r"^sweep (\w+) \(.*?\)", r"sweep \1 (SWEEP_FILE)", text)
-    golden = GOLDEN / f"sweep-{case}.txt"
+    scripts = _scripts(sweep, plan, run, data)
+    folder = GOLDEN / "sbatch" / case
     if os.environ.get("UPDATE_GOLDEN"):
-        golden.parent.mkdir(exist_ok=True)
-        golden.write_text(text + "\n")
-    assert text + "\n" == golden.read_text(), f"differs from {golden} (UPDATE_GOLDEN=1 to accept)"
-    scripts = dict(re.findall(r"--- sbatch script \((\w+)\) ---\n(.*?)(?=\n== |\Z)", text, re.S))
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        for stage, script in scripts.items():
+            (folder / f"{stage}.sh").write_text(script)
+    assert sorted(p.stem for p in folder.glob("*.sh")) == sorted(scripts)
+    for stage, script in scripts.items():
+        golden = folder / f"{stage}.sh"
+        assert script == golden.read_text(), f"differs from {golden} (UPDATE_GOLDEN=1 to accept)"
+    text = _normalise(dry_run(sweep, plan, run, list(STAGES)), run, data)
     for stage, script in scripts.items():
         assert "#SBATCH --requeue" in script and "--kill-on-bad-exit=1" in script, stage
         assert "--wckey" not in script, stage  # only when a profile sets wckey
         assert re.search(r"^srun .*--cpus-per-task=\d+ ", script, re.M), stage
         assert 'scontrol requeue "$task"' in script.split("# teardown")[1], stage
+        assert script.rstrip() in text, stage  # --dry-run prints these very scripts
     if case == "gpu-cluster":
         for stage in ("generate", "classify", "segment"):
             assert "#SBATCH --gpus-per-node=1\n" in scripts[stage]
@@ -304,7 +329,7 @@ def test_site_knobs_reach_the_sbatch_script(tmp_path, monkeypatch):
     monkeypatch.setenv("BRAINHPC_CACHE", str(tmp_path / "cache"))
     write(tmp_path, SITE, "site.toml")
     s = load_sweep(write(tmp_path, TINY.replace('"local"', '"site.toml"')))
-    gen = sub.sbatch_script(s, "generate", tmp_path / "run", 2)
+    gen = slurm.sbatch_script(s, "generate", tmp_path / "run", 2)
     for line in ("--gpus-per-node=a100:2", "--ntasks-per-node=2", "--qos=high",
                  "--constraint='a100&ib'", "--exclude=node07", "--reservation=course",
                  "--account=proj", "--wckey=mri", "--mail-type=FAIL", "--exclusive",
@@ -312,12 +337,12 @@ def test_site_knobs_reach_the_sbatch_script(tmp_path, monkeypatch):
         assert f"#SBATCH {line}\n" in gen, line
     assert "--cpus-per-task=1 --kill-on-bad-exit=1 --mpi=none " in gen
     assert f"--bind {tmp_path}/run,{tmp_path / 'cache'},/scratch /img.sif python" in gen
-    prep = sub.sbatch_script(s, "prepare", tmp_path / "run", 1)
+    prep = slurm.sbatch_script(s, "prepare", tmp_path / "run", 1)
     assert "#SBATCH --partition=debug\n" in prep and "gpus" not in prep
     assert s.resources["generate"].max_num_timeout == 5
     gres = load_sweep(write(tmp_path, TINY.replace('"local"', '"site.toml"')
                             + '[resources.classify]\ngpu_flag = "gres"\n'))
-    assert "#SBATCH --gres=gpu:a100:2\n" in sub.sbatch_script(gres, "classify", tmp_path, 1)
+    assert "#SBATCH --gres=gpu:a100:2\n" in slurm.sbatch_script(gres, "classify", tmp_path, 1)
 
 
 def test_container_volumes_for_podman(tmp_path):
@@ -326,7 +351,7 @@ def test_container_volumes_for_podman(tmp_path):
     text = TINY.replace("phantom = 100", f'path = "{data}"') + \
         '[container]\nprefix = "podman run --rm {volumes} img"\n'
     s = load_sweep(write(tmp_path, text))
-    assert sub.python_command(s, tmp_path / "run") == (
+    assert slurm.python_command(s, tmp_path / "run") == (
         f"podman run --rm -v {tmp_path}/run:{tmp_path}/run -v {data}:{data}:ro img python")
 
 
@@ -341,7 +366,7 @@ def test_container_volumes_for_podman(tmp_path):
     ("[resources]", "max_num_timeout = -1", "resources.max_num_timeout must be >= 0"),
     ("[resources]", 'srun_args = "--x"\nqos = 3', "resources.qos must be str"),
     ("[container]", 'prefix = "apptainer exec --bind {bind} i"', "unknown placeholder {bind}"),
-    ("[classify.options]", 'device = "cpu"', "may not set device"),
+    ("[classify.options]", 'device = "cpu"', "device': the sweep sets it from the resources"),
 ])
 def test_bad_site_knobs_name_the_key(tmp_path, where, text, message):
     path = write(tmp_path, TINY + f"\n{where}\n{text}\n")
@@ -349,7 +374,7 @@ def test_bad_site_knobs_name_the_key(tmp_path, where, text, message):
         expand(load_sweep(path), tmp_path / "run")
 
 
-INFO = {"cluster": "prod", "max_array_size": 1001, "partitions": sub.parse_sinfo(
+INFO = {"cluster": "prod", "max_array_size": 1001, "partitions": slurm.parse_sinfo(
     "gpu|2-00:00:00|gpu:a100:4(S:0-1)\ngpu|2-00:00:00|gpu:v100:2\ncpu*|04:00:00|(null)\n")}
 
 
@@ -357,21 +382,21 @@ def test_sinfo_parsing():
     assert INFO["partitions"] == {
         "gpu": {"max_time_min": 2880, "gpus": {"a100": 4, "v100": 2, "": 4}},
         "cpu": {"max_time_min": 240, "gpus": {}}}
-    assert [sub.parse_minutes(t) for t in ("infinite", "1-00:00:00", "30:00", "2:00:00", "45",
+    assert [slurm.parse_minutes(t) for t in ("infinite", "1-00:00:00", "30:00", "2:00:00", "45",
                                            "1-12", "30:30")] == [None, 1440, 30, 120, 45,
                                                                  2160, 30]
 
 
 def test_cluster_check_lists_every_problem(tmp_path, monkeypatch):
     ok = paper_sweep(tmp_path, monkeypatch)  # gpu-cluster: gpu + cpu
-    sub.check_cluster(ok, ["prepare", "generate", "classify", "aggregate"], INFO)
+    slurm.check_cluster(ok, ["prepare", "generate", "classify", "aggregate"], INFO)
     text = (REPO / "jobs" / "paper.toml").read_text() + (
         "[resources.generate]\ngpus_per_node = 8\n[resources.classify]\ngpus_per_node = 1\n"
         'gpu_type = "h100"\n[resources.prepare]\ntime_min = 300\n[resources.aggregate]\n'
         'partition = "nope"\n')
     bad = load_sweep(write(tmp_path, text))
     with pytest.raises(BrainhpcError) as err:
-        sub.check_cluster(bad, ["prepare", "generate", "classify", "aggregate"], INFO)
+        slurm.check_cluster(bad, ["prepare", "generate", "classify", "aggregate"], INFO)
     msg = str(err.value)
     assert "resources.prepare.time_min = 300 exceeds the MaxTime of partition 'cpu' (240 min)" \
         in msg
@@ -382,7 +407,7 @@ def test_cluster_check_lists_every_problem(tmp_path, monkeypatch):
     local = load_sweep(write(tmp_path, TINY))
     with pytest.raises(BrainhpcError, match="profile 'local' is written for cluster 'brainhpc'"
                        ", this is cluster 'prod'"):
-        sub.check_cluster(local, ["generate"], {**INFO, "partitions": {"debug": {
+        slurm.check_cluster(local, ["generate"], {**INFO, "partitions": {"debug": {
             "max_time_min": None, "gpus": {}}}})
 
 
@@ -401,11 +426,26 @@ def test_image_versions_are_compared_with_this_host(tmp_path):
     text = TINY + f'[container]\nprefix = "sh {fake}"\n'
     s = load_sweep(write(tmp_path, text))
     with pytest.raises(BrainhpcError, match=r"brainhpc 0\.0\.1 in the image, 0\.1\.0 here"):
-        sub.image_versions(s, tmp_path)
+        slurm.image_versions(s, tmp_path)
     standin = REPO / "tests" / "container_standin.sh"
     text = TINY + f'[container]\nprefix = "bash {standin} --bind {{binds}} {sys.executable}"\n'
-    found = sub.image_versions(load_sweep(write(tmp_path, text)), tmp_path)
+    found = slurm.image_versions(load_sweep(write(tmp_path, text)), tmp_path)
     assert found["brainhpc"] == "0.1.0" and found["submitit"] == submitit.__version__
     broken = load_sweep(write(tmp_path, TINY + '[container]\nprefix = "/no/such/apptainer"\n'))
     with pytest.raises(BrainhpcError, match="could not read brainhpc/submitit versions"):
-        sub.image_versions(broken, tmp_path)
+        slurm.image_versions(broken, tmp_path)
+
+
+def test_dry_run_checks_every_cell_with_its_stage_config(tmp_path, capsys):
+    """A value out of bounds fails --dry-run with the bounds the stage itself has (prepare's
+    16..1024 px), before anything is submitted; the config's default fills a key left out."""
+    path = write(tmp_path, TINY.replace("size = 32", "size = 8"))
+    assert main([str(path), "--run-dir", str(tmp_path / "run"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: prepare/data: size must be an integer in 16..1024, got 8" in err
+    assert not (tmp_path / "run").exists()
+    plan = expand(load_sweep(write(tmp_path, TINY.replace("size = 32\n", ""))), tmp_path / "r")
+    from brainhpc.sweep.plan import stage_config
+
+    assert "size" not in plan["prepare"][0].params
+    assert stage_config(plan["prepare"][0]).size == 128  # PrepareConfig's own default

@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 
 from brainhpc.errors import BrainhpcError
-from brainhpc.sweep import submit as sub
-from brainhpc.sweep.cells import Cell, dataset_of, expand, stage_config
+from brainhpc.stages import NAMES as STAGES
+from brainhpc.sweep import rundir, slurm
 from brainhpc.sweep.cli import main
-from brainhpc.sweep.config import REPO, STAGES, load_sweep
+from brainhpc.sweep.config import load_sweep
+from brainhpc.sweep.plan import Cell, dataset_of, expand, stage_config
+from brainhpc.sweep.resources import REPO
 from brainhpc.sweep.status import cell_states
 
 MULTI = """
@@ -105,8 +107,8 @@ def test_several_datasets_prefix_ids_and_folders(tmp_path):
     assert seg.channels == (8, 16) and seg.strides == (2,)
     ev = stage_config(plan["evaluate"][0])
     assert ev.out == rd / "evaluate" / "br35h" / "ext" and ev.dataset == "br35h"
-    assert ev.path == tmp_path / "ext" and ev.labels == "tumour=yes healthy=no"
-    assert ev.split is None  # a raw folder is scored whole
+    assert ev.data == tmp_path / "ext" and ev.labels == "tumour=yes healthy=no"
+    assert "split" not in plan["evaluate"][0].params  # a raw folder is scored whole
 
 
 SINGLE = """
@@ -169,7 +171,7 @@ def test_evaluate_entry_on_a_prepared_dataset_and_its_filter(tmp_path):
     plan = expand(load_sweep(write(tmp_path, text)), tmp_path / "run")
     assert ids(plan, "evaluate") == ["br35h/ext", "lgg/ext", "lgg/prep"]
     cfg = stage_config(plan["evaluate"][2])
-    assert cfg.split == "all" and cfg.labels is None and cfg.path == prepared
+    assert cfg.split == "all" and cfg.labels is None and cfg.data == prepared
     # default split of a prepared set: test
     plan = expand(load_sweep(write(tmp_path, text.replace('split = "all"\n', ""))), tmp_path)
     assert plan["evaluate"][2].params["split"] == "test"
@@ -207,9 +209,9 @@ def _swap(old: str, new: str) -> str:
     (_swap('train_data = ["real", "mixed:vae"]', 'train_data = ["mixed:dcgan"]'),
      "segment.cells[0].train_data: 'mixed:dcgan' needs generator 'dcgan'"),
     (_swap("seeds = [0, 1]", "seedz = [0, 1]"), "unknown key segment.cells[0].seedz"),
-    (_swap("epochs = 2", "epochs = 0"), "segment.epochs must be >= 1"),
+    (_swap("epochs = 2", "epochs = 0"), "segment/lgg/unet-real-s0: epochs must be an integer >= 1"),
     (_swap("seeds = [0, 1]", "seeds = [0, 1]\nbatch_size = 0"),
-     "segment.cells[0].batch_size must be >= 1"),
+     "segment/lgg/unet-real-s0: batch_size must be an integer >= 1"),
     (_swap("[segment]", "[segment]\nworkers = 2"), "unknown key segment.workers"),
     (_swap('datasets = ["lgg"]\nseeds', 'datasets = "x"\nseeds'),
      "segment.cells[0].datasets: unknown dataset 'x'"),
@@ -285,7 +287,7 @@ def test_container_binds_every_dataset_and_external_set(tmp_path):
     raw = tmp_path / "raw"
     raw.mkdir()
     s = load_sweep(write(tmp_path, MULTI), data=[f"br35h={raw}"])
-    assert sub.binds(s, tmp_path / "run")[:3] == [(str(tmp_path / "run"), False),
+    assert slurm.binds(s, tmp_path / "run")[:3] == [(str(tmp_path / "run"), False),
                                                   (str(raw), True),
                                                   (str(tmp_path / "ext"), True)]
 
@@ -307,11 +309,11 @@ def test_evaluate_that_ran_before_its_models_finished_runs_again(tmp_path):
     lgg_ext = by_id["lgg/ext"]
     (lgg_ext.folder / "summary.json").write_text(json.dumps(
         {"status": "done", "not_finished": ["classify/lgg/cnn-real-s0"]}))
-    cells, skipped, _ = sub.todo(plan, run, list(STAGES), False, {})
+    cells, skipped, _ = rundir.todo(plan, run, list(STAGES), False, {})
     assert {s: ids(cells, s) for s in STAGES if cells[s]} == {
         "evaluate": ["lgg/ext"], "aggregate": ["results"]}
     _mark(by_id["lgg/cnn-real-s0"], "failed")  # still unfinished: nothing new to score yet
-    cells, skipped, _ = sub.todo(plan, run, ["evaluate"], False, {})
+    cells, skipped, _ = rundir.todo(plan, run, ["evaluate"], False, {})
     assert ids(cells, "evaluate") == []
 
 
@@ -321,12 +323,12 @@ def test_rerun_submits_a_datasets_evaluate_cells_with_its_new_models(tmp_path):
     for stage in STAGES:
         for cell in plan[stage]:
             _mark(cell)
-    cells, skipped, _ = sub.todo(plan, run, list(STAGES), False, {})
+    cells, skipped, _ = rundir.todo(plan, run, list(STAGES), False, {})
     assert not any(cells.values()) and len(skipped["done"]) == sum(map(len, plan.values()))
 
     by_id = {c.id: c for s in STAGES for c in plan[s]}
     _mark(by_id["lgg/cnn-real-s0"], "failed")  # a model of lgg runs again
-    cells, skipped, _ = sub.todo(plan, run, list(STAGES), False, {})
+    cells, skipped, _ = rundir.todo(plan, run, list(STAGES), False, {})
     assert {s: ids(cells, s) for s in STAGES if cells[s]} == {
         "classify": ["lgg/cnn-real-s0"], "evaluate": ["lgg/ext"], "aggregate": ["results"]}
     assert "evaluate/lgg/ext" not in skipped["done"] and "evaluate/br35h/ext" in skipped["done"]
@@ -335,17 +337,17 @@ def test_rerun_submits_a_datasets_evaluate_cells_with_its_new_models(tmp_path):
                                                 "executor": "slurm",
                                                 "cells": ["br35h/ext", "lgg/ext"]}]))
     _mark(by_id["lgg/unet-real-s1"], "running")  # a segmenter too; lgg/ext is still queued
-    cells, skipped, waiting = sub.todo(plan, run, list(STAGES), False, {"50_1": "PENDING"})
+    cells, skipped, waiting = rundir.todo(plan, run, list(STAGES), False, {"50_1": "PENDING"})
     assert ids(cells, "segment") == ["lgg/unet-real-s1"] and ids(cells, "evaluate") == []
     assert skipped["queued"] == ["evaluate/lgg/ext (job 50_1 PENDING)"]
     assert waiting["evaluate"] == ["50"]
 
     # --only classify: evaluate is not among the selected stages, so it is left alone
-    cells, _, _ = sub.todo(plan, run, ["classify"], False, {})
+    cells, _, _ = rundir.todo(plan, run, ["classify"], False, {})
     assert ids(cells, "classify") == ["lgg/cnn-real-s0"] and not cells["evaluate"]
     # nothing queued any more; a br35h classifier brings br35h/ext back too
     _mark(by_id["br35h/vae-real-s0"], "failed")
-    cells, _, _ = sub.todo(plan, run, list(STAGES), False, {})
+    cells, _, _ = rundir.todo(plan, run, list(STAGES), False, {})
     assert ids(cells, "evaluate") == ["br35h/ext", "lgg/ext"]
 
 
@@ -375,8 +377,8 @@ def test_shipped_evaluate_example_validates_when_uncommented(tmp_path, name):
     assert live.count("[[evaluate]]") == 1
     plan = expand(load_sweep(write(tmp_path, live), data=tmp_path), tmp_path / "run")
     (cell,) = plan["evaluate"]
-    assert cell.id == "br35h" and cell.params["path"] == str(br35h)
-    assert cell.params["labels"] == "tumour=yes healthy=no" and cell.params["split"] is None
+    assert cell.id == "br35h" and cell.params["data"] == str(br35h)
+    assert cell.params["labels"] == "tumour=yes healthy=no" and "split" not in cell.params
 
 
 def test_run_dir_key_sets_the_default_run_folder(tmp_path, monkeypatch, capsys):
@@ -402,7 +404,7 @@ def test_evaluate_entry_of_fresh_phantom_slices(tmp_path):
     (cell,) = plan["evaluate"]
     assert cell.params["phantom"] == 30 and cell.params["seed"] == 7
     cfg = stage_config(cell)
-    assert cfg.path == tmp_path / "run" / "evaluate" / "fresh" / "phantom"
+    assert cfg.images == tmp_path / "run" / "evaluate" / "fresh" / "phantom"
     for extra, match in (('path = "x"\n', "exactly one of path"),
                          ('labels = ["tumour=yes"]\n', "drop labels/split")):
         path.write_text(base + '[[evaluate]]\nname = "fresh"\nphantom = 30\n' + extra)
@@ -442,7 +444,7 @@ def test_fresh_phantom_set_draws_the_datasets_lesion_style(tmp_path):
     import numpy as np
 
     from brainhpc.data import phantom
-    from brainhpc.sweep.external import write_phantom_folder
+    from brainhpc.evaluate.cell import write_phantom_folder
 
     path = tmp_path / "s.toml"
     path.write_text('name = "ph"\nprofile = "local"\n[data]\nphantom = 40\nsize = 32\n'
@@ -451,10 +453,10 @@ def test_fresh_phantom_set_draws_the_datasets_lesion_style(tmp_path):
     (cell,) = expand(load_sweep(path), tmp_path / "run")["evaluate"]
     cfg = stage_config(cell)
     assert cfg.phantom_lesions == "visible"
-    assert cfg.path == tmp_path / "run" / "evaluate" / "fresh" / "phantom-visible"
-    write_phantom_folder(cfg.path, cfg.phantom, cfg.seed, cfg.phantom_lesions)
+    assert cfg.images == tmp_path / "run" / "evaluate" / "fresh" / "phantom-visible"
+    write_phantom_folder(cfg.images, cfg.phantom, cfg.seed, cfg.phantom_lesions)
     want = phantom.generate(6, seed=cfg.seed, lesions="visible")
     for p in want:
-        got = cv2.imread(str(cfg.path / ("yes" if p.label else "no") / p.name),
+        got = cv2.imread(str(cfg.images / ("yes" if p.label else "no") / p.name),
                          cv2.IMREAD_GRAYSCALE)
         assert np.array_equal(got, p.image), p.name

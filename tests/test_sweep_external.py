@@ -1,4 +1,5 @@
-"""The evaluate stage (brainhpc.sweep.external) on a real, tiny run through the debug executor:
+"""The evaluate stage (brainhpc.evaluate over a sweep's models) on a real, tiny run through the
+debug executor:
 a CNN, a VAE detector and a U-Net (1 epoch, 32 px phantoms) scored on a raw folder with masks
 (holding byte copies of training images, which must be dropped and counted) and on a prepared
 dataset; an unfinished model is listed, not fatal; a re-run scores only what is new; a set
@@ -14,11 +15,11 @@ import cv2
 import pytest
 
 from brainhpc.data import phantom
-from brainhpc.data.prepare import PrepareConfig, prepare
 from brainhpc.data.shards import load_split
 from brainhpc.errors import BrainhpcError
+from brainhpc.evaluate import EvaluateConfig, evaluate
+from brainhpc.prepare import PrepareConfig, prepare
 from brainhpc.sweep.cli import main
-from brainhpc.sweep.external import ExternalConfig, external
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -162,9 +163,9 @@ def test_rerun_resubmits_evaluate_and_skips_scored_models(run, capsys):
     before = (rd / "evaluate" / "raw" / "classify" / "cnn-real-s0" / "metrics.json").stat()
     assert main(argv) == 1  # the failed classify cell again, so evaluate and aggregate again
     recs = json.loads((rd / "jobs.json").read_text())
-    last = [(r["stage"], r["cells"]) for r in recs[-4:]]
-    assert last == [("classify", ["cnn-real-s1"]), ("evaluate", ["raw"]),
-                    ("evaluate", ["prep"]), ("aggregate", ["results"])]
+    last = [(r["stage"], r["cells"]) for r in recs[-3:]]
+    assert last == [("classify", ["cnn-real-s1"]), ("evaluate", ["raw", "prep"]),
+                    ("aggregate", ["results"])]
     summary = _json(rd / "evaluate" / "raw" / "summary.json")
     assert all(s["already_scored"] for st in ("classify", "segment")
                for s in summary["scored"][st])
@@ -179,7 +180,7 @@ def test_set_without_masks_skips_segmenters_saying_so(run, tmp_path):
         (folder / ("yes" if p.label else "no")).mkdir(parents=True, exist_ok=True)
         cv2.imwrite(str(folder / ("yes" if p.label else "no") / p.name), p.image)
     out = tmp_path / "out"
-    summary = external(ExternalConfig(run_dir=rd, out=out, name="nomask", path=folder,
+    summary = evaluate(EvaluateConfig(run_dir=rd, out=out, name="nomask", data=folder,
                                       device="cpu"))
     assert summary["status"] == "done" and summary["scored"]["segment"] == []
     assert "has no tumour masks: segmenters not scored" in summary["segmenters_skipped"]
@@ -189,23 +190,23 @@ def test_set_without_masks_skips_segmenters_saying_so(run, tmp_path):
     bad = tmp_path / "one"
     (bad / "yes").mkdir(parents=True)
     with pytest.raises(BrainhpcError, match="no usable images|cannot recognise"):
-        external(ExternalConfig(run_dir=rd, out=tmp_path / "out2", name="one", path=bad))
+        evaluate(EvaluateConfig(run_dir=rd, out=tmp_path / "out2", name="one", data=bad))
     assert _json(tmp_path / "out2" / "summary.json")["status"] == "failed"
     with pytest.raises(BrainhpcError, match="plan.json is missing"):
-        external(ExternalConfig(run_dir=tmp_path, out=tmp_path / "o", name="x", path=folder))
+        evaluate(EvaluateConfig(run_dir=tmp_path, out=tmp_path / "o", name="x", data=folder))
 
 
 def test_fresh_phantom_set_is_written_once_and_scored(run, tmp_path):
     rd, _, _ = run
     out = tmp_path / "fresh"
-    cfg = ExternalConfig(run_dir=rd, out=out, name="fresh", phantom=30, seed=123)
-    assert cfg.path == out / "phantom"
-    summary = external(cfg)
+    cfg = EvaluateConfig(run_dir=rd, out=out, name="fresh", phantom=30, seed=123)
+    assert cfg.images == out / "phantom"
+    summary = evaluate(cfg)
     assert summary["errors"] == [] and summary["segmenters_skipped"] is None
     assert {s["n"] for st in ("classify", "segment") for s in summary["scored"][st]} == {30}
     assert {s["dropped"] for st in ("classify", "segment") for s in summary["scored"][st]} == {0}
     images = sorted((out / "phantom").rglob("*.png"))
     assert len(images) == 60  # 30 slices and their masks
     stamp = images[0].stat().st_mtime_ns
-    external(cfg)  # a re-run reuses the folder and skips the scored models
+    evaluate(cfg)  # a re-run reuses the folder and skips the scored models
     assert images[0].stat().st_mtime_ns == stamp

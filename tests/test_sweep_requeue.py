@@ -17,8 +17,9 @@ from submitit.core import utils as sutils
 from submitit.slurm.slurm import SlurmJobEnvironment
 
 from brainhpc.errors import BrainhpcError
-from brainhpc.sweep import cells as cells_mod
-from brainhpc.sweep.cells import Cell, CellRunner, read_marker, requeue_flag, stage_config
+from brainhpc.sweep import runner as cells_mod
+from brainhpc.sweep.plan import Cell, stage_config
+from brainhpc.sweep.runner import CellRunner, read_marker, requeue_flag
 
 
 def _cell(tmp_path: Path, cid: str = "cnn-real-s0", stage: str = "classify") -> Cell:
@@ -193,7 +194,7 @@ def test_device_comes_from_the_resources_not_the_options(tmp_path):
     cell = _cell(tmp_path)
     assert stage_config(cell, device="cuda").device == "cuda"
     bad = Cell("classify", "x", {**cell.params, "device": "cpu"}, cell.run_dir)
-    with pytest.raises(BrainhpcError, match="may not set device"):
+    with pytest.raises(BrainhpcError, match="device.: the sweep sets it from the resources"):
         stage_config(bad)
 
 

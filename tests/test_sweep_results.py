@@ -10,8 +10,9 @@ import pytest
 from brainhpc.errors import BrainhpcError
 from brainhpc.fsio import write_json
 from brainhpc.sweep.aggregate import REFERENCE, aggregate, report
-from brainhpc.sweep.cells import Cell, CellRunner, expand
 from brainhpc.sweep.config import load_sweep
+from brainhpc.sweep.plan import Cell, expand
+from brainhpc.sweep.runner import CellRunner
 from brainhpc.sweep.status import cell_states, table
 
 SWEEP = """

@@ -19,7 +19,7 @@ import torch
 
 from brainhpc.data.shards import load_split
 from brainhpc.errors import BrainhpcError
-from brainhpc.sweep import submit as sub
+from brainhpc.sweep import rundir, slurm
 from brainhpc.sweep.config import load_sweep
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,7 +97,7 @@ def sweep(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 
 def job_ids(run_dir: Path) -> list[str]:
-    return [r["job_id"] for r in sub.read_jobs(run_dir) if r["executor"] == "slurm"]
+    return [r["job_id"] for r in rundir.read_jobs(run_dir) if r["executor"] == "slurm"]
 
 
 def wait_sweep(run_dir: Path, timeout: float = WAIT_S) -> None:
@@ -122,10 +122,10 @@ def markers(run_dir: Path, stage: str) -> dict[str, dict]:
 @needs_cluster
 def test_unknown_partition_lists_the_real_ones(tmp_path):
     s = load_sweep(sweep_file(tmp_path, "p"), partition="nope")
-    info = sub.cluster_info()
+    info = slurm.cluster_info()
     assert info["cluster"] == "brainhpc" and "debug" in info["partitions"]
     with pytest.raises(BrainhpcError, match=r"partition 'nope'.*sinfo lists: debug, gpu"):
-        sub.check_cluster(s, ["generate"], info)
+        slurm.check_cluster(s, ["generate"], info)
     out = sweep(str(tmp_path / "p.toml"), "--partition", "nope", "--run-dir",
                 str(tmp_path / "run"))
     assert out.returncode == 2 and "sinfo lists" in out.stderr
@@ -142,7 +142,7 @@ def test_sweep_completes_reports_failed_cell_and_reruns_only_it(tmp_path):
     assert out.returncode == 0, out.stderr
     assert time.monotonic() - t0 < 120, "the sweep command must return after submitting"
     assert "python -m brainhpc.sweep status" in out.stdout
-    recs = sub.read_jobs(run)
+    recs = rundir.read_jobs(run)
     assert [r["stage"] for r in recs] == ["prepare", "generate", "classify", "aggregate"]
     ids = [r["job_id"] for r in recs]
     assert recs[2]["after"] == ids[:2] and recs[3]["after"] == ids[:3]
@@ -179,7 +179,7 @@ def test_sweep_completes_reports_failed_cell_and_reruns_only_it(tmp_path):
 
     again = sweep(str(path), "--run-dir", str(run))  # only the failed cell (+ aggregate)
     assert again.returncode == 0, again.stderr
-    new = sub.read_jobs(run)[len(recs):]
+    new = rundir.read_jobs(run)[len(recs):]
     assert [(r["stage"], r["cells"]) for r in new] == [("classify", ["cnn-real-s1"]),
                                                        ("aggregate", ["results"])]
     wait_sweep(run)
@@ -204,7 +204,7 @@ def test_two_task_ddp_cell_under_srun_then_rerun_submits_nothing(tmp_path):
     assert "with gloo" in log or "gloo" in log
     again = sweep(str(path), "--run-dir", str(run))
     assert again.returncode == 0 and "nothing to submit" in again.stdout, again.stdout
-    assert len(sub.read_jobs(run)) == 3  # prepare, generate, aggregate: no new submission
+    assert len(rundir.read_jobs(run)) == 3  # prepare, generate, aggregate: no new submission
 
 
 def _weights(folder: Path) -> dict:
@@ -239,7 +239,7 @@ def test_containerised_cell_is_requeued_from_the_host_and_resumes(tmp_path):
     out = sweep(str(path), "--run-dir", str(run), "--force")
     assert out.returncode == 0, out.stderr
     assert "container: brainhpc 0.1.0, submitit" in out.stdout  # the image check ran
-    gen_job = next(r["job_id"] for r in sub.read_jobs(run) if r["stage"] == "generate")
+    gen_job = next(r["job_id"] for r in rundir.read_jobs(run) if r["stage"] == "generate")
     folder = run / "generate" / "vae-healthy"
     metrics = folder / "metrics.jsonl"
     wait_for("training started", lambda: _lines(metrics) > 0)
@@ -282,7 +282,7 @@ def test_cancelled_cell_is_not_requeued(tmp_path):
     run = tmp_path / "run"
     path = sweep_file(tmp_path, "cancel", labels='["healthy"]', gen_epochs=60)
     assert sweep(str(path), "--run-dir", str(run)).returncode == 0
-    gen_job = next(r["job_id"] for r in sub.read_jobs(run) if r["stage"] == "generate")
+    gen_job = next(r["job_id"] for r in rundir.read_jobs(run) if r["stage"] == "generate")
     metrics = run / "generate" / "vae-healthy" / "metrics.jsonl"
     wait_for("training started", lambda: _lines(metrics) > 0)
     subprocess.run(["scancel", gen_job], check=True, timeout=30)
@@ -364,7 +364,7 @@ def test_gpu_cells_fail_loudly_without_cuda_and_the_rest_runs(tmp_path):
     out = sweep(str(_gpu_sweep(tmp_path, 1)), "--run-dir", str(run))
     assert out.returncode == 0, out.stderr
     wait_sweep(run)
-    recs = {r["stage"]: r["job_id"] for r in sub.read_jobs(run)}
+    recs = {r["stage"]: r["job_id"] for r in rundir.read_jobs(run)}
     for stage, partition in (("generate", "gpu"), ("prepare", "debug")):
         info = subprocess.run(["scontrol", "-o", "show", "job", recs[stage]],
                               capture_output=True, text=True, timeout=30).stdout
@@ -392,7 +392,7 @@ def test_rejected_sbatch_then_rerun_waits_for_queued_jobs(tmp_path):
     try:
         out = sweep(str(path), "--run-dir", str(run))
         assert out.returncode == 2, out.stdout + out.stderr
-        first = sub.read_jobs(run)
+        first = rundir.read_jobs(run)
         assert [r["stage"] for r in first] == ["prepare", "generate"]
         assert "sbatch refused the classify array (4 cells)" in out.stderr
         assert "Requested reservation is invalid" in out.stderr
@@ -403,7 +403,7 @@ def test_rejected_sbatch_then_rerun_waits_for_queued_jobs(tmp_path):
         again = sweep(str(path), "--run-dir", str(run))
         assert again.returncode == 0, again.stderr
         assert "0 done, 3 still queued" in again.stdout
-        recs = sub.read_jobs(run)
+        recs = rundir.read_jobs(run)
         ids = [r["job_id"] for r in first]
         assert [(r["stage"], r["after"]) for r in recs[2:]] == [
             ("classify", ids), ("aggregate", ids + [recs[2]["job_id"]])]
@@ -411,7 +411,7 @@ def test_rejected_sbatch_then_rerun_waits_for_queued_jobs(tmp_path):
                              capture_output=True, text=True, timeout=30).stdout
         assert all(f"afterany:{i}" in dep for i in ids), dep
     finally:
-        left = [r["job_id"] for r in sub.read_jobs(run)]
+        left = [r["job_id"] for r in rundir.read_jobs(run)]
         if left:
             subprocess.run(["scancel", *left], timeout=30)
 
@@ -421,7 +421,7 @@ def test_srun_kills_the_other_ranks_when_one_fails(tmp_path):
     """The sweep's srun arguments (--kill-on-bad-exit=1): a crashed rank ends the step instead
     of leaving the others waiting (in NCCL, for 30 minutes)."""
     s = load_sweep(sweep_file(tmp_path, "kill"))
-    args = " ".join(sub.slurm_params(s, "generate", tmp_path)["srun_args"])
+    args = " ".join(slurm.slurm_params(s, "generate", tmp_path)["srun_args"])
     out = tmp_path / "out.txt"
     job = subprocess.run(
         ["sbatch", "--parsable", "-n", "2", "-p", "debug", "-t", "5", "-o", str(out), "--wrap",
@@ -490,7 +490,7 @@ def test_two_datasets_segment_and_external_set_through_slurm(tmp_path):
     run = tmp_path / "run"
     out = sweep(str(path), "--run-dir", str(run))
     assert out.returncode == 0, out.stderr
-    recs = sub.read_jobs(run)
+    recs = rundir.read_jobs(run)
     assert [(r["stage"], r["cells"]) for r in recs] == [
         ("prepare", ["br35h", "lgg"]), ("classify", ["br35h/cnn-real-s0", "lgg/cnn-real-s0"]),
         ("segment", ["lgg/unet-real-s0"]), ("evaluate", ["br35h/ext", "lgg/ext"]),

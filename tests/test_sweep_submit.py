@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from brainhpc.sweep import submit as sub
+from brainhpc.sweep import local, rundir
 from brainhpc.sweep.cli import main
 from brainhpc.sweep.status import cell_states
 
@@ -77,7 +77,7 @@ def test_rejected_sbatch_reports_what_was_submitted_then_rerun_waits(tmp_path, f
     assert "already submitted in this run: prepare job 101 (1 cells); generate job 102 " \
            "(2 cells)" in err
     assert "run the same command again" in err and "Traceback" not in err
-    assert [(r["stage"], r["job_id"]) for r in sub.read_jobs(run)] == [("prepare", "101"),
+    assert [(r["stage"], r["job_id"]) for r in rundir.read_jobs(run)] == [("prepare", "101"),
                                                                        ("generate", "102")]
     assert "--dependency=afterany:101\n" in _script(fake_slurm, "102")
 
@@ -87,7 +87,7 @@ def test_rejected_sbatch_reports_what_was_submitted_then_rerun_waits(tmp_path, f
     assert main([str(path), "--run-dir", str(run)]) == 0
     out = capsys.readouterr().out
     assert "0 done, 3 still queued" in out
-    recs = sub.read_jobs(run)
+    recs = rundir.read_jobs(run)
     assert [(r["stage"], r["job_id"], r["after"]) for r in recs[2:]] == [
         ("classify", "103", ["101", "102"]), ("aggregate", "104", ["101", "102", "103"])]
     assert "#SBATCH --dependency=afterany:101:102\n" in _script(fake_slurm, "103")
@@ -101,7 +101,7 @@ def test_only_one_stage_still_waits_for_queued_cells_it_needs(tmp_path, fake_slu
     assert main([str(path), "--run-dir", str(run)]) == 0  # 101 prepare, 102 generate, ...
     (fake_slurm / "queue").write_text("102_1|PENDING\n")  # one generate cell not finished
     assert main([str(path), "--run-dir", str(run), "--only", "classify", "--force"]) == 0
-    rec = sub.read_jobs(run)[-1]
+    rec = rundir.read_jobs(run)[-1]
     assert rec["stage"] == "classify" and rec["after"] == ["102"]
     assert "#SBATCH --dependency=afterany:102\n" in _script(fake_slurm, rec["job_id"])
 
@@ -111,11 +111,11 @@ def test_packed_cells_map_to_their_array_task(tmp_path, fake_slurm):
     path.write_text(SWEEP + "[resources.classify]\ncells_per_task = 4\n")
     run = tmp_path / "run"
     assert main([str(path), "--run-dir", str(run)]) == 0
-    rec = next(r for r in sub.read_jobs(run) if r["stage"] == "classify")
+    rec = next(r for r in rundir.read_jobs(run) if r["stage"] == "classify")
     assert rec["pack"] == 4 and len(rec["cells"]) == 6
     script = _script(fake_slurm, rec["job_id"])
     assert "#SBATCH --array=0-1%2" in script  # 6 cells, 4 per task -> 2 tasks
-    jobs = sub.cell_jobs(run)
+    jobs = rundir.cell_jobs(run)
     tasks = [jobs[("classify", c)] for c in rec["cells"]]
     assert tasks == [f"{rec['job_id']}_0"] * 4 + [f"{rec['job_id']}_1"] * 2
     # a packed cell that finished inside a still-running task shows done, its mates running
@@ -145,9 +145,9 @@ def test_local_executor_shows_the_gpus_a_stage_asked_for(tmp_path, monkeypatch):
     executor must pass the stage's GPUs on, or submitit hides them (CUDA_VISIBLE_DEVICES="")."""
     import submitit
 
-    from brainhpc.sweep import submit as sub
-    from brainhpc.sweep.cells import expand
-    from brainhpc.sweep.config import REPO, load_sweep
+    from brainhpc.sweep.config import load_sweep
+    from brainhpc.sweep.plan import expand
+    from brainhpc.sweep.resources import REPO
 
     seen = []
 
@@ -156,6 +156,9 @@ def test_local_executor_shows_the_gpus_a_stage_asked_for(tmp_path, monkeypatch):
 
         def result(self):
             return {}
+
+        def done(self):
+            return True
 
     class Local:
         def __init__(self, folder):
@@ -172,7 +175,7 @@ def test_local_executor_shows_the_gpus_a_stage_asked_for(tmp_path, monkeypatch):
     plan = expand(sweep, tmp_path / "run")
     cells = {s: plan[s][:1] for s in ("prepare", "generate")}
     cells.update({s: [] for s in plan if s not in cells})
-    sub.run_here("local", sweep, cells, tmp_path / "run", force=False)
+    local.run_here("local", sweep, cells, tmp_path / "run", force=False)
     assert [kw["gpus_per_node"] for kw in seen] == [0, 1]  # prepare on the CPU, generate a GPU
     assert sweep.device("generate") == "cuda" and sweep.device("prepare") == "cpu"
 
@@ -202,9 +205,9 @@ def test_local_cells_get_their_share_of_the_cores(tmp_path, monkeypatch):
 
     import submitit
 
-    from brainhpc.sweep import submit as sub
-    from brainhpc.sweep.cells import expand
-    from brainhpc.sweep.config import REPO, load_sweep
+    from brainhpc.sweep.config import load_sweep
+    from brainhpc.sweep.plan import expand
+    from brainhpc.sweep.resources import REPO
 
     seen = []
 
@@ -213,6 +216,9 @@ def test_local_cells_get_their_share_of_the_cores(tmp_path, monkeypatch):
 
         def result(self):
             return {}
+
+        def done(self):
+            return True
 
     class Local:
         def __init__(self, folder):
@@ -234,10 +240,10 @@ def test_local_cells_get_their_share_of_the_cores(tmp_path, monkeypatch):
     sweep = load_sweep(tmp_path / "s.toml")
     plan = expand(sweep, tmp_path / "run")
     cells = {s: plan[s][:2] if s == "generate" else [] for s in plan}
-    sub.run_here("local", sweep, cells, tmp_path / "run", force=False)
+    local.run_here("local", sweep, cells, tmp_path / "run", force=False)
     assert seen == ["4", "4"]  # two cells at once on 8 cores
     assert "OMP_NUM_THREADS" not in os.environ
     seen.clear()
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
-    sub.run_here("local", sweep, cells, tmp_path / "run", force=False)
+    local.run_here("local", sweep, cells, tmp_path / "run", force=False)
     assert seen == ["3", "3"]

@@ -6,8 +6,7 @@ import pytest
 import torch
 from sklearn.cluster import DBSCAN, KMeans
 
-from brainhpc.classify.metrics import classification_metrics
-from brainhpc.classify.techniques import (
+from brainhpc.anomaly.techniques import (
     TECHNIQUES,
     FittedTechnique,
     TechniqueConfig,
@@ -25,6 +24,7 @@ from brainhpc.classify.techniques import (
     two_means_1d,
 )
 from brainhpc.errors import BrainhpcError
+from brainhpc.metrics.classification import classification_metrics
 
 
 def blob_maps(n, size=32, seed=0, noise=0.03, tumour_share=0.5):
@@ -188,7 +188,7 @@ def dbscan_reference(maps, thr, eps, min_samples, use_error=False, error_scale=1
 @pytest.mark.parametrize("use_error", [False, True])
 @pytest.mark.parametrize("eps,min_samples", [(1.5, 3), (2.0, 5), (3.0, 8)])
 def test_dbscan_fast_path_equals_per_map_sklearn(monkeypatch, use_error, eps, min_samples):
-    import brainhpc.classify.techniques as tech
+    import brainhpc.anomaly.techniques as tech
 
     monkeypatch.setattr(tech, "DBSCAN_BATCH_POINTS", 150)  # force several maps per batch
     maps, _, _ = blob_maps(16, size=24, seed=7, noise=0.08)
@@ -200,7 +200,7 @@ def test_dbscan_fast_path_equals_per_map_sklearn(monkeypatch, use_error, eps, mi
 
 
 def test_dbscan_parallel_equals_serial(monkeypatch):
-    import brainhpc.classify.techniques as tech
+    import brainhpc.anomaly.techniques as tech
 
     monkeypatch.setattr(tech, "DBSCAN_BATCH_POINTS", 200)
     maps, _, _ = blob_maps(12, size=24, seed=2, noise=0.08)

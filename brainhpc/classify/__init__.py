@@ -1,3 +1,7 @@
-"""Classifiers of real, synthetic and mixed training data: BrainCNN and the BrainCVAE anomaly
-detector (models), its error-map techniques (techniques), training-data specs (data) and the
-metrics every cell reports (metrics)."""
+"""The classify stage: BrainCNN or the VAE anomaly detector trained on real, synthetic or mixed
+data, thresholds chosen on real validation, scored on real test (``cell``); the trainer's tasks
+(``tasks``) and the detector's report (``report``)."""
+
+from brainhpc.classify.cell import ClassifyConfig, classify
+
+__all__ = ["ClassifyConfig", "classify"]

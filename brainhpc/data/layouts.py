@@ -186,6 +186,77 @@ def _check_classes(counts: dict[str, int], where: dict[str, str], root: Path) ->
                                 f"{'/'.join(IMAGE_EXTENSIONS)} files)")
 
 
+def _by_labels(root: Path, labels, one_class: bool) -> Found:
+    """``--labels tumour=a,b healthy=c``: every image below the named folders."""
+    mapping = labels if isinstance(labels, dict) else parse_labels(labels, one_class)
+    found = Found("labels", [])
+    for name, folders in mapping.items():
+        n = 0
+        for rel in folders:
+            folder = root / rel
+            if not folder.is_dir():
+                raise BrainhpcError(f"--labels: {name} folder {folder} does not exist; "
+                                    f"{root} holds {_describe(root)}")
+            n += _collect(folder, root, LABELS[name], found, recursive=True)
+        _check_classes({name: n}, {name: ", ".join(folders)}, root)
+    return found
+
+
+def _br35h(root: Path, top: dict[str, Path]) -> Found:
+    found = Found("br35h", [])
+    for key, name in BR35H.items():
+        n = _collect(top[key], root, LABELS[name], found, recursive=False)
+        _check_classes({key: n}, {key: str(top[key])}, root)
+    for key in BR35H_IGNORED:
+        if key in top:
+            found.notices.append(f"{top[key].name}/ holds unlabelled images: ignored")
+    return found
+
+
+def _four_class(root: Path, parents: list[Path]) -> Found:
+    found = Found("brain-tumor-mri", [])
+    counts = dict.fromkeys(LABELS, 0)
+    where = {name: f"the {'/'.join(k for k, v in FOUR_CLASS.items() if v == name)} folders"
+             for name in LABELS}
+    for parent in parents:
+        classes = _subdirs(parent)
+        unknown = sorted(set(classes) - set(FOUR_CLASS))
+        if unknown:
+            found.notices.append(f"{parent}: unknown class folder(s) ignored: "
+                                 f"{', '.join(unknown)}")
+        for key, name in FOUR_CLASS.items():
+            if key in classes:
+                counts[name] += _collect(classes[key], root, LABELS[name], found, False)
+    _check_classes(counts, where, root)
+    return found
+
+
+def _lgg(root: Path, cases: list[Path]) -> Found:
+    found = Found("lgg", [])
+    for case in cases:
+        _collect(case, root, None, found, recursive=False, patient=patient_of(case.name))
+    if not found.files:
+        raise BrainhpcError(f"{root}: case folders hold masks but no images")
+    return found
+
+
+def _layout(root: Path) -> Found:
+    """The first layout that fits ``root`` (see the module docstring), or a clear error."""
+    top = _subdirs(root)
+    if "yes" in top and "no" in top:
+        return _br35h(root, top)
+    parents = [top[s] for s in FOUR_CLASS_SPLITS if s in top]
+    if not parents and any(k in FOUR_CLASS for k in top):
+        parents = [root]
+    if parents:
+        return _four_class(root, parents)
+    cases = _case_folders(root)
+    if cases:
+        return _lgg(root, cases)
+    raise BrainhpcError(f"cannot recognise the layout of {root}: it holds {_describe(root)}. "
+                        f"Supported: {SUPPORTED}")
+
+
 def discover(data: str | os.PathLike, labels: str | list[str] | dict | None = None,
              one_class: bool = False) -> Found:
     """List the labelled images under ``data``; raise a BrainhpcError that says what was found.
@@ -198,64 +269,6 @@ def discover(data: str | os.PathLike, labels: str | list[str] | dict | None = No
                             f"class folders; in a container, mount it, e.g. -v /host/data:/data)")
     if not root.is_dir():
         raise BrainhpcError(f"data path {root} is not a folder")
-
-    if labels:
-        mapping = labels if isinstance(labels, dict) else parse_labels(labels, one_class)
-        found = Found("labels", [])
-        for name, folders in mapping.items():
-            n = 0
-            for rel in folders:
-                folder = root / rel
-                if not folder.is_dir():
-                    raise BrainhpcError(f"--labels: {name} folder {folder} does not exist; "
-                                        f"{root} holds {_describe(root)}")
-                n += _collect(folder, root, LABELS[name], found, recursive=True)
-            _check_classes({name: n}, {name: ", ".join(folders)}, root)
-        found.files.sort()
-        return found
-
-    top = _subdirs(root)
-    if "yes" in top and "no" in top:
-        found = Found("br35h", [])
-        for key, name in BR35H.items():
-            n = _collect(top[key], root, LABELS[name], found, recursive=False)
-            _check_classes({key: n}, {key: str(top[key])}, root)
-        for key in BR35H_IGNORED:
-            if key in top:
-                found.notices.append(f"{top[key].name}/ holds unlabelled images: ignored")
-        found.files.sort()
-        return found
-
-    parents = [top[s] for s in FOUR_CLASS_SPLITS if s in top]
-    if not parents and any(k in FOUR_CLASS for k in top):
-        parents = [root]
-    if parents:
-        found = Found("brain-tumor-mri", [])
-        counts = dict.fromkeys(LABELS, 0)
-        where = {name: f"the {'/'.join(k for k, v in FOUR_CLASS.items() if v == name)} folders"
-                 for name in LABELS}
-        for parent in parents:
-            classes = _subdirs(parent)
-            unknown = sorted(set(classes) - set(FOUR_CLASS))
-            if unknown:
-                found.notices.append(f"{parent}: unknown class folder(s) ignored: "
-                                     f"{', '.join(unknown)}")
-            for key, name in FOUR_CLASS.items():
-                if key in classes:
-                    counts[name] += _collect(classes[key], root, LABELS[name], found, False)
-        _check_classes(counts, where, root)
-        found.files.sort()
-        return found
-
-    cases = _case_folders(root)
-    if cases:
-        found = Found("lgg", [])
-        for case in cases:
-            _collect(case, root, None, found, recursive=False, patient=patient_of(case.name))
-        if not found.files:
-            raise BrainhpcError(f"{root}: case folders hold masks but no images")
-        found.files.sort()
-        return found
-
-    raise BrainhpcError(f"cannot recognise the layout of {root}: it holds {_describe(root)}. "
-                        f"Supported: {SUPPORTED}")
+    found = _by_labels(root, labels, one_class) if labels else _layout(root)
+    found.files.sort()
+    return found

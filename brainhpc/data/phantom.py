@@ -174,15 +174,28 @@ def _overlays(rng, img: np.ndarray, level: int) -> None:
             cv2.line(img, (x, y0 + k), (x + 4, y0 + k), level, 1)
 
 
-def make_one(rng: np.random.Generator, index: int, tumour: bool,
-             lesions: str = "standard") -> Phantom:
-    """One slice from ``rng`` (the caller seeds it); ``index`` only names it."""
-    side = rng.integers(CANVAS[0], CANVAS[1] + 1, 2)
-    h, w = (int(side[0]), int(side[0])) if rng.random() < 0.3 else (int(side[0]), int(side[1]))
-    contrast = str(rng.choice(list(CONTRASTS)))
-    tissue = _jitter(rng, CONTRASTS[contrast])
+@dataclass
+class _Head:
+    """The head ellipse on the canvas: centre, semi-axes a (left-right) < b (front-back),
+    rotation (cos, sin), and every pixel's elliptic radius ``r`` (1 on the outline)."""
 
-    # Head ellipse: semi-axes a (left-right) < b (front-back), rotated, placed off-centre.
+    h: int
+    w: int
+    cx: float
+    cy: float
+    a: float
+    b: float
+    ca: float
+    sa: float
+    r: np.ndarray
+
+    def to_px(self, u, v):  # head coordinates (floats or arrays) -> canvas pixels
+        return (self.cx + u * self.a * self.ca - v * self.b * self.sa,
+                self.cy + u * self.a * self.sa + v * self.b * self.ca)
+
+
+def _head(rng: np.random.Generator, h: int, w: int) -> _Head:
+    """A rotated head ellipse placed off-centre, with a margin for the outline's lumps."""
     fill = rng.uniform(0.62, 0.9)
     b = 0.5 * fill * min(h, w / rng.uniform(0.72, 0.92))
     a = b * rng.uniform(0.72, 0.92)
@@ -200,11 +213,13 @@ def make_one(rng: np.random.Generator, index: int, tumour: bool,
     dx, dy = (xx - cx).astype(np.float32), (yy - cy).astype(np.float32)
     U = (dx * ca + dy * sa) / a
     V = (-dx * sa + dy * ca) / b
+    return _Head(h, w, cx, cy, a, b, ca, sa, np.sqrt(U * U + V * V))
 
-    def to_px(u, v):  # head coordinates (floats or arrays) -> canvas pixels
-        return cx + u * a * ca - v * b * sa, cy + u * a * sa + v * b * ca
 
-    r = np.sqrt(U * U + V * V)
+def _anatomy(rng: np.random.Generator, head: _Head, tissue: dict):
+    """Scalp, bone (with marrow), CSF, grey and white matter with sulci; (image, brain mask,
+    sulci mask, brain radius)."""
+    h, w, r = head.h, head.w, head.r
     lumps = smooth_noise(rng, h, w, 5)  # the skull follows the brain's outline
     r_out = r * (1.0 + 0.015 * lumps)
     r_in = r * (1.0 + 0.03 * lumps)
@@ -227,16 +242,20 @@ def make_one(rng: np.random.Generator, index: int, tumour: bool,
     img[sulci] = tissue["csf"]
     wm = brain & (r_wm < wm_r)
     img = np.where(wm, tissue["wm"] * tex, img)
+    return img, brain, sulci, brain_r
 
-    # Deep grey nuclei, ventricles and the interhemispheric fissure (slice level varies), drawn
-    # as polygons in head coordinates: much cheaper than full-canvas implicit shapes.
+
+def _deep(rng: np.random.Generator, img: np.ndarray, head: _Head, tissue: dict,
+          brain_r: float) -> None:
+    """Deep grey nuclei, ventricles and the interhemispheric fissure (slice level varies), drawn
+    as polygons in head coordinates: much cheaper than full-canvas implicit shapes."""
     def poly(us: np.ndarray, vs: np.ndarray) -> list[np.ndarray]:
-        return [np.stack(to_px(us, vs), -1).round().astype(np.int32)]
+        return [np.stack(head.to_px(us, vs), -1).round().astype(np.int32)]
 
     t = np.linspace(0, 2 * np.pi, 24, endpoint=False)
     vent_scale = rng.uniform(0.5, 1.6) if rng.random() < 0.85 else 0.0
     if vent_scale > 0 and rng.random() < 0.6:
-        nuclei = np.zeros((h, w), np.uint8)
+        nuclei = np.zeros((head.h, head.w), np.uint8)
         for s in (-1.0, 1.0):
             cv2.fillPoly(nuclei, poly(s * 0.22 + 0.1 * np.cos(t), 0.12 + 0.13 * np.sin(t)), 1)
         img[nuclei > 0] = 0.5 * img[nuclei > 0] + 0.5 * tissue["gm"]
@@ -252,20 +271,13 @@ def make_one(rng: np.random.Generator, index: int, tumour: bool,
             cv2.fillPoly(img, poly(us, np.concatenate([vs, vs[::-1]])), csf, cv2.LINE_AA)
     thick = 1 + int(rng.random() < 0.5)
     for v0, v1 in ((0.38, 0.85), (-0.38, -0.85)):
-        (x0, y0), (x1, y1) = to_px(0.0, v0), to_px(0.0, v1 * brain_r)
+        (x0, y0), (x1, y1) = head.to_px(0.0, v0), head.to_px(0.0, v1 * brain_r)
         cv2.line(img, (int(x0), int(y0)), (int(x1), int(y1)), csf, thick, cv2.LINE_AA)
 
-    _benign(rng, img, to_px, tissue)
-    mask = np.zeros((h, w), np.uint8)
-    # Lesions draw from their own generator, so the rest of the slice is the same whether or
-    # not it has a tumour (healthy/tumour twins differ only around the lesions).
-    lesion_rng = np.random.default_rng(rng.integers(2**63))
-    mask = np.zeros((h, w), np.uint8)
-    if tumour:
-        parench = brain & ~sulci & (img != csf)
-        _lesions(lesion_rng, img, mask, brain, parench, to_px, a, tissue, contrast,
-                 LESIONS[lesions])
 
+def _acquire(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
+    """What the scanner adds: partial volume, bias field, background, Rician noise, overlays."""
+    h, w = img.shape
     img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.6, 1.2))  # partial volume
     img *= 1.0 + rng.uniform(0.1, 0.3) * smooth_noise(rng, h, w, rng.uniform(1.5, 3)).clip(-2, 2)
     img *= rng.uniform(150, 250)
@@ -281,9 +293,31 @@ def make_one(rng: np.random.Generator, index: int, tumour: bool,
     img = np.sqrt((img + n1) ** 2 + n2 ** 2)
     image = np.clip(img, 0, 255).astype(np.uint8)
     _overlays(rng, image, int(rng.integers(180, 256)))
-    label = int(tumour)
+    return image
+
+
+def make_one(rng: np.random.Generator, index: int, tumour: bool,
+             lesions: str = "standard") -> Phantom:
+    """One slice from ``rng`` (the caller seeds it); ``index`` only names it."""
+    side = rng.integers(CANVAS[0], CANVAS[1] + 1, 2)
+    h, w = (int(side[0]), int(side[0])) if rng.random() < 0.3 else (int(side[0]), int(side[1]))
+    contrast = str(rng.choice(list(CONTRASTS)))
+    tissue = _jitter(rng, CONTRASTS[contrast])
+    head = _head(rng, h, w)
+    img, brain, sulci, brain_r = _anatomy(rng, head, tissue)
+    _deep(rng, img, head, tissue, brain_r)
+    _benign(rng, img, head.to_px, tissue)
+    # Lesions draw from their own generator, so the rest of the slice is the same whether or
+    # not it has a tumour (healthy/tumour twins differ only around the lesions).
+    lesion_rng = np.random.default_rng(rng.integers(2**63))
+    mask = np.zeros((h, w), np.uint8)
+    if tumour:
+        parench = brain & ~sulci & (img != float(tissue["csf"]))
+        _lesions(lesion_rng, img, mask, brain, parench, head.to_px, head.a, tissue, contrast,
+                 LESIONS[lesions])
+    image = _acquire(rng, img)
     name = f"phantom-{index:06d}-{'tumour' if tumour else 'healthy'}.png"
-    return Phantom(image, label, mask, name, contrast)
+    return Phantom(image, int(tumour), mask, name, contrast)
 
 
 def generate(n: int, seed: int = 0, tumour_fraction: float = 0.5,

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 SHARD_FORMAT = 1
 SPLITS = ("train", "val", "test")
+EVAL_SPLITS = (*SPLITS, "all")  # what evaluation may score: one split, or all three
 LABELS = {"healthy": 0, "tumour": 1}
 LABEL_NAMES = {v: k for k, v in LABELS.items()}
 DEFAULT_SHARD_SIZE = 4096

@@ -27,7 +27,7 @@ ARCHS = {"vae": "vae", "dcgan": "dcgan", "wgan-gp": "wgan_gp", "ddpm": "ddpm"}
 FIXED = ("size", "image_channels")  # config fields set from the data, not by options
 
 
-def check_size(size: int, arch: str) -> int:
+def check_generator_size(size: int, arch: str) -> int:
     if not isinstance(size, int) or size < 32 or size & (size - 1):
         raise BrainhpcError(f"{arch}: image size {size!r} is not supported; expected a power of "
                             "two >= 32 (32, 64, 128, 256)")

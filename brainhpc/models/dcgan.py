@@ -33,9 +33,9 @@ from torch import nn
 
 from brainhpc.errors import BrainhpcError
 from brainhpc.models import (
+    check_generator_size,
     check_image_channels,
     check_positive,
-    check_size,
     random_hflip,
     to_signed,
 )
@@ -60,7 +60,7 @@ class Config:
     hflip: bool = True
 
     def __post_init__(self):
-        check_size(self.size, type(self).__module__.rsplit(".", 1)[-1])
+        check_generator_size(self.size, type(self).__module__.rsplit(".", 1)[-1])
         check_image_channels(self)
         check_positive(self, "latent", "g_channels", "min_channels", "d_channels", "lr",
                        "batch_size", "epochs")

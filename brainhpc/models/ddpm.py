@@ -16,7 +16,7 @@
   noised and denoised jointly with the image (one U-Net in and out, one noise MSE).
 
 Diffusion models memorise small training sets (Akbar et al.): run the memorisation check in
-``brainhpc.quality`` on every DDPM you share.
+``brainhpc.metrics.realism`` on every DDPM you share.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from torch import nn
 
 from brainhpc.errors import BrainhpcError
 from brainhpc.models import (
+    check_generator_size,
     check_image_channels,
     check_positive,
-    check_size,
     random_hflip,
     to_signed,
 )
@@ -59,7 +59,7 @@ class Config:
     hflip: bool = True
 
     def __post_init__(self):
-        check_size(self.size, "ddpm")
+        check_generator_size(self.size, "ddpm")
         check_image_channels(self)
         check_positive(self, "channels", "res_blocks", "timesteps", "sample_steps", "lr",
                        "batch_size", "epochs")

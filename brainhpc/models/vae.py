@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from brainhpc.models import (
+    check_generator_size,
     check_image_channels,
     check_positive,
-    check_size,
     random_hflip,
     to_unit,
 )
@@ -42,7 +42,7 @@ class Config:
     hflip: bool = True
 
     def __post_init__(self):
-        check_size(self.size, "vae")
+        check_generator_size(self.size, "vae")
         check_image_channels(self)
         check_positive(self, "latent", "base", "max_channels", "kl_weight", "lr", "batch_size",
                        "epochs")

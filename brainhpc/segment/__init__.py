@@ -1,2 +1,6 @@
-"""Tumour segmentation: the ``segment`` cell (``run``), its image+mask training data (``data``)
-and its metrics (``metrics``: Dice per slice and per patient, HD95, slice detection)."""
+"""The segment stage: a MONAI U-Net trained on real, synthetic or mixed image+mask pairs, its
+rule chosen on real validation, scored on real test patients (``cell``)."""
+
+from brainhpc.segment.cell import SegmentConfig, segment
+
+__all__ = ["SegmentConfig", "segment"]

@@ -28,9 +28,11 @@ import csv
 import io
 import json
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
-from brainhpc.classify.data import parse_train_spec
+from brainhpc.data.training import parse_train_spec
 from brainhpc.errors import BrainhpcError
 from brainhpc.fsio import atomic_path, write_text
 
@@ -115,6 +117,12 @@ def _precision(value) -> str | None:
     return value.get("name") if isinstance(value, dict) else value
 
 
+def _train_precision(m: dict) -> str | None:
+    """The precision a model trained in (``precision`` in cells from before ``train_precision``,
+    where it overwrote the test block's PPV)."""
+    return _precision(m.get("train_precision", m.get("precision")))
+
+
 def _spec_cols(train_data: str) -> dict:
     spec = parse_train_spec(train_data)
     return {"train_data": str(spec), "kind": spec.kind, "generator": spec.generator or "",
@@ -142,56 +150,63 @@ def _external_cols(name: str, block: dict | None, overlap: dict | None) -> dict:
         ("dropped", (overlap or {}).get("dropped")))}
 
 
+def _vae_rows(base: dict, common: dict, p: dict, m: dict, done: bool,
+              external: list) -> list[dict]:
+    """One row per technique of a VAE cell, and its intensity-threshold baseline row."""
+    rows = []
+    for tech in p.get("techniques") or ([p["technique"]] if p.get("technique") else []):
+        row = {**base, "technique": tech, **common}
+        block = ((m.get("techniques") or {}).get(tech) or {}) if done else {}
+        if block:
+            loc = block.get("localisation") or {}
+            row.update(_metrics(block.get("test", {})), n_test=block["test"].get("n"),
+                       dice=loc.get("dice_mean"),
+                       pixel_auprc=(m.get("localisation") or {}).get("pixel_auprc"))
+            for name, ev in external:
+                row.update(_external_cols(name, (ev.get("techniques") or {}).get(tech),
+                                          ev.get("overlap")))
+        rows.append(row)
+    intensity = ((m.get("baselines") or {}).get(BASELINE_INTENSITY.replace(" ", "_"))
+                 if done else None)
+    if intensity:
+        loc = intensity.get("localisation") or {}
+        rows.append({**base, "technique": BASELINE_INTENSITY, **common,
+                     **_metrics(intensity["test"]), "n_test": intensity["test"].get("n"),
+                     "pixel_auprc": loc.get("pixel_auprc"), "dice": loc.get("best_dice_mean")})
+    return rows
+
+
+def _classify_cell_rows(run_dir: Path, plan: dict, c: dict) -> list[dict]:
+    """The rows of one classify cell: the CNN's, or each technique's and the baseline's."""
+    folder = run_dir / "classify" / c["id"]
+    p = c["params"]
+    base = {"dataset": _dataset(c), "cell": c["id"], **_outcome(folder), "model": p["model"],
+            **_spec_cols(p["train_data"]), "seed": p.get("seed", 0)}
+    m = _json(folder / "metrics.json")
+    done = base["status"] == "done" and m.get("status") == "done"
+    if base["status"] == "done" and not done:
+        base.update(status="failed", error=f"{folder / 'metrics.json'} missing or unfinished")
+    common = {} if not done else dict(
+        n_train=(m.get("n_train") or {}).get("total"), epochs=m.get("epochs"),
+        steps=m.get("steps"), wall_seconds=m.get("wall_seconds"), device=m.get("device"),
+        precision_mode=_train_precision(m), world_size=m.get("world_size"),
+        code_version=m.get("brainhpc"), config_hash=m.get("config_hash"))
+    external = _external(run_dir, plan, "classify", c) if done else []
+    if p["model"] != "cnn":
+        return _vae_rows(base, common, p, m, done, external)
+    row = {**base, "technique": "", **common}
+    if done:
+        row.update(_metrics(m), n_test=m.get("n"))
+        for name, ev in external:
+            row.update(_external_cols(name, ev, ev.get("overlap")))
+    return [row]
+
+
 def classify_rows(run_dir: Path, plan: dict) -> list[dict]:
     """One row per classifier result (see the module docstring), plus the image-statistics
     baseline row of every dataset."""
-    rows, datasets = [], []
-    for c in plan.get("classify", []):
-        folder = run_dir / "classify" / c["id"]
-        p, ds = c["params"], _dataset(c)
-        if ds not in datasets:
-            datasets.append(ds)
-        base = {"dataset": ds, "cell": c["id"], **_outcome(folder), "model": p["model"],
-                **_spec_cols(p["train_data"]), "seed": p.get("seed", 0)}
-        m = _json(folder / "metrics.json")
-        done = base["status"] == "done" and m.get("status") == "done"
-        if base["status"] == "done" and not done:
-            base.update(status="failed", error=f"{folder / 'metrics.json'} missing or unfinished")
-        common = {} if not done else dict(
-            n_train=(m.get("n_train") or {}).get("total"), epochs=m.get("epochs"),
-            steps=m.get("steps"), wall_seconds=m.get("wall_seconds"), device=m.get("device"),
-            precision_mode=_precision(m.get("precision")), world_size=m.get("world_size"),
-            code_version=m.get("brainhpc"), config_hash=m.get("config_hash"))
-        external = _external(run_dir, plan, "classify", c) if done else []
-        if p["model"] == "cnn":
-            row = {**base, "technique": "", **common}
-            if done:
-                row.update(_metrics(m), n_test=m.get("n"))
-                for name, ev in external:
-                    row.update(_external_cols(name, ev, ev.get("overlap")))
-            rows.append(row)
-            continue
-        techniques = p.get("techniques") or ([p["technique"]] if p.get("technique") else [])
-        for tech in techniques:
-            row = {**base, "technique": tech, **common}
-            block = ((m.get("techniques") or {}).get(tech) or {}) if done else {}
-            if block:
-                loc = block.get("localisation") or {}
-                row.update(_metrics(block.get("test", {})), n_test=block["test"].get("n"),
-                           dice=loc.get("dice_mean"),
-                           pixel_auprc=(m.get("localisation") or {}).get("pixel_auprc"))
-                for name, ev in external:
-                    row.update(_external_cols(name, (ev.get("techniques") or {}).get(tech),
-                                              ev.get("overlap")))
-            rows.append(row)
-        intensity = ((m.get("baselines") or {}).get(BASELINE_INTENSITY.replace(" ", "_"))
-                     if done else None)
-        if intensity:
-            loc = intensity.get("localisation") or {}
-            rows.append({**base, "technique": BASELINE_INTENSITY, **common,
-                         **_metrics(intensity["test"]), "n_test": intensity["test"].get("n"),
-                         "pixel_auprc": loc.get("pixel_auprc"),
-                         "dice": loc.get("best_dice_mean")})
+    rows = [r for c in plan.get("classify", []) for r in _classify_cell_rows(run_dir, plan, c)]
+    datasets = list(dict.fromkeys(_dataset(c) for c in plan.get("classify", [])))
     for ds in datasets:
         stats = (_manifest(run_dir, ds).get("confound") or {}).get("test")
         if stats:
@@ -231,7 +246,7 @@ def segment_rows(run_dir: Path, plan: dict) -> list[dict]:
                        n_test_patients=t.get("n_patients"),
                        n_train=(m.get("n_train") or {}).get("total"), epochs=m.get("epochs"),
                        steps=m.get("steps"), wall_seconds=m.get("wall_seconds"),
-                       device=m.get("device"), precision_mode=_precision(m.get("precision")),
+                       device=m.get("device"), precision_mode=_train_precision(m),
                        code_version=m.get("brainhpc"))
             for name, ev in _external(run_dir, plan, "segment", c):
                 et = ev.get("test", ev)
@@ -258,7 +273,7 @@ def generator_rows(run_dir: Path, plan: dict) -> list[dict]:
             row.update({k: card.get(k) for k in ("epochs", "n_train", "n_samples",
                                                  "train_seconds", "wall_seconds")})
             row.update(steps=card.get("steps"), code_version=card.get("brainhpc"),
-                       precision_mode=_precision(card.get("precision")),
+                       precision_mode=_train_precision(card),
                        near_copy_share=mem.get("near_copy_share"),
                        nn_corr_median=mem.get("nn_corr_median"),
                        **{k: q.get(k) for k in ("fid", "kid", "kid_std",
@@ -563,7 +578,7 @@ def provenance(run_dir: Path) -> dict:
     import subprocess
 
     from brainhpc import __version__
-    from brainhpc.sweep.config import REPO
+    from brainhpc.sweep.resources import REPO
 
     sweep = _json(run_dir / "sweep.json")
     commit = dirty = None
@@ -661,6 +676,20 @@ def collect_figures(run_dir: Path, plan: dict, out: Path) -> list[str]:
                     write_bytes(out / rel, src.read_bytes())
                     made.append(rel)
     return made
+
+
+@dataclass
+class AggregateConfig:
+    """The aggregate cell of a sweep run (``brainhpc.stages``): ``RUN_DIR/results`` from the
+    run's cells; ``name`` is the sweep's (it heads the tables)."""
+
+    stage: ClassVar[str] = "aggregate"
+    run_dir: Path
+    name: str = ""
+
+
+def aggregate_cell(cfg: AggregateConfig) -> dict:
+    return aggregate(cfg.run_dir)
 
 
 def aggregate(run_dir: str | Path) -> dict:

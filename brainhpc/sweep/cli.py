@@ -9,27 +9,35 @@
 
 With SLURM it needs a site profile (``--profile`` or ``profile =`` in the file), checks it
 against the cluster (``sinfo``) and the container against this host, then returns right after
-submitting and prints the job ids and what to run next. ``--dry-run`` prints the sbatch scripts
-and, where a SLURM client is installed, the result of the cluster check.
+submitting and prints the job ids and what to run next. ``--dry-run`` prints the cells, their
+resources and the sbatch script of each stage and, where a SLURM client is installed, the result
+of the cluster check. ``--executor local`` runs the cells here, with a live status table.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
 
+from brainhpc import stages
 from brainhpc.errors import BrainhpcError
 from brainhpc.fsio import write_json
-from brainhpc.sweep import submit as sub
+from brainhpc.sweep import slurm
 from brainhpc.sweep.aggregate import aggregate, report
-from brainhpc.sweep.cells import expand, read_marker
-from brainhpc.sweep.config import PROFILES, STAGE_TABLE, STAGES, load_sweep
+from brainhpc.sweep.config import load_sweep
+from brainhpc.sweep.local import run_here
+from brainhpc.sweep.plan import expand
+from brainhpc.sweep.resources import PROFILES
+from brainhpc.sweep.rundir import claim_run_dir, todo
+from brainhpc.sweep.runner import read_marker
 from brainhpc.sweep.status import cell_states, table
 
 DEFAULT_JOBS = "jobs/smoke.toml"
+EXECUTORS = ("slurm", "local", "debug")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "'report'")
     p.add_argument("target", nargs="?",
                    help="RUN_DIR after 'status' or 'aggregate'; a results folder after 'report'")
-    p.add_argument("--executor", choices=sub.EXECUTORS, default="slurm")
+    p.add_argument("--executor", choices=EXECUTORS, default="slurm")
     p.add_argument("--profile", help="site profile name (slurm/profiles/) or .toml path")
     p.add_argument("--partition", help="partition of the GPU stages (and of the CPU stages "
                    "when the profile has no cpu_partition)")
@@ -49,7 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "overrides [data.NAME] (repeat it for several datasets)")
     p.add_argument("--run-dir", type=Path,
                    help="default: the sweep file's run_dir, else runs/<sweep name>")
-    p.add_argument("--only", choices=STAGES, help="this stage's cells only (they still wait "
+    p.add_argument("--only", choices=stages.NAMES, help="this stage's cells only (they still wait "
                    "for queued cells of the stages they need)")
     p.add_argument("--dry-run", action="store_true",
                    help="print cells, resources and sbatch scripts; submit nothing")
@@ -64,63 +72,70 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
+def _run_dir_command(args) -> int:
+    """``report RESULTS``, ``aggregate RUN_DIR``, ``status RUN_DIR``."""
     if args.jobs_file == "report":
         if args.target is None:
             raise BrainhpcError("report needs a results folder: python -m brainhpc.sweep report "
                                 "RUN_DIR/results")
         print(report(args.target), end="")
         return 0
-    if args.jobs_file in ("status", "aggregate"):
-        run_dir = args.target or args.run_dir
-        if run_dir is None:
-            raise BrainhpcError(f"{args.jobs_file} needs a run directory: "
-                                f"python -m brainhpc.sweep {args.jobs_file} RUN_DIR")
-        if args.jobs_file == "aggregate":
-            res = aggregate(run_dir)
-            print(f"{Path(run_dir) / 'results'}: {res['rows']} classify rows, "
-                  f"{res['segment_rows']} segment rows, {res['generators']} generator rows, "
-                  f"failed: {res['failed'] or 'none'}")
-            return 0
-        rows = cell_states(Path(run_dir))
-        print(table(rows))
-        return 1 if any(r["state"] in ("failed", "lost") for r in rows) else 0
-    t0 = time.monotonic()
-    sweep = load_sweep(args.jobs_file, data=args.data, partition=args.partition,
-                       profile=args.profile, cpu_partition=args.cpu_partition)
-    run_dir = (args.run_dir or sweep.run_dir or Path("runs") / sweep.name).resolve()
-    plan = expand(sweep, run_dir)
-    stages = [args.only] if args.only else list(STAGES)
-    slurm = args.executor == "slurm"
-    if slurm and not sweep.profile:
-        have = ", ".join(sorted(p.stem for p in PROFILES.glob("*.toml")))
-        raise BrainhpcError(f"{args.jobs_file}: --executor slurm needs a site profile: pass "
-                            f"--profile NAME or set profile = \"NAME\" in the file (profiles in "
-                            f"{PROFILES}: {have}; copy gpu-cluster.toml for a GPU site)")
-    if args.dry_run:
-        print(dry_run(sweep, plan, run_dir, stages))
-        if slurm:
-            if sub.shutil.which("sbatch") is None:
-                print("\nnot checked against a cluster: no SLURM client here")
-            else:
-                info = sub.cluster_info()
-                sub.check_cluster(sweep, [s for s in stages if plan[s]], info)
-                print(f"\nchecked against cluster {info['cluster']} (sinfo): partitions, time "
-                      "limits and GPUs fit")
+    run_dir = args.target or args.run_dir
+    if run_dir is None:
+        raise BrainhpcError(f"{args.jobs_file} needs a run directory: "
+                            f"python -m brainhpc.sweep {args.jobs_file} RUN_DIR")
+    if args.jobs_file == "aggregate":
+        res = aggregate(run_dir)
+        print(f"{Path(run_dir) / 'results'}: {res['rows']} classify rows, "
+              f"{res['segment_rows']} segment rows, {res['generators']} generator rows, "
+              f"failed: {res['failed'] or 'none'}")
         return 0
-    info = None
-    if slurm:
-        info = sub.cluster_info()
-        sub.check_cluster(sweep, [s for s in stages if plan[s]], info)
-    sub.claim_run_dir(sweep, run_dir, args.force)
-    if slurm and sweep.container:
-        found = sub.image_versions(sweep, run_dir)
+    rows = cell_states(Path(run_dir))
+    print(table(rows))
+    return 1 if any(r["state"] in ("failed", "lost") for r in rows) else 0
+
+
+def _check_slurm(sweep, plan, selected: list[str], dry: bool) -> dict | None:
+    """The cluster's facts, the sweep checked against them (None: no SLURM client, dry run)."""
+    if dry and shutil.which("sbatch") is None:
+        print("\nnot checked against a cluster: no SLURM client here")
+        return None
+    info = slurm.cluster_info()
+    slurm.check_cluster(sweep, [s for s in selected if plan[s]], info)
+    if dry:
+        print(f"\nchecked against cluster {info['cluster']} (sinfo): partitions, time "
+              "limits and GPUs fit")
+    return info
+
+
+def _print_submitted(sweep, records: list[dict], n: int, note: str, info: dict,
+                     run_dir: Path, took: float) -> None:
+    print(f"submitted {n} cells of sweep {sweep.name} to SLURM cluster {info['cluster']} "
+          f"in {took:.1f} s ({note}; MaxArraySize {info['max_array_size']}):")
+    for r in records:
+        after = f" after {','.join(r['after'])} (afterany)" if r["after"] else ""
+        pack = f", {r['pack']} per task" if r.get("pack") else ""
+        print(f"  {r['stage']:<10} {len(r['cells']):>4} cells{pack}  job {r['job_id']}{after}")
+    print("next:")
+    print(f"  python -m brainhpc.sweep status {run_dir}")
+    print(f"  squeue -j {','.join(r['job_id'] for r in records)}")
+    print(f"  logs: {run_dir / 'logs'}/<stage>/; results: {run_dir / 'results'}/table.md "
+          f"(after job {records[-1]['job_id']})")
+
+
+def _execute(args, sweep, plan, run_dir: Path, selected: list[str], info: dict | None,
+             t0: float) -> int:
+    """Submit (SLURM) or run here (local, debug) what is not done yet."""
+    is_slurm = args.executor == "slurm"
+    claim_run_dir(sweep, run_dir, args.force)
+    if is_slurm and sweep.container:
+        found = slurm.image_versions(sweep, run_dir)
         print(f"container: brainhpc {found['brainhpc']}, submitit {found['submitit']} (as here), "
               f"torch {found.get('torch')} (CUDA build {found.get('cuda')})")
     write_json(run_dir / "plan.json", {s: [{"id": c.id, "params": c.params} for c in plan[s]]
-                                       for s in STAGES})
-    queued = sub.queue_states() if slurm else {}
-    cells, skipped, waiting = sub.todo(plan, run_dir, stages, args.force, queued)
+                                       for s in stages.NAMES})
+    queued = slurm.queue_states() if is_slurm else {}
+    cells, skipped, waiting = todo(plan, run_dir, selected, args.force, queued)
     n = sum(len(v) for v in cells.values())
     note = f"{len(skipped['done'])} done, {len(skipped['queued'])} still queued"
     if n == 0:
@@ -128,28 +143,41 @@ def run(args) -> int:
         for q in skipped["queued"]:
             print(f"  queued: {q}")
         return 0
-    if slurm:
-        records = sub.submit_slurm(sweep, cells, run_dir, args.force, info, waiting)
-        took = time.monotonic() - t0
-        print(f"submitted {n} cells of sweep {sweep.name} to SLURM cluster {info['cluster']} "
-              f"in {took:.1f} s ({note}; MaxArraySize {info['max_array_size']}):")
-        for r in records:
-            after = f" after {','.join(r['after'])} (afterany)" if r["after"] else ""
-            pack = f", {r['pack']} per task" if r.get("pack") else ""
-            print(f"  {r['stage']:<10} {len(r['cells']):>4} cells{pack}  job {r['job_id']}{after}")
-        ids = ",".join(r["job_id"] for r in records)
-        print("next:")
-        print(f"  python -m brainhpc.sweep status {run_dir}")
-        print(f"  squeue -j {ids}")
-        print(f"  logs: {run_dir / 'logs'}/<stage>/; results: {run_dir / 'results'}/table.md "
-              f"(after job {records[-1]['job_id']})")
+    if is_slurm:
+        records = slurm.submit_slurm(sweep, cells, run_dir, args.force, info, waiting)
+        _print_submitted(sweep, records, n, note, info, run_dir, time.monotonic() - t0)
         return 0
-    sub.run_here(args.executor, sweep, cells, run_dir, args.force)
+    print(f"{args.executor} run of {n} cells in {run_dir} ({note}):", flush=True)
+    run_here(args.executor, sweep, cells, run_dir, args.force)
     rows = cell_states(run_dir, queued={})
     print(table(rows))
     print(f"{args.executor} run of {n} cells took {time.monotonic() - t0:.1f} s; results in "
           f"{run_dir / 'results'}")
     return 1 if any(r["state"] == "failed" for r in rows) else 0
+
+
+def run(args) -> int:
+    if args.jobs_file in ("report", "status", "aggregate"):
+        return _run_dir_command(args)
+    t0 = time.monotonic()
+    sweep = load_sweep(args.jobs_file, data=args.data, partition=args.partition,
+                       profile=args.profile, cpu_partition=args.cpu_partition)
+    run_dir = (args.run_dir or sweep.run_dir or Path("runs") / sweep.name).resolve()
+    plan = expand(sweep, run_dir)
+    selected = [args.only] if args.only else list(stages.NAMES)
+    is_slurm = args.executor == "slurm"
+    if is_slurm and not sweep.profile:
+        have = ", ".join(sorted(p.stem for p in PROFILES.glob("*.toml")))
+        raise BrainhpcError(f"{args.jobs_file}: --executor slurm needs a site profile: pass "
+                            f"--profile NAME or set profile = \"NAME\" in the file (profiles in "
+                            f"{PROFILES}: {have}; copy gpu-cluster.toml for a GPU site)")
+    if args.dry_run:
+        print(dry_run(sweep, plan, run_dir, selected))
+        if is_slurm:
+            _check_slurm(sweep, plan, selected, dry=True)
+        return 0
+    info = _check_slurm(sweep, plan, selected, dry=False) if is_slurm else None
+    return _execute(args, sweep, plan, run_dir, selected, info, t0)
 
 
 def _knobs(r) -> str:
@@ -168,11 +196,11 @@ def _knobs(r) -> str:
     return " ".join(out)
 
 
-def dry_run(sweep, plan, run_dir: Path, stages: list[str]) -> str:
+def dry_run(sweep, plan, run_dir: Path, selected: list[str]) -> str:
     """The matrix, the resources and the sbatch script of each stage, as text."""
     out = [f"sweep {sweep.name} ({sweep.source}), profile {sweep.profile or '(none: local)'}, "
            f"run dir {run_dir}"]
-    for stage in stages:
+    for stage in selected:
         cells = plan[stage]
         if not cells:
             continue
@@ -185,11 +213,11 @@ def dry_run(sweep, plan, run_dir: Path, stages: list[str]) -> str:
             out.append(f"  {c.id:<40} [{state}] {params}")
         out.append(f"resources: {_knobs(r)}")
         out.append(f"device: {sweep.device(stage)}")
-        before = [s for s in STAGE_TABLE[stage].after if plan[s]]
+        before = [s for s in stages.TABLE[stage].after if plan[s]]
         dep = f"afterany:<{', '.join(before)} job ids>" if before else None
         n_tasks = -(-len(cells) // r.cells_per_task)
         out.append(f"--- sbatch script ({stage}) ---")
-        out.append(sub.sbatch_script(sweep, stage, run_dir, n_tasks, dep).rstrip())
+        out.append(slurm.sbatch_script(sweep, stage, run_dir, n_tasks, dep).rstrip())
     return "\n".join(out)
 
 

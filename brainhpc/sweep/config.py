@@ -2,9 +2,11 @@
 
 A sweep file names the data, the cells of each stage and, optionally, resources for this study;
 a site profile (``slurm/profiles/<name>.toml``) holds what differs between clusters (partitions,
-GPUs per cell, site knobs, setup lines, container prefix). Every key is checked before anything
-is submitted: an unknown key or a bad value raises ``BrainhpcError`` naming the file and the key.
-``STAGE_TABLE`` below is the one place that lists the stages and which of them use GPUs. Layout::
+GPUs per cell, site knobs, setup lines, container prefix; ``brainhpc.sweep.resources``). Every
+key is checked before anything is submitted: an unknown key or a wrong type raises
+``BrainhpcError`` naming the file and the key; a value out of bounds is refused by the stage
+config it is for (``brainhpc.options``), which the plan builds for every cell. A key left out
+takes that config's default. The stages themselves are listed in ``brainhpc.stages``. Layout::
 
     name = "smoke"
     profile = "local"              # slurm/profiles/local.toml, or a path to a profile file
@@ -42,235 +44,45 @@ is submitted: an unknown key or a bad value raises ``BrainhpcError`` naming the 
 
 Resources, lowest to highest precedence: ``Resources()`` defaults, the profile's ``[resources]``,
 the profile's ``[resources.<stage>]``, the sweep file's ``[resources]``, its
-``[resources.<stage>]``, then ``--partition`` / ``--cpu-partition``.
+``[resources.<stage>]``, then ``--partition`` / ``--cpu-partition`` (``load_resources``).
 """
 
 from __future__ import annotations
 
 import re
-import sys
 import tomllib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from brainhpc import models
-from brainhpc.classify.data import parse_train_spec
+from brainhpc import models, stages
+from brainhpc.anomaly import TECHNIQUES
 from brainhpc.data.layouts import parse_labels
 from brainhpc.data.phantom import LESIONS
-from brainhpc.data.shards import LABELS, SPLITS
+from brainhpc.data.shards import EVAL_SPLITS, LABELS
+from brainhpc.data.training import parse_train_spec
 from brainhpc.errors import BrainhpcError
+from brainhpc.models.classifiers import CLASSIFIERS
+from brainhpc.sweep.resources import JOBS, Site, Table, check_prefix, load_resources
 
-REPO = Path(__file__).resolve().parents[2]
-# Sweep files and site profiles: from the checkout, or, for a non-editable install (a container
-# image), the copies setup.cfg installs under <prefix>/share/brainhpc.
-_SHARE = Path(sys.prefix) / "share" / "brainhpc"
-JOBS = REPO / "jobs" if (REPO / "jobs").is_dir() else _SHARE / "jobs"
-PROFILES = (REPO / "slurm" / "profiles" if (REPO / "slurm" / "profiles").is_dir()
-            else _SHARE / "profiles")
-
-
-@dataclass(frozen=True)
-class Stage:
-    """How a stage runs: ``gpu`` stages get ``gpus_per_node`` GPUs (one DDP task per GPU,
-    device=cuda) on a GPU profile; CPU stages run one task, no GPU, on ``cpu_partition``.
-    ``after``: the stages whose jobs must have ended (afterany) before this stage starts."""
-
-    gpu: bool
-    after: tuple[str, ...] = ()
-
-
-# The stages in submission order. Adding one: a line here, its cells in cells.expand and its
-# function in cells.stage_config / cells.run_stage (see README "Adding a stage").
-STAGE_TABLE: dict[str, Stage] = {
-    "prepare": Stage(gpu=False),
-    "generate": Stage(gpu=True, after=("prepare",)),
-    "classify": Stage(gpu=True, after=("prepare", "generate")),
-    "segment": Stage(gpu=True, after=("prepare", "generate")),
-    "evaluate": Stage(gpu=False, after=("classify", "segment")),
-    "aggregate": Stage(gpu=False, after=("prepare", "generate", "classify", "segment",
-                                         "evaluate")),
-}
-STAGES = tuple(STAGE_TABLE)
-GPU_STAGES = tuple(s for s, k in STAGE_TABLE.items() if k.gpu)
-CLASSIFY_MODELS = ("cnn", "vae")
-TECHNIQUES = ("giaem", "dbscan", "kmeans-single", "kmeans-global")
-EVAL_SPLITS = (*SPLITS, "all")  # as brainhpc.classify.evaluate (not imported: it loads torch)
 SINGLE = "data"  # the name of the one dataset of a plain [data] table
 # dataset and [[evaluate]] names become folder names, cell ids and CSV column prefixes
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 # segmentation.csv's empty_/intensity_dice_patient are baselines, not external sets
 RESERVED_EVALUATE_NAMES = frozenset({"empty", "intensity"})
-GPU_FLAGS = ("gpus-per-node", "gres")
-# sbatch flags the sweep writes itself: slurm_extra may not set them (it names the knob instead)
-_OWN_FLAGS = {"job-name": "", "partition": "partition", "time": "time_min",
-              "cpus-per-task": "cpus_per_task", "mem": "mem_gb",
-              "ntasks-per-node": "tasks_per_node", "gpus-per-node": "gpus_per_node",
-              "gres": "gpus_per_node, gpu_type and gpu_flag", "gpus": "gpus_per_node",
-              "nodes": "nodes", "account": "account", "qos": "qos", "constraint": "constraint",
-              "exclude": "exclude", "reservation": "reservation", "wckey": "wckey",
-              "array": "array_parallelism", "dependency": "", "output": "", "error": "",
-              "open-mode": "", "signal": "", "requeue": ""}
-# container prefix placeholders: {binds} for apptainer (--bind a,b:b:ro), {volumes} for
-# podman/docker (-v a:a -v b:b:ro); ${VAR} is the shell's and left alone
-PLACEHOLDERS = ("binds", "volumes")
-
-
-class _Table:
-    """A TOML table being read: typed ``get``s, then ``done()`` refuses keys nobody asked for."""
-
-    def __init__(self, data: dict, where: str, source: str):
-        if not isinstance(data, dict):
-            raise BrainhpcError(f"{source}: {where or 'top level'} must be a table, "
-                                f"got {type(data).__name__}")
-        self.data, self.where, self.source, self.seen = data, where, source, set()
-
-    def key(self, name: str) -> str:
-        return f"{self.where}.{name}" if self.where else name
-
-    def get(self, name: str, kind, default=None, required: bool = False):
-        self.seen.add(name)
-        if name not in self.data:
-            if required:
-                raise BrainhpcError(f"{self.source}: missing key {self.key(name)}")
-            return default
-        value = self.data[name]
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
-        if not ok:
-            names = " or ".join(k.__name__ for k in kinds)
-            raise BrainhpcError(f"{self.source}: {self.key(name)} must be {names}, "
-                                f"got {value!r}")
-        return value
-
-    def strings(self, name: str, default=None, required: bool = False) -> list[str]:
-        value = self.get(name, (list, str), default, required)
-        value = [value] if isinstance(value, str) else value
-        if value is not None and not all(isinstance(v, str) for v in value):
-            raise BrainhpcError(f"{self.source}: {self.key(name)} must be a list of strings, "
-                                f"got {value!r}")
-        return value
-
-    def table(self, name: str) -> _Table:
-        return _Table(self.get(name, dict, {}), self.key(name), self.source)
-
-    def done(self) -> None:
-        unknown = sorted(set(self.data) - self.seen)
-        if unknown:
-            raise BrainhpcError(f"{self.source}: unknown key {self.key(unknown[0])}; valid keys "
-                                f"here: {', '.join(sorted(self.seen))}")
-
-
-def _positive(value, key: str, source: str, zero_ok: bool = False):
-    low = 0 if zero_ok else 1
-    if value is not None and value < low:
-        raise BrainhpcError(f"{source}: {key} must be >= {low}, got {value!r}")
-    return value
-
-
-@dataclass(frozen=True)
-class Resources:
-    """What one array task of a stage asks SLURM for, and the site's pass-through knobs."""
-
-    partition: str = "debug"  # GPU stages (STAGE_TABLE: generate, classify, segment) run here
-    cpu_partition: str = ""  # CPU stages (prepare, evaluate, aggregate) run here; "" = partition
-    gpus_per_node: int = 0  # GPUs per cell of a GPU stage; > 0 means device=cuda
-    gpu_type: str = ""  # typed request ("a100" -> --gpus-per-node=a100:1)
-    gpu_flag: str = "gpus-per-node"  # or "gres" (--gres=gpu[:type]:N) where cons_tres is off
-    tasks_per_node: int = 0  # 0: gpus_per_node (one DDP task per GPU), at least 1
-    cpus_per_task: int = 1
-    mem_gb: float = 2
-    time_min: int = 30
-    array_parallelism: int = 2  # at most this many array tasks of one array at once
-    cells_per_task: int = 1  # > 1 packs small cells: one array task runs them one by one
-    max_num_timeout: int = 3  # requeues after a time-out (preemptions do not count)
-    nodes: int = 1  # a cell runs on one node (see _check_nodes)
-    account: str = ""
-    qos: str = ""
-    constraint: str = ""
-    exclude: str = ""
-    reservation: str = ""
-    wckey: str = ""  # no --wckey unless set (sites that enforce wckeys reject unknown ones)
-    slurm_extra: dict = field(default_factory=dict)  # any other #SBATCH flag -> value
-    srun_args: tuple[str, ...] = ()  # appended to srun's own arguments
-
-    @property
-    def tasks(self) -> int:
-        return self.tasks_per_node or max(1, self.gpus_per_node)
-
-    @classmethod
-    def read(cls, t: _Table, base: Resources) -> Resources:
-        """``base`` with the keys that ``t`` sets; validated one key at a time."""
-        changes = {}
-        for f in fields(cls):
-            if f.name == "srun_args":
-                value = t.strings(f.name)
-                value = None if value is None else tuple(value)
-            else:
-                kind = {"str": str, "int": int, "float": (int, float), "dict": dict}[
-                    f.type.split(" ")[0]]
-                value = t.get(f.name, kind)
-            if value is None:
-                continue
-            key = t.key(f.name)
-            if f.type == "int":  # mem_gb (float) below: any amount > 0 (0.5 -> --mem=512M)
-                _positive(value, key, t.source,
-                          zero_ok=f.name in ("gpus_per_node", "tasks_per_node", "max_num_timeout"))
-            if f.name == "mem_gb" and value <= 0:
-                raise BrainhpcError(f"{t.source}: {key} must be > 0, got {value!r}")
-            if f.name == "gpu_flag" and value not in GPU_FLAGS:
-                raise BrainhpcError(f"{t.source}: {key} must be one of {', '.join(GPU_FLAGS)}, "
-                                    f"got {value!r}")
-            if f.name == "nodes" and value != 1:
-                raise BrainhpcError(
-                    f"{t.source}: {key} = {value}: multi-node cells are not supported. A cell "
-                    "is one model that fits one node (a 128 px model, global batch 32); its DDP "
-                    "rendezvous and its one output folder assume one node. Ask for more GPUs "
-                    "on one node with gpus_per_node, or run more cells at once "
-                    "(array_parallelism)")
-            if f.name == "slurm_extra":
-                value = _slurm_extra(value, key, t.source)
-            changes[f.name] = value
-        return replace(base, **changes)
-
-
-def _slurm_extra(extra: dict, key: str, source: str) -> dict:
-    out = {}
-    for name, value in extra.items():
-        flag = name.lstrip("-").replace("_", "-")
-        if flag in _OWN_FLAGS:
-            knob = _OWN_FLAGS[flag]
-            hint = f"use resources.{knob}" if knob else "the sweep writes it itself"
-            raise BrainhpcError(f"{source}: {key}.{name}: --{flag} is not a pass-through flag "
-                                f"({hint})")
-        if not isinstance(value, (str, int, float, bool)) or value is False:
-            raise BrainhpcError(f"{source}: {key}.{name} must be a string, a number or true "
-                                f"(a flag without value), got {value!r}")
-        out[flag] = value
-    return out
-
-
-def _check_stage(r: Resources, stage: str, source: str) -> None:
-    """Combinations that no single key can refuse on its own."""
-    where = f"{source}: resources.{stage}"
-    if r.gpu_type and not r.gpus_per_node:
-        raise BrainhpcError(f"{where}: gpu_type = {r.gpu_type!r} needs gpus_per_node >= 1")
-    if r.cells_per_task > 1 and r.tasks > 1:
-        raise BrainhpcError(f"{where}: cells_per_task = {r.cells_per_task} packs small "
-                            f"one-task cells; these cells run {r.tasks} DDP tasks each. Set "
-                            "cells_per_task = 1 or one task per cell")
-
-
+# stages whose sweep tables have a syntax of their own (below); every other stage of the stage
+# table reads generic [[<stage>.cells]] blocks (StageBlock)
+OWN_SYNTAX = ("prepare", "generate", "classify", "segment", "evaluate", "aggregate")
 @dataclass(frozen=True)
 class DataSpec:
     """The prepare stage of one dataset: a raw image folder or phantom slices, at ``size`` px."""
 
     path: Path | None = None
     phantom: int | None = None
-    size: int = 128
-    seed: int = 0
+    size: int | None = None  # None, here and below: the stage config's default
+    seed: int | None = None
     labels: str | None = None  # for layouts that are not auto-detected (see brainhpc prepare)
     name: str = SINGLE  # [data.<name>]; "data" for a plain [data]
-    phantom_lesions: str = "standard"  # phantom only: how visible the lesions are
+    phantom_lesions: str | None = None  # phantom only: how visible the lesions are
 
 
 @dataclass(frozen=True)
@@ -279,14 +91,14 @@ class GenerateSpec:
 
     archs: tuple[str, ...]
     labels: tuple[str, ...] = ("healthy", "tumour")
-    seed: int = 0
+    seed: int | None = None  # None, here and below: GenerateConfig's default
     epochs: int | None = None
-    n_samples: int = 1500
+    n_samples: int | None = None
     batch_size: int | None = None
-    min_images: int = 64
-    quality: bool = True
+    min_images: int | None = None
+    quality: bool | None = None
     feature_steps: int | None = None
-    checkpoint_every: int = 500
+    checkpoint_every: int | None = None
     options: dict = field(default_factory=dict)
     datasets: tuple[str, ...] = (SINGLE,)
     with_masks: tuple[str, ...] = ()  # datasets whose tumour generators draw masks too
@@ -329,11 +141,23 @@ class EvaluateEntry:
     split: str | None = None  # prepared datasets: train | val | test | all (default test)
     datasets: tuple[str, ...] = (SINGLE,)
     phantom: int | None = None  # or: this many fresh phantom slices (with masks), drawn with
-    seed: int = 1  # this seed (another seed than the run's phantom data: never seen in training)
+    seed: int | None = None  # this seed (EvaluateConfig's default: not the run's phantom seed)
 
     @property
     def prepared(self) -> bool:
         return self.path is not None and (self.path / "manifest.json").exists()
+
+
+@dataclass(frozen=True)
+class StageBlock:
+    """``[[<stage>.cells]]`` of a stage without a syntax of its own: fields of its config
+    (``options``), one cell per seed (none: one cell), on each of ``datasets``; cell ids
+    ``<name>`` or ``<name>-s<seed>``."""
+
+    name: str
+    options: dict
+    seeds: tuple[int, ...] = ()
+    datasets: tuple[str, ...] = (SINGLE,)
 
 
 @dataclass(frozen=True)
@@ -353,6 +177,7 @@ class Sweep:
     profile: str = ""  # the profile's name as given; "" when none was named (local defaults)
     cluster: str = ""  # the ClusterName the profile was written for ("" = any)
     run_dir: Path | None = None  # the file's run_dir key (None: runs/<name>); --run-dir wins
+    others: dict = field(default_factory=dict)  # stage -> its StageBlocks (see OWN_SYNTAX)
 
     def device(self, stage: str) -> str:
         """What a SLURM cell of ``stage`` runs on: cuda exactly when GPUs were requested."""
@@ -361,30 +186,6 @@ class Sweep:
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(d.name for d in self.datasets)
-
-
-def _read_profile(ref: str, source: str) -> dict:
-    path = Path(ref) if ref.endswith(".toml") else PROFILES / f"{ref}.toml"
-    if not path.is_absolute() and ref.endswith(".toml"):
-        path = Path(source).parent / path
-    if not path.exists():
-        have = ", ".join(sorted(p.stem for p in PROFILES.glob("*.toml")))
-        raise BrainhpcError(f"{source}: profile {ref!r} not found ({path}); profiles in "
-                            f"{PROFILES}: {have}, or give a path to a .toml file")
-    try:
-        return tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise BrainhpcError(f"{path}: not valid TOML ({e})") from e
-
-
-def _check_prefix(prefix: str, key: str, source: str) -> str:
-    for name in re.findall(r"(?<!\$)\{([^{}]*)\}", prefix):
-        if name not in PLACEHOLDERS:
-            raise BrainhpcError(f"{source}: {key}: unknown placeholder {{{name}}}; valid: "
-                                f"{', '.join('{' + p + '}' for p in PLACEHOLDERS)} (shell "
-                                "variables are written ${VAR})")
-    return prefix
-
 
 def _folder(text: str, key: str, source: str, hint: str) -> Path:
     path = Path(text).expanduser().resolve()
@@ -401,15 +202,15 @@ def _name(name: str, key: str, source: str) -> str:
     return name
 
 
-def _read_dataset(t: _Table, name: str, override: Path | None) -> DataSpec:
+def _read_dataset(t: Table, name: str, override: Path | None) -> DataSpec:
     path = t.get("path", str)
     phantom = t.get("phantom", int)
-    size = _positive(t.get("size", int, 128), t.key("size"), t.source)
-    seed = t.get("seed", int, 0)
+    size = t.get("size", int)
+    seed = t.get("seed", int)
     labels = t.get("labels", str)
-    lesions = t.get("phantom_lesions", str, "standard")
+    lesions = t.get("phantom_lesions", str)
     t.done()
-    if lesions not in LESIONS:
+    if lesions is not None and lesions not in LESIONS:
         raise BrainhpcError(f"{t.source}: {t.key('phantom_lesions')}: unknown {lesions!r}; "
                             f"valid: {', '.join(LESIONS)}")
     if override is not None:
@@ -420,7 +221,6 @@ def _read_dataset(t: _Table, name: str, override: Path | None) -> DataSpec:
                             f"(or pass {flag})")
     if path is not None:
         path = _folder(path, t.key("path"), t.source, f"; override with {flag}")
-    _positive(phantom, t.key("phantom"), t.source)
     return DataSpec(path=path, phantom=phantom, size=size, seed=seed, labels=labels, name=name,
                     phantom_lesions=lesions)
 
@@ -445,7 +245,7 @@ def _overrides(data, names: list[str], named: bool, source: str) -> dict[str, Pa
     return out
 
 
-def _read_data(t: _Table, data) -> tuple[tuple[DataSpec, ...], bool]:
+def _read_data(t: Table, data) -> tuple[tuple[DataSpec, ...], bool]:
     """A plain [data] (one dataset, "data") or [data.<name>] sub-tables; (datasets, named)."""
     subs = [k for k, v in t.data.items() if isinstance(v, dict)]
     if not subs:
@@ -462,7 +262,7 @@ def _read_data(t: _Table, data) -> tuple[tuple[DataSpec, ...], bool]:
     return out, True
 
 
-def _datasets(t: _Table, names: tuple[str, ...]) -> tuple[str, ...]:
+def _datasets(t: Table, names: tuple[str, ...]) -> tuple[str, ...]:
     """The optional ``datasets`` filter of a table, in the sweep's dataset order."""
     chosen = t.strings("datasets", list(names))
     for n in chosen:
@@ -475,7 +275,7 @@ def _datasets(t: _Table, names: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(n for n in names if n in chosen)
 
 
-def _read_generate(t: _Table, names: tuple[str, ...]) -> GenerateSpec:
+def _read_generate(t: Table, names: tuple[str, ...]) -> GenerateSpec:
     archs = tuple(t.strings("archs", required=True))
     for arch in archs:
         if arch not in models.ARCHS:
@@ -487,13 +287,9 @@ def _read_generate(t: _Table, names: tuple[str, ...]) -> GenerateSpec:
         if label not in LABELS:
             raise BrainhpcError(f"{t.source}: generate.labels: unknown label {label!r}; "
                                 f"valid: {', '.join(LABELS)}")
-    spec = {}
-    for key in ("seed", "epochs", "n_samples", "batch_size", "min_images", "feature_steps",
-                "checkpoint_every"):
-        value = t.get(key, int)
-        if value is not None:
-            spec[key] = _positive(value, t.key(key), t.source, zero_ok=key == "seed")
-    quality = t.get("quality", bool, True)
+    spec = {key: t.get(key, int) for key in ("seed", "epochs", "n_samples", "batch_size",
+                                             "min_images", "feature_steps", "checkpoint_every")}
+    quality = t.get("quality", bool)
     datasets = _datasets(t, names)
     masks = t.get("with_masks", (bool, list), False)
     masks = list(datasets) if masks is True else [] if masks is False else masks
@@ -518,7 +314,7 @@ def _read_generate(t: _Table, names: tuple[str, ...]) -> GenerateSpec:
                         **spec)
 
 
-def _train_data(t: _Table, gen: GenerateSpec | None, datasets: tuple[str, ...],
+def _train_data(t: Table, gen: GenerateSpec | None, datasets: tuple[str, ...],
                 masks: bool = False) -> tuple[str, ...]:
     """``train_data`` of a block; each synthetic part needs its generator on every dataset of the
     block (and, for ``masks``: segmentation, tumour masks from it)."""
@@ -545,33 +341,30 @@ def _train_data(t: _Table, gen: GenerateSpec | None, datasets: tuple[str, ...],
     return train
 
 
-def _defaults(t: _Table) -> dict:
+def _defaults(t: Table) -> dict:
     """The block defaults of [classify] / [segment]."""
-    return {"seeds": t.get("seeds", list, [0]),
-            "epochs": _positive(t.get("epochs", int), t.key("epochs"), t.source),
-            "batch_size": _positive(t.get("batch_size", int), t.key("batch_size"), t.source),
-            "options": t.get("options", dict, {})}
+    return {"seeds": t.get("seeds", list, [0]), "epochs": t.get("epochs", int),
+            "batch_size": t.get("batch_size", int), "options": t.get("options", dict, {})}
 
 
-def _common(t: _Table, defaults: dict) -> dict:
+def _common(t: Table, defaults: dict) -> dict:
     """seeds, epochs, batch_size and options of one block, over its table's defaults."""
     seeds = t.get("seeds", list, defaults.get("seeds", [0]))
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise BrainhpcError(f"{t.source}: {t.key('seeds')} must be a non-empty list of "
                             f"integers, got {seeds!r}")
-    epochs = _positive(t.get("epochs", int, defaults.get("epochs")), t.key("epochs"), t.source)
-    batch = _positive(t.get("batch_size", int, defaults.get("batch_size")),
-                      t.key("batch_size"), t.source)
+    epochs = t.get("epochs", int, defaults.get("epochs"))
+    batch = t.get("batch_size", int, defaults.get("batch_size"))
     options = {**defaults.get("options", {}), **t.get("options", dict, {})}
     return {"seeds": tuple(seeds), "epochs": epochs, "batch_size": batch, "options": options}
 
 
-def _read_block(t: _Table, defaults: dict, gen: GenerateSpec | None,
+def _read_block(t: Table, defaults: dict, gen: GenerateSpec | None,
                 names: tuple[str, ...]) -> ClassifyBlock:
     model = t.get("model", str, required=True)
-    if model not in CLASSIFY_MODELS:
+    if model not in CLASSIFIERS:
         raise BrainhpcError(f"{t.source}: {t.key('model')}: unknown model {model!r}; valid: "
-                            f"{', '.join(CLASSIFY_MODELS)}")
+                            f"{', '.join(CLASSIFIERS)}")
     datasets = _datasets(t, names)
     train = _train_data(t, gen, datasets)
     techniques = tuple(t.strings("techniques", []))
@@ -591,7 +384,7 @@ def _read_block(t: _Table, defaults: dict, gen: GenerateSpec | None,
                          datasets=datasets, **common)
 
 
-def _read_segment(t: _Table, defaults: dict, gen: GenerateSpec | None,
+def _read_segment(t: Table, defaults: dict, gen: GenerateSpec | None,
                   names: tuple[str, ...]) -> SegmentBlock:
     datasets = _datasets(t, names)
     train = _train_data(t, gen, datasets, masks=True)
@@ -600,14 +393,14 @@ def _read_segment(t: _Table, defaults: dict, gen: GenerateSpec | None,
     return SegmentBlock(train_data=train, datasets=datasets, **common)
 
 
-def _read_evaluate(t: _Table, names: tuple[str, ...]) -> EvaluateEntry:
+def _read_evaluate(t: Table, names: tuple[str, ...]) -> EvaluateEntry:
     name = _name(t.get("name", str, required=True), t.key("name"), t.source)
     if name in RESERVED_EVALUATE_NAMES:  # their result columns would be the baselines'
         raise BrainhpcError(f"{t.source}: {t.key('name')}: {name!r} names a baseline column of "
                             f"the results; choose another name (not one of "
                             f"{', '.join(sorted(RESERVED_EVALUATE_NAMES))})")
     raw_path, phantom = t.get("path", str), t.get("phantom", int)
-    seed = t.get("seed", int, 1)
+    seed = t.get("seed", int)
     labels = t.strings("labels")
     split = t.get("split", str)
     datasets = _datasets(t, names)
@@ -617,7 +410,6 @@ def _read_evaluate(t: _Table, names: tuple[str, ...]) -> EvaluateEntry:
                             "one of path (a raw image folder or a prepared dataset) or phantom "
                             "(a number of fresh phantom slices)")
     if phantom is not None:
-        _positive(phantom, t.key("phantom"), t.source)
         if labels is not None or split is not None:
             raise BrainhpcError(f"{t.source}: {t.key('phantom')}: phantom slices carry their "
                                 "labels and have no splits; drop labels/split")
@@ -647,8 +439,65 @@ def _read_evaluate(t: _Table, names: tuple[str, ...]) -> EvaluateEntry:
     return replace(entry, labels=labels)
 
 
-def _stage_tables(res: _Table) -> dict[str, _Table]:
-    return {s: _Table(res.get(s, dict, {}), res.key(s), res.source) for s in STAGES}
+def _read_file(path: Path) -> dict:
+    if not path.exists():
+        have = ", ".join(sorted(p.name for p in JOBS.glob("*.toml")))
+        raise BrainhpcError(f"sweep file {path} does not exist (sweep files in "
+                            f"{JOBS}: {have})")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise BrainhpcError(f"{path}: not valid TOML ({e})") from e
+
+
+def _read_stage_block(t: Table, stage: str, index: int, names: tuple[str, ...]) -> StageBlock:
+    name = _name(t.get("name", str, f"{stage}{index}"), t.key("name"), t.source)
+    seeds = t.get("seeds", list, [])
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds):
+        raise BrainhpcError(f"{t.source}: {t.key('seeds')} must be a list of integers, "
+                            f"got {seeds!r}")
+    datasets = _datasets(t, names)
+    options = {k: v for k, v in t.data.items() if k not in t.seen}
+    t.seen.update(options)  # the stage config checks them, cell by cell (plan.stage_config)
+    t.done()
+    return StageBlock(name, options, tuple(seeds), datasets)
+
+
+def _read_others(top: Table, names: tuple[str, ...]) -> dict:
+    """The generic cell blocks of every stage without a syntax of its own."""
+    out = {}
+    for stage in stages.NAMES:
+        if stage in OWN_SYNTAX:
+            continue
+        t = top.table(stage)
+        out[stage] = tuple(_read_stage_block(Table(b, f"{stage}.cells[{i}]", top.source), stage,
+                                             i, names)
+                           for i, b in enumerate(t.get("cells", list, [])))
+        t.done()
+    return out
+
+
+def _read_cells(top: Table, raw: dict, names: tuple[str, ...]) -> dict:
+    """The generate spec, the classify and segment blocks and the evaluate entries."""
+    source = top.source
+    gen = _read_generate(top.table("generate"), names) if "generate" in raw else None
+    top.seen.add("generate")
+    out = {"generate": gen}
+    for stage, read in (("classify", _read_block), ("segment", _read_segment)):
+        t = top.table(stage)
+        defaults = _defaults(t)
+        out[stage] = tuple(read(Table(b, f"{stage}.cells[{i}]", source), defaults, gen, names)
+                           for i, b in enumerate(t.get("cells", list, [])))
+        t.done()
+    out["others"] = _read_others(top, names)
+    out["evaluate"] = tuple(_read_evaluate(Table(e, f"evaluate[{i}]", source), names)
+                            for i, e in enumerate(top.get("evaluate", list, [])))
+    seen = [e.name for e in out["evaluate"]]
+    twice = sorted({n for n in seen if seen.count(n) > 1})
+    if twice:
+        raise BrainhpcError(f"{source}: evaluate: two entries are named {twice[0]!r}; each "
+                            "external set needs its own name (it names folders and columns)")
+    return out
 
 
 def load_sweep(path: str | Path, data: Path | str | list | None = None,
@@ -658,81 +507,25 @@ def load_sweep(path: str | Path, data: Path | str | list | None = None,
 
     ``data``: ``--data`` value(s): a PATH for the one dataset, or NAME=PATH per dataset."""
     path = Path(path)
-    source = str(path)
-    if not path.exists():
-        have = ", ".join(sorted(p.name for p in JOBS.glob("*.toml")))
-        raise BrainhpcError(f"sweep file {path} does not exist (sweep files in "
-                            f"{JOBS}: {have})")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise BrainhpcError(f"{path}: not valid TOML ({e})") from e
-    top = _Table(raw, "", source)
+    raw = _read_file(path)
+    top = Table(raw, "", str(path))
     name = top.get("name", str, path.stem)
     run_dir = top.get("run_dir", str)
     named = top.get("profile", str, "")
     named = profile or named
-    profile_ref = named or "local"
-    prof = _Table(_read_profile(profile_ref, source), "", f"profile {profile_ref}")
-    prof.get("name", str)
-    cluster = prof.get("cluster", str, "")
-    setup = prof.strings("setup", [])
-    prof_res = prof.table("resources")
-    prof_stages = _stage_tables(prof_res)
-    prof_common = Resources.read(prof_res, Resources())
-    container = prof.table("container")
-    prefix = _check_prefix(container.get("prefix", str, ""), "container.prefix", prof.source)
-    binds = container.strings("binds", [])
-    container.done()
-    prof.done()
-
+    site = Site.read(named or "local", str(path))
     datasets, named_data = _read_data(top.table("data"), data)
-    names = tuple(d.name for d in datasets)
-    gen = _read_generate(top.table("generate"), names) if "generate" in raw else None
-    top.seen.add("generate")
-    blocks = {}
-    for stage, read in (("classify", _read_block), ("segment", _read_segment)):
-        t = top.table(stage)
-        defaults = _defaults(t)
-        blocks[stage] = tuple(read(_Table(b, f"{stage}.cells[{i}]", source), defaults, gen,
-                                   names) for i, b in enumerate(t.get("cells", list, [])))
-        t.done()
-    evaluate = tuple(_read_evaluate(_Table(e, f"evaluate[{i}]", source), names)
-                     for i, e in enumerate(top.get("evaluate", list, [])))
-    seen = [e.name for e in evaluate]
-    twice = sorted({n for n in seen if seen.count(n) > 1})
-    if twice:
-        raise BrainhpcError(f"{source}: evaluate: two entries are named {twice[0]!r}; each "
-                            "external set needs its own name (it names folders and columns)")
-
-    res = top.table("resources")
-    stages = _stage_tables(res)
-    resources = {}
-    for stage, kind in STAGE_TABLE.items():
-        r = prof_common
-        for t in (prof_stages[stage], res, stages[stage]):
-            r = Resources.read(t, r)
-            if t is not res and not kind.gpu and "partition" in t.data:
-                r = replace(r, cpu_partition=r.partition)  # a CPU stage's own partition
-        if partition:
-            r = replace(r, partition=partition)
-        if cpu_partition:
-            r = replace(r, cpu_partition=cpu_partition)
-        if not kind.gpu:  # one task, no GPU, on the CPU partition
-            r = replace(r, partition=r.cpu_partition or r.partition, gpus_per_node=0,
-                        gpu_type="", tasks_per_node=1)
-        _check_stage(r, stage, source)
-        resources[stage] = r
-    for t in (*prof_stages.values(), prof_res, *stages.values(), res):
-        t.done()
+    cells = _read_cells(top, raw, tuple(d.name for d in datasets))
+    resources = load_resources(site, top.table("resources"), partition, cpu_partition)
     cont = top.table("container")
-    prefix = _check_prefix(cont.get("prefix", str, prefix), "container.prefix", source)
-    binds = cont.strings("binds", binds)
+    prefix = check_prefix(cont.get("prefix", str, site.prefix), "container.prefix", str(path))
+    binds = cont.strings("binds", list(site.binds))
     cont.done()
-    setup = top.strings("setup", setup)
+    setup = top.strings("setup", list(site.setup))
     top.done()
-    return Sweep(name=name, source=path.resolve(), datasets=datasets, generate=gen,
-                 classify=blocks["classify"], segment=blocks["segment"], evaluate=evaluate,
-                 named=named_data, resources=resources, setup=tuple(setup), container=prefix,
-                 container_binds=tuple(binds), profile=named, cluster=cluster,
+    return Sweep(name=name, source=path.resolve(), datasets=datasets, generate=cells["generate"],
+                 classify=cells["classify"], segment=cells["segment"],
+                 evaluate=cells["evaluate"], named=named_data, resources=resources,
+                 setup=tuple(setup), container=prefix, container_binds=tuple(binds),
+                 profile=named, cluster=site.cluster, others=cells["others"],
                  run_dir=None if run_dir is None else Path(run_dir).expanduser())

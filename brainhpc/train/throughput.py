@@ -14,8 +14,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from brainhpc.classify.models import BrainCNN, BrainCVAE, vae_loss
 from brainhpc.models import build_task
+from brainhpc.models.classifiers import BrainCNN, BrainCVAE, vae_loss
 from brainhpc.train.trainer import TrainConfig, Trainer
 
 ARCHS = ("BrainCNN", "BrainCVAE", "vae", "dcgan", "wgan-gp", "ddpm")

@@ -17,7 +17,8 @@ which is what HPC life needs:
 * exact resume: models, optimisers, schedulers, EMA, step, epoch position and the python/numpy/
   torch RNG states of every rank. On CPU with ``num_workers=0`` an interrupted-then-resumed run
   ends bit-identical to an uninterrupted one (with workers, augmentation draws may differ);
-* a JSONL metric log (``metrics.jsonl``), tqdm on rank 0 only;
+* a JSONL metric log (``metrics.jsonl``), tqdm on rank 0 only, and ``progress.json`` (epoch and
+  step of total, refreshed every few seconds) that the sweep's live status and ``status`` read;
 * non-finite losses stop the run with ``BrainhpcError``; the last good checkpoint is kept;
 * a corrupt or mismatched checkpoint is an error, never a silent restart.
 
@@ -50,7 +51,7 @@ from tqdm.auto import tqdm
 
 from brainhpc import __version__
 from brainhpc.errors import BrainhpcError
-from brainhpc.fsio import atomic_path, write_text
+from brainhpc.fsio import atomic_path, write_json, write_text
 from brainhpc.train.distributed import DistInfo, init_distributed, teardown
 from brainhpc.train.precision import PRECISIONS, fused_optimizers, resolve
 
@@ -58,6 +59,7 @@ log = logging.getLogger(__name__)
 
 CKPT_FORMAT = 1
 STOP_SIGNALS = ("SIGTERM",)
+PROGRESS_EVERY_S = 2.0  # progress.json is rewritten at most this often
 
 
 class Task(Protocol):
@@ -123,6 +125,13 @@ class TrainConfig:
         if self.best_mode not in ("max", "min"):
             raise BrainhpcError(
                 f"train config: best_mode must be 'max' or 'min', got {self.best_mode!r}")
+
+    @classmethod
+    def for_cell(cls, cell, **kw) -> TrainConfig:
+        """The loop settings of a training cell (``brainhpc.cell.Training`` fields), plus ``kw``."""
+        return cls(out=cell.out, seed=cell.seed, checkpoint_every=cell.checkpoint_every,
+                   num_workers=cell.num_workers, device=cell.device, progress=cell.progress,
+                   precision=cell.precision, **kw)
 
 
 class DistributedBatchSampler(torch.utils.data.Sampler):
@@ -247,59 +256,10 @@ class Trainer:
             raise
 
     def _setup(self, task, dataset, cfg, fingerprint, collate_fn) -> None:
-        self.rank, self.world_size = self.info.rank, self.info.world_size
-        self.device = self.info.device
-        self.is_main = self.info.is_main
-        self.ckpt_dir = cfg.out / "checkpoints"
-        self.last_path = self.ckpt_dir / "last.pt"
-        self.best_path = self.ckpt_dir / "best.pt"
-        self.metrics_path = cfg.out / "metrics.jsonl"
-        self.step = self.epoch = self.batch_in_epoch = 0
-        self.best: dict = {"metric": cfg.best_metric, "value": None, "step": None}
-        self.train_seconds = 0.0
-        self.last_saved_step: int | None = None
-        self._request = 0  # 0 nothing, 1 checkpoint, 2 checkpoint and stop
-        self._chain: list[int] = []  # signals to pass on to the previous handler after saving
-        self._prev_handlers: dict[int, Any] = {}
-        self._closed = False
-        self._resumed_meter: dict | None = None
-        self._reset_meter()
-
-        self.sampler = DistributedBatchSampler(len(dataset), cfg.batch_size, self.rank,
-                                               self.world_size, cfg.seed, cfg.shuffle)
-        self._loader_gen = torch.Generator()
-        workers = cfg.num_workers
-        if workers and isinstance(dataset, torch.utils.data.TensorDataset):
-            # in memory already: worker processes would only add start-up and copies
-            log.info("in-memory dataset: no DataLoader workers (num_workers=%d ignored)", workers)
-            workers = 0
-        self.loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=self.sampler, num_workers=workers,
-            pin_memory=self.device.type == "cuda", generator=self._loader_gen,
-            persistent_workers=False, collate_fn=collate_fn)
-
+        self._state(cfg)
+        self._loader(dataset, cfg, collate_fn)
         seed_everything(cfg.seed)  # identical initial weights on every rank
-        raw = task.models()
-        if not raw:
-            raise BrainhpcError(f"task {type(task).__name__}.models() returned no models")
-        arch = getattr(task, "arch", None) or "+".join(sorted({type(m).__name__
-                                                                for m in raw.values()}))
-        self.precision = resolve(cfg.precision, self.device, arch, _image_size(dataset))
-        self.memory_format = (torch.channels_last if self.precision.channels_last
-                              else torch.contiguous_format)
-        self._raw = {k: m.to(self.device, memory_format=self.memory_format)
-                     for k, m in raw.items()}
-        self.optimizers = task.optimizers(self._raw)
-        self.fused = fused_optimizers(self.optimizers)
-        sched = getattr(task, "schedulers", None)
-        self.schedulers = sched(self.optimizers) if sched else {}
-        self.ema_decay = dict(getattr(task, "ema_decay", {}) or {})
-        for name in self.ema_decay:
-            if name not in self._raw:
-                raise BrainhpcError(f"task ema_decay names model {name!r}; models are "
-                                    f"{', '.join(self._raw)}")
-        self.ema = {k: copy.deepcopy(self._raw[k]).eval().requires_grad_(False)
-                    for k in self.ema_decay}
+        arch = self._build(task, dataset, cfg)
         self.fingerprint = {
             "task": type(task).__name__,
             "world_size": self.world_size,
@@ -327,6 +287,67 @@ class Trainer:
         if resumed and self.is_main:
             self._truncate_metrics()
         self.resumed = resumed
+
+    def _state(self, cfg: TrainConfig) -> None:
+        """Where this rank is, where files go, and a fresh loop state."""
+        self.rank, self.world_size = self.info.rank, self.info.world_size
+        self.device = self.info.device
+        self.is_main = self.info.is_main
+        self.ckpt_dir = cfg.out / "checkpoints"
+        self.last_path = self.ckpt_dir / "last.pt"
+        self.best_path = self.ckpt_dir / "best.pt"
+        self.metrics_path = cfg.out / "metrics.jsonl"
+        self.step = self.epoch = self.batch_in_epoch = 0
+        self.best: dict = {"metric": cfg.best_metric, "value": None, "step": None}
+        self.train_seconds = 0.0
+        self.last_saved_step: int | None = None
+        self._request = 0  # 0 nothing, 1 checkpoint, 2 checkpoint and stop
+        self._chain: list[int] = []  # signals to pass on to the previous handler after saving
+        self._prev_handlers: dict[int, Any] = {}
+        self._closed = False
+        self._progress_t = 0.0
+        self._resumed_meter: dict | None = None
+        self._reset_meter()
+
+    def _loader(self, dataset, cfg: TrainConfig, collate_fn) -> None:
+        self.sampler = DistributedBatchSampler(len(dataset), cfg.batch_size, self.rank,
+                                               self.world_size, cfg.seed, cfg.shuffle)
+        self._loader_gen = torch.Generator()
+        workers = cfg.num_workers
+        if workers and isinstance(dataset, torch.utils.data.TensorDataset):
+            # in memory already: worker processes would only add start-up and copies
+            log.info("in-memory dataset: no DataLoader workers (num_workers=%d ignored)", workers)
+            workers = 0
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=self.sampler, num_workers=workers,
+            pin_memory=self.device.type == "cuda", generator=self._loader_gen,
+            persistent_workers=False, collate_fn=collate_fn)
+
+    def _build(self, task, dataset, cfg: TrainConfig) -> str:
+        """The task's models (on the device, in the resolved precision's memory format), its
+        optimisers, schedulers and EMA copies; returns the architecture's name."""
+        raw = task.models()
+        if not raw:
+            raise BrainhpcError(f"task {type(task).__name__}.models() returned no models")
+        arch = getattr(task, "arch", None) or "+".join(sorted({type(m).__name__
+                                                                for m in raw.values()}))
+        self.precision = resolve(cfg.precision, self.device, arch, _image_size(dataset))
+        self.memory_format = (torch.channels_last if self.precision.channels_last
+                              else torch.contiguous_format)
+        self._raw = {k: m.to(self.device, memory_format=self.memory_format)
+                     for k, m in raw.items()}
+        self.optimizers = task.optimizers(self._raw)
+        self.fused = fused_optimizers(self.optimizers)
+        sched = getattr(task, "schedulers", None)
+        self.schedulers = sched(self.optimizers) if sched else {}
+        self.ema_decay = dict(getattr(task, "ema_decay", {}) or {})
+        for name in self.ema_decay:
+            if name not in self._raw:
+                raise BrainhpcError(f"task ema_decay names model {name!r}; models are "
+                                    f"{', '.join(self._raw)}")
+        self.ema = {k: copy.deepcopy(self._raw[k]).eval().requires_grad_(False)
+                    for k in self.ema_decay}
+        return arch
 
     # ---------------------------------------------------------------- helpers tasks use
     def raw(self, name: str) -> nn.Module:
@@ -371,6 +392,8 @@ class Trainer:
             self._resumed_meter = None
         self._last_save_time = time.monotonic()
         t0 = time.monotonic() - self.train_seconds
+        self._progress_t = 0.0
+        self._progress()
         status = "done"
         try:
             while self.epoch < cfg.epochs and self.step < self.total_steps:
@@ -406,6 +429,7 @@ class Trainer:
             self._log_train(bar)
             if self.last_saved_step != self.step:
                 self.save_checkpoint()
+            self._progress(force=True)
             return self._summary(status)
         finally:
             bar.close()
@@ -423,6 +447,7 @@ class Trainer:
             self._update_best(metrics)
         self.epoch += 1
         self.batch_in_epoch = 0
+        self._progress()
 
     def _update_best(self, metrics: dict) -> None:
         key = self.cfg.best_metric
@@ -519,9 +544,21 @@ class Trainer:
         for name, opt in self.optimizers.items():
             rec[f"lr_{name}"] = opt.param_groups[0]["lr"]
         self._write_record(rec)
+        self._progress()
         if self.is_main and bar is not None and not bar.disable:
             bar.set_postfix({k: f"{rec[k]:.4g}" for k in keys[:4]}, refresh=False)
         self._reset_meter()
+
+    def _progress(self, force: bool = False) -> None:
+        """``progress.json`` (rank 0): where training stands, for live status views."""
+        now = time.monotonic()
+        if not self.is_main or (not force and now - self._progress_t < PROGRESS_EVERY_S):
+            return
+        self._progress_t = now
+        write_json(self.cfg.out / "progress.json", {
+            "epoch": min(self.epoch + 1, self.cfg.epochs), "epochs": self.cfg.epochs,
+            "step": self.step, "steps": self.total_steps,
+            "train_seconds": round(self.train_seconds, 1), "updated": time.time()})
 
     def _write_record(self, rec: dict) -> None:
         if not self.is_main:
@@ -682,6 +719,33 @@ class Trainer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def best_module(self, name: str) -> nn.Module:
+        """Model ``name`` with the best validation epoch's weights (``best.pt``), in eval mode; the
+        last weights, with a warning, when no validation value was ever finite."""
+        model = self.raw(name)
+        if self.best_path.exists():
+            state = torch.load(self.best_path, map_location="cpu", weights_only=True)
+            model.load_state_dict(state["models"][name])
+        else:
+            log.warning("%s: no best checkpoint (validation never finite); using the last "
+                        "weights", self.cfg.out)
+        return model.eval()
+
+
+def run_training(task: Task, dataset, cfg: TrainConfig, fingerprint: dict,
+                 info: DistInfo) -> tuple[Trainer, dict]:
+    """Build the trainer, fit, close the DDP wrappers; the trainer and ``fit``'s summary. A run
+    that did not finish (stopped by a signal) says how to resume."""
+    trainer = Trainer(task, dataset, cfg, fingerprint=fingerprint, dist_info=info)
+    try:
+        result = trainer.fit()
+    finally:
+        trainer.close()
+    if result["status"] != "done":
+        log.warning("%s: training %s at step %d; re-run to resume", cfg.out, result["status"],
+                    result["step"])
+    return trainer, result
 
 
 def config_dict(cfg: TrainConfig) -> dict:

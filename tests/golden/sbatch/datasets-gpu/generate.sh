@@ -1,0 +1,46 @@
+#!/bin/bash
+
+# Parameters
+#SBATCH --array=0-3%4
+#SBATCH --cpus-per-task=8
+#SBATCH --dependency='afterany:<prepare job ids>'
+#SBATCH --gpus-per-node=1
+#SBATCH --job-name=datasets-generate
+#SBATCH --mem=32G
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --open-mode=append
+#SBATCH --output=RUN_DIR/logs/generate/%A_%a_0_log.out
+#SBATCH --partition=gpu
+#SBATCH --requeue
+#SBATCH --signal=USR2@90
+#SBATCH --time=240
+
+# setup
+export PYTHONNOUSERSITE=1  # no ~/.local packages in the job, host or container
+# SIGTERM (preemption, scancel) reaches the cell through srun; the trap makes this
+# script wait for srun and run the teardown below instead of dying at once
+trap 'echo "brainhpc: batch script got SIGTERM"' TERM
+module purge
+module load apptainer
+export OMP_NUM_THREADS=$SLURM_CPUS_PER_TASK
+
+# command
+export SUBMITIT_EXECUTOR=slurm
+srun --unbuffered --output RUN_DIR/logs/generate/%A_%a_%t_log.out --cpus-per-task=8 --kill-on-bad-exit=1 apptainer exec --nv --bind RUN_DIR,DATA_DIR:DATA_DIR:ro /shared/containers/brainhpc.sif python -u -m submitit.core._submit RUN_DIR/logs/generate
+
+
+# teardown
+rc=$?  # srun's
+flag=RUN_DIR/logs/generate/requeue-$SLURM_JOB_ID
+if [ -e "$flag" ]; then
+  rm -f "$flag"
+  task=${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_$SLURM_ARRAY_TASK_ID}
+  task=${task:-$SLURM_JOB_ID}
+  if scontrol show job "$task" | grep -q "JobState=RUNNING"; then
+    scontrol requeue "$task" && echo "brainhpc: requeued job $task"
+  else
+    echo "brainhpc: job $task not requeued: no longer running (cancelled?)"
+  fi
+fi
+exit "$rc"

@@ -1,0 +1,42 @@
+#!/bin/bash
+
+# Parameters
+#SBATCH --array=0-5%2
+#SBATCH --cpus-per-task=1
+#SBATCH --dependency='afterany:<prepare, generate job ids>'
+#SBATCH --job-name=smoke-classify
+#SBATCH --mem=2G
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --open-mode=append
+#SBATCH --output=RUN_DIR/logs/classify/%A_%a_0_log.out
+#SBATCH --partition=debug
+#SBATCH --requeue
+#SBATCH --signal=USR2@90
+#SBATCH --time=20
+
+# setup
+export PYTHONNOUSERSITE=1  # no ~/.local packages in the job, host or container
+# SIGTERM (preemption, scancel) reaches the cell through srun; the trap makes this
+# script wait for srun and run the teardown below instead of dying at once
+trap 'echo "brainhpc: batch script got SIGTERM"' TERM
+
+# command
+export SUBMITIT_EXECUTOR=slurm
+srun --unbuffered --output RUN_DIR/logs/classify/%A_%a_%t_log.out --cpus-per-task=1 --kill-on-bad-exit=1 PYTHON -u -m submitit.core._submit RUN_DIR/logs/classify
+
+
+# teardown
+rc=$?  # srun's
+flag=RUN_DIR/logs/classify/requeue-$SLURM_JOB_ID
+if [ -e "$flag" ]; then
+  rm -f "$flag"
+  task=${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_$SLURM_ARRAY_TASK_ID}
+  task=${task:-$SLURM_JOB_ID}
+  if scontrol show job "$task" | grep -q "JobState=RUNNING"; then
+    scontrol requeue "$task" && echo "brainhpc: requeued job $task"
+  else
+    echo "brainhpc: job $task not requeued: no longer running (cancelled?)"
+  fi
+fi
+exit "$rc"
