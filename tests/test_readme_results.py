@@ -1,4 +1,6 @@
-"""The README's Results tables are exactly what the committed results/ CSVs hold."""
+"""The results as documented are exactly what the committed results/ hold: docs/results.md's
+tables match the results/ CSVs, README.md names the provenance commit and command, and every
+results/ PNG that README.md or docs/*.md links to exists."""
 
 from __future__ import annotations
 
@@ -8,23 +10,37 @@ import re
 import pytest
 
 from brainhpc.sweep.aggregate import report
-from brainhpc.sweep.config import REPO
+from brainhpc.sweep.resources import REPO
 
 RESULTS = REPO / "results"
+README = REPO / "README.md"
+DOCS = REPO / "docs"
+TABLES = DOCS / "results.md"
 START, END = "<!-- results:tables:start -->", "<!-- results:tables:end -->"
+# a Markdown link target ending in .png that goes through results/: results/x.png from
+# README.md, ../results/x.png from docs/
+PNG = re.compile(r"\(((?:\.\./)*results/[^)\s]+\.png)\)")
 
 
 @pytest.mark.skipif(not (RESULTS / "metrics.csv").exists(),
                     reason="no committed results/ yet (the study has not been published)")
 def test_readme_tables_match_results_csv():
-    readme = (REPO / "README.md").read_text()
-    assert START in readme and END in readme, "README.md lacks the results table markers"
-    shown = readme.split(START, 1)[1].split(END, 1)[0].strip()
+    tables = TABLES.read_text()
+    assert START in tables and END in tables, "docs/results.md lacks the results table markers"
+    shown = tables.split(START, 1)[1].split(END, 1)[0].strip()
     assert shown == report(RESULTS).strip(), (
-        "README tables differ from results/*.csv: paste `python -m brainhpc.sweep report "
-        "results` between the markers")
+        "docs/results.md tables differ from results/*.csv: paste `python -m brainhpc.sweep "
+        "report results` between the markers")
+    readme = README.read_text()
     prov = json.loads((RESULTS / "provenance.json").read_text())
     assert re.fullmatch(r"[0-9a-f]{40}", prov["commit"]) and prov["command"]
     assert prov["commit"] in readme and prov["command"] in readme
-    for png in re.findall(r"\((results/[^)]+\.png)\)", readme):
-        assert (REPO / png).is_file(), png
+    pages = [README, *sorted(DOCS.glob("*.md"))]
+    links = 0
+    for page in pages:
+        for png in PNG.findall(page.read_text()):
+            links += 1
+            target = (page.parent / png).resolve()
+            assert target.is_file(), f"{page.relative_to(REPO)}: {png} does not exist"
+            assert target.is_relative_to(RESULTS.resolve()), f"{page.relative_to(REPO)}: {png}"
+    assert links, "no results/ PNG linked from README.md or docs/"
