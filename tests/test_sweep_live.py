@@ -81,3 +81,20 @@ def test_a_local_run_shows_its_cells_while_they_run(tmp_path, capsys):
     progress = json.loads((tmp_path / "run" / "generate" / "vae-healthy" /
                            "progress.json").read_text())
     assert progress["epoch"] == progress["epochs"] == 2 and progress["step"] == progress["steps"]
+
+
+def test_sweep_status_shows_the_epoch_of_running_cells(tmp_path):
+    from brainhpc.sweep.status import cell_states, table
+
+    write_json(tmp_path / "sweep.json", {"name": "x"})
+    gen, cls = _cells(tmp_path)
+    _mark(gen, "running", started=time.time())
+    write_json(gen.folder / "progress.json", {"epoch": 2, "epochs": 5, "step": 30,
+                                              "steps": 75})
+    _mark(cls, "done", wall_seconds=3.0)
+    write_json(cls.folder / "progress.json", {"epoch": 5, "epochs": 5, "step": 75,
+                                              "steps": 75})
+    rows = {r["cell"]: r for r in cell_states(tmp_path, queued={})}
+    assert rows["vae-healthy"]["progress"] == "epoch 2/5, 40%"
+    assert rows["cnn-real-s0"]["progress"] == ""  # only running cells show where they are
+    assert "epoch 2/5, 40%" in table(list(rows.values()))

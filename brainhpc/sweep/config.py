@@ -38,6 +38,9 @@ takes that config's default. The stages themselves are listed in ``brainhpc.stag
     name = "br35h"                 # scored on this folder (raw, or a prepared dataset)
     path = "~/data/br35h"
     labels = ["tumour=yes", "healthy=no"]   # raw folders only; split = "test": prepared only
+    [[<stage>.cells]]              # any other stage of the table: fields of its config,
+    name = "x"                     # one cell per seed (cell ids x-s0, x-s1), on all datasets
+    seeds = [0, 1]
     [resources]                    # every stage (over the profile's); [resources.<stage>] one stage
     [container]
     prefix = "apptainer exec --nv --bind {binds} IMAGE"
