@@ -7,7 +7,8 @@ stage), the line that ``brainhpc --help`` shows, whether its cells want GPUs on 
 and which stages must have ended before it starts in a sweep.
 
 Adding a stage is two edits: its package (a config dataclass and a function, next to the
-others), and a line here. ``brainhpc <stage>``, the sweep's cells (``brainhpc.sweep.plan``),
+others), and a line here, after the stages it waits for (and before aggregate, which waits for
+it). ``brainhpc <stage>``, the sweep's cells (``brainhpc.sweep.plan``),
 resources and dependencies all follow from the table.
 """
 
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+
+from brainhpc.errors import BrainhpcError
 
 
 @dataclass(frozen=True)
@@ -65,3 +68,18 @@ TABLE: dict[str, Stage] = {s.name: s for s in (
 )}
 NAMES = tuple(TABLE)
 GPU_STAGES = tuple(s.name for s in TABLE.values() if s.gpu)
+
+
+def check_order(table: dict[str, Stage]) -> None:
+    """Every stage comes after the stages it waits for: sweeps submit and run the stages in
+    table order, so a stage listed before what it needs would not wait for it."""
+    seen: set[str] = set()
+    for stage in table.values():
+        late = [a for a in stage.after if a not in seen]
+        if late:
+            raise BrainhpcError(f"stage table: {stage.name} waits for {', '.join(late)}, which "
+                                f"must come before it in brainhpc/stages.py")
+        seen.add(stage.name)
+
+
+check_order(TABLE)

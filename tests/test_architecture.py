@@ -73,3 +73,19 @@ def test_functions_stay_small():
                     long.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} "
                                 f"{node.name} ({n} lines)")
     assert not long, "functions over 60 lines: " + "; ".join(long)
+
+
+def test_the_table_lists_each_stage_after_what_it_waits_for():
+    from brainhpc.errors import BrainhpcError
+
+    stages.check_order(stages.TABLE)
+    report = stages.Stage("report", "m:C", "m:f", "a new stage", after=("classify",))
+    agg = stages.Stage("aggregate", "m:C", "m:f", "waits for report", after=("report",))
+    fine = {k: v for k, v in stages.TABLE.items() if k != "aggregate"}
+    fine.update(report=report, aggregate=agg)  # report before aggregate: fine
+    stages.check_order(fine)
+    wrong = dict(stages.TABLE)  # aggregate keeps its place, report appended after it
+    wrong.update(aggregate=agg, report=report)
+    with pytest.raises(BrainhpcError, match="aggregate waits for report, which must come "
+                                            "before it"):
+        stages.check_order(wrong)

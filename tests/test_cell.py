@@ -192,3 +192,16 @@ def test_incremental_stages_run_again_when_finished(tmp_path):
     run_cell(cfg, _body(calls), inc)
     run_cell(cfg, _body(calls), inc)
     assert len(calls) == 2
+
+
+def test_every_seed_is_checked_where_it_is_declared(tmp_path):
+    """Seeds feed numpy's generators, which refuse negative ones: the configs refuse them first,
+    so --dry-run does too (a generate cell used to train, then crash drawing its grid)."""
+    from brainhpc.generate import GenerateConfig
+    from brainhpc.prepare import PrepareConfig
+
+    with pytest.raises(BrainhpcError, match="prepare: seed must be an integer >= 0, got -1"):
+        PrepareConfig(out=tmp_path, phantom=20, seed=-1)
+    with pytest.raises(BrainhpcError, match="generate: seed must be an integer >= 0, got -2"):
+        GenerateConfig(arch="vae", label="tumour", data=tmp_path, out=tmp_path, seed=-2)
+

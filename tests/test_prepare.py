@@ -279,3 +279,13 @@ def test_real_brain_tumor_mri(real_data, tmp_path):
     assert all(len({where[s] for s in group}) == 1 for group in m["duplicate_groups"])
     tumour_share = [c["tumour"] / c["total"] for c in m["counts"].values()]
     assert max(tumour_share) - min(tumour_share) < 0.03
+
+
+def test_force_replaces_a_folder_that_is_not_a_dataset(tmp_path):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "notes.txt").write_text("not a dataset")
+    with pytest.raises(BrainhpcError, match="not empty.*--force"):
+        prepare(PrepareConfig(out=out, phantom=30, size=32, progress=False))
+    m = prepare(PrepareConfig(out=out, phantom=30, size=32, progress=False, force=True))
+    assert m["status"] == "done" and not (out / "notes.txt").exists()

@@ -449,3 +449,18 @@ def test_dry_run_checks_every_cell_with_its_stage_config(tmp_path, capsys):
 
     assert "size" not in plan["prepare"][0].params
     assert stage_config(plan["prepare"][0]).size == 128  # PrepareConfig's own default
+
+
+def test_dry_run_says_which_finished_cells_changed(tmp_path, capsys):
+    from brainhpc.fsio import write_json
+
+    path = write(tmp_path, TINY)
+    run = tmp_path / "run"
+    plan = expand(load_sweep(path), run)
+    same, other = plan["generate"]
+    write_json(same.marker, {"status": "done", "config_hash": same.hash})
+    write_json(other.marker, {"status": "done", "config_hash": "an earlier config"})
+    assert main([str(path), "--run-dir", str(run), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(rf"  {same.id} +\[done\]", out)
+    assert re.search(rf"  {other.id} +\[done, config changed: --force\]", out)

@@ -404,7 +404,7 @@ def test_evaluate_entry_of_fresh_phantom_slices(tmp_path):
     (cell,) = plan["evaluate"]
     assert cell.params["phantom"] == 30 and cell.params["seed"] == 7
     cfg = stage_config(cell)
-    assert cfg.images == tmp_path / "run" / "evaluate" / "fresh" / "phantom"
+    assert cfg.images == tmp_path / "run" / "evaluate" / "fresh" / "phantom-30-s7"
     for extra, match in (('path = "x"\n', "exactly one of path"),
                          ('labels = ["tumour=yes"]\n', "drop labels/split")):
         path.write_text(base + '[[evaluate]]\nname = "fresh"\nphantom = 30\n' + extra)
@@ -453,7 +453,7 @@ def test_fresh_phantom_set_draws_the_datasets_lesion_style(tmp_path):
     (cell,) = expand(load_sweep(path), tmp_path / "run")["evaluate"]
     cfg = stage_config(cell)
     assert cfg.phantom_lesions == "visible"
-    assert cfg.images == tmp_path / "run" / "evaluate" / "fresh" / "phantom-visible"
+    assert cfg.images == tmp_path / "run" / "evaluate" / "fresh" / "phantom-6-s1-visible"
     write_phantom_folder(cfg.images, cfg.phantom, cfg.seed, cfg.phantom_lesions)
     want = phantom.generate(6, seed=cfg.seed, lesions="visible")
     for p in want:

@@ -200,13 +200,37 @@ def test_fresh_phantom_set_is_written_once_and_scored(run, tmp_path):
     rd, _, _ = run
     out = tmp_path / "fresh"
     cfg = EvaluateConfig(run_dir=rd, out=out, name="fresh", phantom=30, seed=123)
-    assert cfg.images == out / "phantom"
+    assert cfg.images == out / "phantom-30-s123"  # another N or seed: another folder
     summary = evaluate(cfg)
     assert summary["errors"] == [] and summary["segmenters_skipped"] is None
     assert {s["n"] for st in ("classify", "segment") for s in summary["scored"][st]} == {30}
     assert {s["dropped"] for st in ("classify", "segment") for s in summary["scored"][st]} == {0}
-    images = sorted((out / "phantom").rglob("*.png"))
+    images = sorted((out / "phantom-30-s123").rglob("*.png"))
     assert len(images) == 60  # 30 slices and their masks
     stamp = images[0].stat().st_mtime_ns
     evaluate(cfg)  # a re-run reuses the folder and skips the scored models
     assert images[0].stat().st_mtime_ns == stamp
+
+
+def test_a_unet_saved_without_fingerprints_still_drops_copies(run, tmp_path):
+    """A U-Net whose model.pt predates its development fingerprints gets them from the prepared
+    dataset its cell's metrics.json names: its external score never counts training images."""
+    import torch
+
+    rd, _, ext = run
+    cell = tmp_path / "old-unet"
+    cell.mkdir()
+    state = torch.load(rd / "segment" / "unet-real-s0" / "model.pt", weights_only=True)
+    for key in ("development_images", "data_key"):
+        state.pop(key)
+    torch.save(state, cell / "model.pt")
+    shutil.copy(rd / "segment" / "unet-real-s0" / "metrics.json", cell / "metrics.json")
+    m = evaluate(EvaluateConfig(checkpoint=cell, data=ext, out=tmp_path / "ev", device="cpu"))
+    assert m["overlap"]["checked"] and m["overlap"]["dropped"] == N_COPIES and m["n"] == 24
+
+
+def test_a_run_without_models_of_the_dataset_is_an_error(run, tmp_path):
+    rd, _, ext = run
+    with pytest.raises(BrainhpcError, match=r"no classify or segment cells of dataset 'lgg'; "
+                                            r"its datasets: \(one dataset"):
+        evaluate(EvaluateConfig(run_dir=rd, dataset="lgg", data=ext, out=tmp_path / "o"))

@@ -29,14 +29,17 @@ def test_board_lines_in_a_log_follow_the_cells(tmp_path):
     gen, cls = _cells(tmp_path)
     out = io.StringIO()
     board = Board([gen, cls], out, quiet_s=3600)
+    _mark(cls, "done", started=time.time() - 500)  # an earlier attempt's: not this run's state
     board.refresh()
+    board.submitted[(gen.stage, gen.id)] = time.time() - 80  # handed to the executor earlier
     _mark(gen, "running", started=time.time() - 75)
     write_json(gen.folder / "progress.json", {"epoch": 3, "epochs": 18, "step": 41,
                                               "steps": 100})
     board.refresh()
     board.refresh()  # nothing changed: no new line
-    _mark(gen, "done", wall_seconds=80.0)
-    _mark(cls, "failed")
+    _mark(gen, "done", started=time.time() - 75, wall_seconds=80.0)
+    board.submit(cls)
+    _mark(cls, "failed", started=time.time())
     board.close()
     lines = out.getvalue().splitlines()
     assert len(lines) == 3, lines
@@ -49,7 +52,8 @@ def test_board_redraws_a_table_on_a_terminal(tmp_path):
     gen, cls = _cells(tmp_path)
     out = Tty()
     board = Board([gen, cls], out)
-    _mark(gen, "running", started=time.time() - 5)
+    board.submit(gen)
+    _mark(gen, "running", started=time.time())
     write_json(gen.folder / "progress.json", {"epoch": 1, "epochs": 2, "step": 5, "steps": 10})
     board.refresh()
     first = out.getvalue()
@@ -59,8 +63,9 @@ def test_board_redraws_a_table_on_a_terminal(tmp_path):
     again = out.getvalue()[len(first):]
     assert again.startswith(f"\x1b[{len(first.splitlines())}F\x1b[J")  # drawn over the old one
     # a marker of another config (an earlier run of the folder) is not this cell's state
-    write_json(cls.marker, {"status": "done", "config_hash": "other"})
-    assert [r["state"] for r in board.rows()] == ["running", "waiting"]
+    board.submit(cls)
+    write_json(cls.marker, {"status": "done", "config_hash": "other", "started": time.time()})
+    assert [r["state"] for r in board.rows()] == ["running", "starting"]
 
 
 def test_a_local_run_shows_its_cells_while_they_run(tmp_path, capsys):

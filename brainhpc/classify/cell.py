@@ -107,7 +107,7 @@ class ClassifyConfig(Training):
                                         "<gen>-<label>/shards/")
     epochs: int | None = option(None, f"training epochs (default: cnn {DEFAULT_EPOCHS['cnn']}, "
                                 f"vae {DEFAULT_EPOCHS['vae']})", min=1)
-    seed: int = option(0, "seed of the training data draw and of training")
+    seed: int = option(0, "seed of the training data draw and of training", min=0)
     batch_size: int = option(32, "global batch", min=1)
     lr: float | None = option(None, f"Adam learning rate (default {DEFAULT_LR:g})", gt=0)
     dropout: float = option(0.5, "cnn dropout", min=0, lt=1)

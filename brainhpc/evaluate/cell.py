@@ -73,7 +73,7 @@ class EvaluateConfig(Config):
                                "the images: masks)")
     phantom: int | None = option(None, "or N fresh phantom slices with masks, written to OUT",
                                  min=1, metavar="N")
-    seed: int = option(1, "seed of the phantom slices")
+    seed: int = option(1, "seed of the phantom slices", min=0)
     phantom_lesions: str = option("standard", "phantom lesion style (the models' dataset's)",
                                   choices=LESIONS)
     split: str = option("test", "prepared data: the split scored (the others must be asked "
@@ -107,11 +107,12 @@ class EvaluateConfig(Config):
 
     @property
     def images(self) -> Path:
-        """The folder scored: ``data``, or the phantom slices' folder in OUT."""
+        """The folder scored: ``data``, or the phantom slices' folder in OUT, named after what
+        draws them (another N, seed or style is another folder, never the old slices)."""
         if self.data is not None:
             return self.data
         style = "" if self.phantom_lesions == "standard" else f"-{self.phantom_lesions}"
-        return self.out / f"phantom{style}"
+        return self.out / f"phantom-{self.phantom}-s{self.seed}{style}"
 
     def identity(self) -> dict:
         d = super().identity()
@@ -211,8 +212,14 @@ def _cells(cfg: EvaluateConfig) -> dict[str, list[str]]:
     if not plan:
         raise BrainhpcError(f"{cfg.run_dir / 'plan.json'} is missing: --run-dir scores the "
                             "models of a sweep run directory (python -m brainhpc.sweep)")
-    return {s: [c["id"] for c in plan.get(s, []) if c["params"].get("dataset") == cfg.dataset]
-            for s in SCORED_STAGES}
+    cells = {s: [c["id"] for c in plan.get(s, []) if c["params"].get("dataset") == cfg.dataset]
+             for s in SCORED_STAGES}
+    if not any(cells.values()):
+        have = sorted({c["params"].get("dataset") or "(one dataset: no --dataset)"
+                       for s in SCORED_STAGES for c in plan.get(s, [])})
+        raise BrainhpcError(f"evaluate: {cfg.run_dir} has no classify or segment cells of "
+                            f"dataset {cfg.dataset!r}; its datasets: {', '.join(have) or 'none'}")
+    return cells
 
 
 def _finished(folder: Path) -> bool:

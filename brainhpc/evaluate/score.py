@@ -17,6 +17,7 @@ with the metrics that exist for it: that class's recall and the score distributi
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,13 @@ import torch
 from brainhpc.anomaly.techniques import localisation
 from brainhpc.data.duplicates import copies_of
 from brainhpc.data.folder import read_folder
-from brainhpc.data.prepared import check_size, dataset_key, is_prepared, prepared_size
+from brainhpc.data.prepared import (
+    check_size,
+    dataset_key,
+    development_fingerprints,
+    is_prepared,
+    prepared_size,
+)
 from brainhpc.data.shards import SPLITS, ShardData, load_split
 from brainhpc.data.training import concat
 from brainhpc.errors import BrainhpcError
@@ -83,6 +90,7 @@ class ImageSet:
         developing dataset: every model of one run shares them)."""
         size = int(model["image_size"])
         data = self.get(size)[0]
+        model = {**model, **development(model)}
         own = self.prepared and model.get("data_key") is not None and \
             dataset_key(self.path) == model["data_key"]
         key = ("without", size, model.get("data_key"), own)
@@ -94,6 +102,22 @@ class ImageSet:
                        "dataset: it holds the development images, scored as asked (nothing "
                        "dropped)"}
         return data, overlap
+
+
+def development(model: dict) -> dict:
+    """``development_images`` and ``data_key`` of a saved model; a U-Net saved before its
+    model.pt carried them gets them from the prepared dataset its cell's metrics.json names."""
+    if model.get("development_images") is not None:
+        return {}
+    cell = Path(model.get("path", "")).parent
+    try:
+        prepared = Path(json.loads((cell / "metrics.json").read_text())["data"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    if not is_prepared(prepared):
+        return {}
+    return {"development_images": development_fingerprints(prepared),
+            "data_key": dataset_key(prepared)}
 
 
 def drop_overlap(data: ShardData, model: dict, own: bool = False) -> tuple[ShardData, dict]:

@@ -64,7 +64,7 @@ class GenerateConfig(Training):
     out: Path = out_option()
     epochs: int | None = option(None, "training epochs (default: per architecture)", min=1)
     n_samples: int = option(1500, "synthetic images to write", min=1)
-    seed: int = option(0, "seed of training and sampling")
+    seed: int = option(0, "seed of training and sampling", min=0)
     batch_size: int | None = option(None, "global batch (default: per architecture)", min=1)
     options: dict = option(factory=dict, flag="opt",
                            help="architecture option, e.g. --opt ema=0 --opt diffaugment=\"\" "

@@ -71,7 +71,7 @@ class PrepareConfig(Config):
     phantom_lesions: str = option("standard", "phantom lesions: standard (faint and small at "
                                   "64 px) | visible", choices=LESIONS)
     size: int = option(128, "image side in pixels", min=16, max=1024)
-    seed: int = option(0, "split (and phantom) seed")
+    seed: int = option(0, "split (and phantom) seed", min=0)
     split: tuple[float, float, float] = option((0.7, 0.2, 0.1), "train,val,test fractions",
                                                gt=0)
     labels: str | None = option(None, "explicit folder mapping, e.g. --labels tumour=a,b "
@@ -104,10 +104,13 @@ def prepare(cfg: PrepareConfig) -> dict:
     return run_cell(cfg, _prepare, OUTPUTS)
 
 
-def _check_out(out: Path) -> None:
-    """A folder that is neither empty nor a prepared dataset is nobody's to overwrite."""
+def _check_out(out: Path, force: bool) -> None:
+    """A folder that is neither empty nor a prepared dataset is nobody's to overwrite, unless
+    ``force`` (the new dataset replaces it whole)."""
     if out.exists() and not out.is_dir():
         raise BrainhpcError(f"--out {out} exists and is not a folder")
+    if force:
+        return
     if out.is_dir() and any(out.iterdir()) and not (out / OUTPUTS.result).exists():
         raise BrainhpcError(f"{out} exists and is not empty (and holds no manifest.json); "
                             "pass --force to replace it, or choose another --out")
@@ -204,7 +207,7 @@ def _staging(out: Path) -> Path:
 
 def _prepare(ctx: Context) -> dict:
     cfg, t0 = ctx.cfg, time.perf_counter()
-    _check_out(cfg.out)
+    _check_out(cfg.out, cfg.force)
     workers = cfg.workers or default_workers()
     items = _gather(cfg, workers)
     t_processed = time.perf_counter()

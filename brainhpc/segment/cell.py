@@ -90,7 +90,7 @@ class SegmentConfig(Training):
     synthetic_dir: Path | None = option(None, "folder of the generate cells' outputs, "
                                         "<gen>-<label>/shards/")
     epochs: int = option(30, "training epochs", min=1)
-    seed: int = option(0, "seed of the training data draw and of training")
+    seed: int = option(0, "seed of the training data draw and of training", min=0)
     batch_size: int = option(16, "global batch", min=1)
     lr: float = option(1e-3, "Adam learning rate", gt=0)
     channels: tuple[int, ...] = option((16, 32, 64, 128), "U-Net feature maps per level", min=1)

@@ -207,7 +207,10 @@ def dry_run(sweep, plan, run_dir: Path, selected: list[str]) -> str:
         r = sweep.resources[stage]
         out.append(f"\n== {stage}: {len(cells)} cell(s) ==")
         for c in cells:
-            state = (read_marker(c) or {}).get("status", "new")
+            m = read_marker(c) or {}
+            state = m.get("status", "new")
+            if state == "done" and m.get("config_hash") != c.hash and stage != "aggregate":
+                state = "done, config changed: --force"
             params = ", ".join(f"{k}={v}" for k, v in c.params.items()
                                if v not in (None, {}, ""))
             out.append(f"  {c.id:<40} [{state}] {params}")

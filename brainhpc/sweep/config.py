@@ -477,6 +477,11 @@ def _read_others(top: Table, names: tuple[str, ...]) -> dict:
                                              i, names)
                            for i, b in enumerate(t.get("cells", list, [])))
         t.done()
+        seen = [b.name for b in out[stage]]
+        twice = sorted({n for n in seen if seen.count(n) > 1})
+        if twice:
+            raise BrainhpcError(f"{top.source}: {stage}.cells: two blocks are named "
+                                f"{twice[0]!r}; each block's name names its cells' folders")
     return out
 
 

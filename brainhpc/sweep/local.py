@@ -89,11 +89,13 @@ def _stage_local(sweep: Sweep, stage: str, cells: list[Cell], run_dir: Path, for
     return jobs
 
 
-def _stage_debug(stage: str, cells: list[Cell], run_dir: Path, force: bool) -> list:
+def _stage_debug(stage: str, cells: list[Cell], run_dir: Path, force: bool,
+                 board: Board) -> list:
     ex = submitit.DebugExecutor(folder=log_folder(run_dir, stage))
     jobs = []
     for cell in cells:
         jobs.append(ex.submit(CellRunner(force), cell))
+        board.submit(cell)
         _outcome(stage, cell, jobs[-1])
     return jobs
 
@@ -107,7 +109,7 @@ def run_here(executor: str, sweep: Sweep, cells: dict[str, list[Cell]], run_dir:
         if not cells[stage]:
             continue
         if executor == "debug":
-            jobs = _stage_debug(stage, cells[stage], run_dir, force)
+            jobs = _stage_debug(stage, cells[stage], run_dir, force, board)
         else:
             jobs = _stage_local(sweep, stage, cells[stage], run_dir, force, board)
         rec = {"stage": stage, "job_id": ",".join(str(j.job_id) for j in jobs),

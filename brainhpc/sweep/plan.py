@@ -194,6 +194,7 @@ def _other_cells(plan: _Plan) -> None:
 def expand(sweep: Sweep, run_dir: Path) -> dict[str, list[Cell]]:
     """Every cell of every stage, in stage order; the config of each is built (and so checked)
     here."""
+    stages.check_order(stages.TABLE)
     plan = _Plan(sweep, str(Path(run_dir).resolve()))
     _prepare_cells(plan)
     _generate_cells(plan)

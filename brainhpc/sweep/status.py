@@ -118,18 +118,25 @@ class Board:
         self.cells, self.stream, self.quiet_s = cells, stream, quiet_s
         self.tty = hasattr(stream, "isatty") and stream.isatty()
         self.t0, self._drawn, self._last, self._said = time.time(), 0, "", 0.0
-        self.submitted: set[tuple[str, str]] = set()
+        self.submitted: dict[tuple[str, str], float] = {}
 
     def submit(self, cell: Cell) -> None:
-        """``cell`` was handed to the executor: "starting" until its process writes its marker."""
-        self.submitted.add((cell.stage, cell.id))
+        """``cell`` was handed to the executor: "starting" until its process writes its marker
+        (a marker from before, of an earlier attempt, is not this one's state)."""
+        self.submitted[(cell.stage, cell.id)] = time.time()
+
+    def _state(self, c: Cell, m: dict) -> str:
+        since = self.submitted.get((c.stage, c.id))
+        if since is None:
+            return "waiting"
+        fresh = m.get("config_hash") == c.hash and (m.get("started") or 0) >= since - 1
+        return m.get("status", "starting") if fresh else "starting"
 
     def rows(self) -> list[dict]:
         out = []
         for c in self.cells:
             m = _json(c.marker)
-            waiting = "starting" if (c.stage, c.id) in self.submitted else "waiting"
-            state = m.get("status", waiting) if m.get("config_hash") == c.hash else waiting
+            state = self._state(c, m)
             started = m.get("started") or time.time()
             wall = m.get("wall_seconds") if state != "running" else time.time() - started
             out.append({"stage": c.stage, "cell": c.id, "state": state,
