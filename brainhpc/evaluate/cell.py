@@ -5,8 +5,8 @@ folder; a classifier or a U-Net), or every finished model of one dataset of a sw
 (``run_dir`` and ``dataset``: the sweep's evaluate stage, one cell per ``[[evaluate]]`` entry and
 dataset). Which images: a prepared dataset or a raw folder (``data``; ``X_mask`` files beside the
 images give segmenters and the VAE detector's localisation their masks), or ``phantom`` fresh
-phantom slices with masks, written once to ``OUT/phantom/`` (no download; the run's own phantoms
-use another seed). How each model is scored: ``brainhpc.evaluate.score``.
+phantom slices with masks, written once to ``OUT/phantom-<N>-s<seed>/`` (no download; the run's
+own phantoms use another seed). How each model is scored: ``brainhpc.evaluate.score``.
 
 One model writes ``OUT/metrics.json`` (and ``error_maps.png`` or ``overlays.png``); a run writes
 ``OUT/<stage>/<cell id>/metrics.json`` per model and ``OUT/summary.json`` (what was scored,
