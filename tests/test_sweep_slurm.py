@@ -147,6 +147,13 @@ def test_sweep_completes_reports_failed_cell_and_reruns_only_it(tmp_path):
     ids = [r["job_id"] for r in recs]
     assert recs[2]["after"] == ids[:2] and recs[3]["after"] == ids[:3]
     assert recs[2]["pack"] == 2 and len(recs[2]["cells"]) == 4  # two array tasks
+    # --dry-run and the golden files show the very scripts submitit submitted
+    sw = load_sweep(path)
+    for r in recs:
+        tasks = -(-len(r["cells"]) // r.get("pack", 1))
+        dep = "afterany:" + ":".join(r["after"]) if r["after"] else None
+        submitted = (run / "logs" / r["stage"] / f"{r['job_id']}_submission.sh").read_text()
+        assert submitted == slurm.sbatch_script(sw, r["stage"], run.resolve(), tasks, dep), r
     wait_sweep(run)
 
     cls = markers(run, "classify")
