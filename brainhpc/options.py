@@ -254,13 +254,3 @@ def from_args(cls, args: argparse.Namespace):
         values[f.name] = value
     return cls(**values)
 
-
-def defaults(cls) -> dict:
-    """Field -> default of ``cls`` (fields without one are left out)."""
-    out = {}
-    for f in fields(cls):
-        if f.default is not MISSING:
-            out[f.name] = f.default
-        elif f.default_factory is not MISSING:
-            out[f.name] = f.default_factory()
-    return out

@@ -67,7 +67,6 @@ TABLE: dict[str, Stage] = {s.name: s for s in (
           after=("prepare", "generate", "classify", "segment", "evaluate"), command=False),
 )}
 NAMES = tuple(TABLE)
-GPU_STAGES = tuple(s.name for s in TABLE.values() if s.gpu)
 
 
 def check_order(table: dict[str, Stage]) -> None:

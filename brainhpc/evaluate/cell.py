@@ -18,7 +18,6 @@ the cell; a model that cannot be scored does, after the others were scored.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import tempfile
@@ -48,7 +47,7 @@ from brainhpc.evaluate.score import (
     score_classifier,
     score_segmentation,
 )
-from brainhpc.fsio import config_hash, sha256_file, write_json
+from brainhpc.fsio import config_hash, read_json, sha256_file, write_json
 from brainhpc.options import check, option
 from brainhpc.predictors import load_predictor
 
@@ -199,16 +198,9 @@ def _one(ctx: Context) -> dict:
     return ctx.finish(result)
 
 
-def _json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
-
-
 def _cells(cfg: EvaluateConfig) -> dict[str, list[str]]:
     """stage -> ids of this dataset's classify/segment cells, from the run's plan."""
-    plan = _json(cfg.run_dir / "plan.json")
+    plan = read_json(cfg.run_dir / "plan.json")
     if not plan:
         raise BrainhpcError(f"{cfg.run_dir / 'plan.json'} is missing: --run-dir scores the "
                             "models of a sweep run directory (python -m brainhpc.sweep)")
@@ -223,7 +215,8 @@ def _cells(cfg: EvaluateConfig) -> dict[str, list[str]]:
 
 
 def _finished(folder: Path) -> bool:
-    return (folder / "model.pt").exists() and _json(folder / "metrics.json").get("status") == "done"
+    done = read_json(folder / "metrics.json").get("status") == "done"
+    return done and (folder / "model.pt").exists()
 
 
 def _score_cell(cfg: EvaluateConfig, folder: Path, out: Path, images: ImageSet,
@@ -232,7 +225,7 @@ def _score_cell(cfg: EvaluateConfig, folder: Path, out: Path, images: ImageSet,
     ident = {"checkpoint": str((folder / "model.pt").resolve()),
              "checkpoint_sha256": sha256_file(folder / "model.pt"),
              "data": str(images.path.resolve()), "split": images.split, "labels": cfg.labels}
-    old = _json(out / ONE.result).get("config") or {}
+    old = read_json(out / ONE.result).get("config") or {}
     stale = bool(old) and old.get("checkpoint_sha256") != ident["checkpoint_sha256"]
     if not (cfg.force or stale):
         done = previous(out, ident, ONE, "evaluate")

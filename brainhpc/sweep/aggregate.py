@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ from typing import ClassVar
 
 from brainhpc.data.training import parse_train_spec
 from brainhpc.errors import BrainhpcError
-from brainhpc.fsio import atomic_path, write_text
+from brainhpc.fsio import atomic_path, read_json, write_json, write_text
 
 # Reference study (Br35H; issue 4): (model, technique, train kind) -> Acc, Prec, Rec, F1 in %.
 REFERENCE = {
@@ -77,15 +76,8 @@ GENERATOR_COLS = ("dataset", "cell", "status", "arch", "label", "with_masks", "e
                   "wall_seconds", "code_version", "error", "log")
 
 
-def _json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
-
-
 def _outcome(folder: Path) -> dict:
-    m = _json(folder / "cell.json")
+    m = read_json(folder / "cell.json")
     return {"status": m.get("status", "missing"), "error": m.get("error", ""),
             "log": m.get("log", "")}
 
@@ -97,7 +89,7 @@ def _dataset(cell: dict) -> str:
 def _manifest(run_dir: Path, dataset: str) -> dict:
     for folder in (run_dir / "prepare" / dataset / "prepared",
                    run_dir / "prepare" / "data" / "prepared"):
-        m = _json(folder / "manifest.json")
+        m = read_json(folder / "manifest.json")
         if m:
             return m
     return {}
@@ -137,7 +129,7 @@ def _external(run_dir: Path, plan: dict, stage: str, cell: dict) -> list[tuple[s
         if _dataset(ev) != _dataset(cell):
             continue
         path = run_dir / "evaluate" / ev["id"] / stage / cell["id"] / "metrics.json"
-        out.append((ev["params"]["name"], _json(path)))
+        out.append((ev["params"]["name"], read_json(path)))
     return out
 
 
@@ -182,7 +174,7 @@ def _classify_cell_rows(run_dir: Path, plan: dict, c: dict) -> list[dict]:
     p = c["params"]
     base = {"dataset": _dataset(c), "cell": c["id"], **_outcome(folder), "model": p["model"],
             **_spec_cols(p["train_data"]), "seed": p.get("seed", 0)}
-    m = _json(folder / "metrics.json")
+    m = read_json(folder / "metrics.json")
     done = base["status"] == "done" and m.get("status") == "done"
     if base["status"] == "done" and not done:
         base.update(status="failed", error=f"{folder / 'metrics.json'} missing or unfinished")
@@ -232,7 +224,7 @@ def segment_rows(run_dir: Path, plan: dict) -> list[dict]:
         p = c["params"]
         row = {"dataset": _dataset(c), "cell": c["id"], **_outcome(folder),
                **_spec_cols(p["train_data"]), "seed": p.get("seed", 0)}
-        m = _json(folder / "metrics.json")
+        m = read_json(folder / "metrics.json")
         if row["status"] == "done" and m.get("status") == "done":
             t = m.get("test", {})
             det = t.get("detection") or {}
@@ -266,7 +258,7 @@ def generator_rows(run_dir: Path, plan: dict) -> list[dict]:
         row = {"dataset": _dataset(c), "cell": c["id"], **_outcome(folder),
                "arch": c["params"]["arch"], "label": c["params"]["label"],
                "with_masks": bool(c["params"].get("with_masks", False))}
-        card = _json(folder / "card.json")
+        card = read_json(folder / "card.json")
         if row["status"] == "done" and card.get("status") == "done":
             q = card.get("quality") or {}
             mem = q.get("memorisation") or {}
@@ -580,7 +572,7 @@ def provenance(run_dir: Path) -> dict:
     from brainhpc import __version__
     from brainhpc.sweep.resources import REPO
 
-    sweep = _json(run_dir / "sweep.json")
+    sweep = read_json(run_dir / "sweep.json")
     commit = dirty = None
     try:
         commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"],
@@ -598,7 +590,7 @@ def provenance(run_dir: Path) -> dict:
         pass
     walls, starts, ends = [], [], []
     for marker in run_dir.glob("*/**/cell.json"):
-        m = _json(marker)
+        m = read_json(marker)
         wall = m.get("wall_seconds_total", m.get("wall_seconds"))  # all attempts
         if m.get("status") == "done" and isinstance(wall, (int, float)):
             walls.append(wall)
@@ -695,7 +687,7 @@ def aggregate_cell(cfg: AggregateConfig) -> dict:
 def aggregate(run_dir: str | Path) -> dict:
     """Write RUN_DIR/results/ from the plan and whatever the cells left; never fails on a cell."""
     run_dir = Path(run_dir)
-    plan = _json(run_dir / "plan.json")
+    plan = read_json(run_dir / "plan.json")
     if not plan:
         raise BrainhpcError(f"{run_dir / 'plan.json'} is missing: not a sweep run directory")
     out = run_dir / "results"
@@ -706,10 +698,9 @@ def aggregate(run_dir: str | Path) -> dict:
     write_csv(out / "generators.csv", gens, GENERATOR_COLS)
     if seg:
         write_csv(out / "segmentation.csv", seg, SEGMENT_COLS)
-    name = (_json(run_dir / "sweep.json") or {}).get("name", "")
+    name = (read_json(run_dir / "sweep.json") or {}).get("name", "")
     write_text(out / "table.md", tables(rows, seg, gens, name))
     made = plots(rows, seg, out) + collect_figures(run_dir, plan, out)
-    from brainhpc.fsio import write_json
 
     write_json(out / "provenance.json", provenance(run_dir))
     failed = sorted({r["cell"] for r in rows + seg + gens

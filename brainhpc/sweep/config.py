@@ -53,7 +53,6 @@ the profile's ``[resources.<stage>]``, the sweep file's ``[resources]``, its
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -65,7 +64,14 @@ from brainhpc.data.shards import EVAL_SPLITS, LABELS
 from brainhpc.data.training import parse_train_spec
 from brainhpc.errors import BrainhpcError
 from brainhpc.models.classifiers import CLASSIFIERS
-from brainhpc.sweep.resources import JOBS, Site, Table, check_prefix, load_resources
+from brainhpc.sweep.resources import (
+    JOBS,
+    Site,
+    Table,
+    check_prefix,
+    load_resources,
+    read_toml,
+)
 
 SINGLE = "data"  # the name of the one dataset of a plain [data] table
 # dataset and [[evaluate]] names become folder names, cell ids and CSV column prefixes
@@ -447,10 +453,7 @@ def _read_file(path: Path) -> dict:
         have = ", ".join(sorted(p.name for p in JOBS.glob("*.toml")))
         raise BrainhpcError(f"sweep file {path} does not exist (sweep files in "
                             f"{JOBS}: {have})")
-    try:
-        return tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise BrainhpcError(f"{path}: not valid TOML ({e})") from e
+    return read_toml(path)
 
 
 def _read_stage_block(t: Table, stage: str, index: int, names: tuple[str, ...]) -> StageBlock:

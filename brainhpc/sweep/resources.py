@@ -195,6 +195,10 @@ def read_profile(ref: str, source: str) -> dict:
         have = ", ".join(sorted(p.stem for p in PROFILES.glob("*.toml")))
         raise BrainhpcError(f"{source}: profile {ref!r} not found ({path}); profiles in "
                             f"{PROFILES}: {have}, or give a path to a .toml file")
+    return read_toml(path)
+
+
+def read_toml(path: Path) -> dict:
     try:
         return tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:

@@ -8,12 +8,12 @@ queue (pending/running from ``squeue``); a training cell's epoch and step come f
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 from brainhpc import stages
 from brainhpc.errors import BrainhpcError
+from brainhpc.fsio import read_json
 from brainhpc.sweep.plan import Cell
 from brainhpc.sweep.rundir import cell_jobs
 from brainhpc.sweep.slurm import queue_states
@@ -21,17 +21,9 @@ from brainhpc.sweep.slurm import queue_states
 ORDER = ("done", "running", "pending", "failed", "interrupted", "lost", "not submitted")
 
 
-def _json(path: Path) -> dict:
-    try:
-        rec = json.loads(Path(path).read_text())
-    except (FileNotFoundError, json.JSONDecodeError, NotADirectoryError):
-        return {}
-    return rec if isinstance(rec, dict) else {}
-
-
 def progress(folder: Path) -> str:
     """"epoch 3/18, 41%" from a training cell's progress.json ("" when it has none)."""
-    p = _json(Path(folder) / "progress.json")
+    p = read_json(Path(folder) / "progress.json")
     if not p.get("steps"):
         return ""
     return f"epoch {p['epoch']}/{p['epochs']}, {100 * p['step'] / p['steps']:.0f}%"
@@ -79,7 +71,7 @@ def cell_states(run_dir: Path, queued: dict[str, str] | None = None) -> list[dic
     rows = []
     for stage, cid in _keys(run_dir, jobs):
         job = jobs.get((stage, cid), "")
-        m = _json(run_dir / stage / cid / "cell.json")
+        m = read_json(run_dir / stage / cid / "cell.json")
         state, detail = _state(m, job, queued)
         rows.append({"stage": stage, "cell": cid, "state": state,
                      "job": job or m.get("job_id", ""),
@@ -135,7 +127,7 @@ class Board:
     def rows(self) -> list[dict]:
         out = []
         for c in self.cells:
-            m = _json(c.marker)
+            m = read_json(c.marker)
             state = self._state(c, m)
             started = m.get("started") or time.time()
             wall = m.get("wall_seconds") if state != "running" else time.time() - started
