@@ -90,10 +90,10 @@ class Items:
     notices: list[str] = field(default_factory=list)
     layout: str = ""
 
-    def data(self, attrs: dict) -> ShardData:
+    def data(self, attrs: dict, groups: list[str] | None = None) -> ShardData:
         return ShardData(self.images, self.labels, self.sources, self.masks, attrs,
                          brain=self.brain, patients=self.patients, thumbs=self.thumbs,
-                         sha256=self.sha)
+                         sha256=self.sha, groups=groups)
 
 
 def _stack(procs: list[preprocess.Processed], key: str, shape: tuple) -> np.ndarray:

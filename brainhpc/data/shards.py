@@ -13,7 +13,9 @@ A shard is ``shard-NNNNN.h5`` holding
   ``patients`` N strings, the patient of each image (LGG case folders; without it every image
   is its own patient, see ``patient_ids``); ``thumbs`` N x 32 x 32 uint8 size-independent
   thumbnails and ``sha256`` N strings (the source file's hash): the fingerprints that external
-  evaluation uses to drop copies of training images (``brainhpc.data.duplicates``);
+  evaluation uses to drop copies of training images (``brainhpc.data.duplicates``); ``groups``
+  N strings, the leakage group of each image (copies and one patient's slices share one; named
+  after the group's first source): the unit that splits, folds and intervals resample;
 * attributes: ``format``, ``size``, ``seed``, ``version``, ``config_hash`` and whatever
   the writer adds
   (a generator writes its architecture, checkpoint and seed).
@@ -52,7 +54,7 @@ IN_MEMORY_LIMIT_BYTES = 4 << 30
 
 # optional per-image datasets: name -> kind ("array": N x ... uint8, "strings": N strings)
 OPTIONAL = {"masks": "array", "brain": "array", "patients": "strings", "thumbs": "array",
-            "sha256": "strings"}
+            "sha256": "strings", "groups": "strings"}
 
 # where tumour masks come from (named by errors of the stages that need them)
 MASK_LAYOUTS = ("phantom data (brainhpc prepare --phantom N), the LGG FLAIR layout "
@@ -72,10 +74,16 @@ class ShardData:
     patients: list[str] | None = None  # patient id per image
     thumbs: np.ndarray | None = None  # N x 32 x 32 uint8 fingerprint thumbnails
     sha256: list[str] | None = None  # source-file hashes
+    groups: list[str] | None = None  # leakage group (duplicates, a patient's slices) per image
 
     def patient_ids(self) -> list[str]:
         """The patient of every image; without patient grouping each image is its own."""
         return list(self.patients) if self.patients is not None else list(self.sources)
+
+    def group_ids(self) -> list[str]:
+        """The unit of resampling of every image: its leakage group (``prepare`` records it),
+        else its patient, else the image itself (datasets prepared before groups were kept)."""
+        return list(self.groups) if self.groups is not None else self.patient_ids()
 
     def optional(self) -> dict:
         return {k: getattr(self, k) for k in OPTIONAL}

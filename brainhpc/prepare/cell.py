@@ -46,7 +46,7 @@ from brainhpc.data.confound import confound_check, image_statistics
 from brainhpc.data.folder import Items, default_workers, gather_folder, gather_phantom
 from brainhpc.data.phantom import LESIONS
 from brainhpc.data.shards import DEFAULT_SHARD_SIZE, LABEL_NAMES, LABELS, SPLITS, write_shards
-from brainhpc.data.split import check_splits, split_counts, split_groups
+from brainhpc.data.split import check_splits, fold_split, group_names, split_counts, split_groups
 from brainhpc.errors import BrainhpcError
 from brainhpc.fsio import config_hash, sha256_file, write_json
 from brainhpc.images import save_grid
@@ -72,8 +72,11 @@ class PrepareConfig(Config):
                                   "64 px) | visible", choices=LESIONS)
     size: int = option(128, "image side in pixels", min=16, max=1024)
     seed: int = option(0, "split (and phantom) seed", min=0)
-    split: tuple[float, float, float] = option((0.7, 0.2, 0.1), "train,val,test fractions",
-                                               gt=0)
+    split: tuple[float, float, float] = option((0.7, 0.2, 0.1), "train,val,test fractions "
+                                               "(with --folds: train:val only)", gt=0)
+    folds: int | None = option(None, "grouped K-fold cross-validation: deal the groups into K "
+                               "folds, test on fold --fold", min=2, max=50, metavar="K")
+    fold: int = option(0, "with --folds: the fold that is the test part (0..K-1)", min=0)
     labels: str | None = option(None, "explicit folder mapping, e.g. --labels tumour=a,b "
                                 "healthy=c", nargs="+", metavar="LABEL=DIR[,DIR]")
     shard_size: int = option(DEFAULT_SHARD_SIZE, "max images per shard file", min=1)
@@ -93,6 +96,11 @@ class PrepareConfig(Config):
             raise BrainhpcError(f"prepare: split must be three positive fractions train,val,test "
                                 f"summing to 1, got {self.split!r}")
         self.split = tuple(float(x) for x in self.split)
+        if self.folds is None and self.fold:
+            raise BrainhpcError(f"prepare: --fold {self.fold} needs --folds K")
+        if self.folds is not None and self.fold >= self.folds:
+            raise BrainhpcError(f"prepare: fold must be an integer in 0..{self.folds - 1} "
+                                f"(--folds {self.folds}), got {self.fold}")
         if self.labels and self.data is None:
             raise BrainhpcError("prepare: --labels only applies to --data")
         if self.labels:
@@ -144,7 +152,10 @@ def _split(cfg: PrepareConfig, items: Items) -> tuple[np.ndarray, np.ndarray, di
         cfg.near_dup_corr)
     listed = [sorted(items.sources[i] for i in np.flatnonzero(groups == g))
               for g in np.unique(groups) if (groups == g).sum() > 1]
-    split = split_groups(groups, items.labels, cfg.split, cfg.seed)
+    if cfg.folds is None:
+        split = split_groups(groups, items.labels, cfg.split, cfg.seed)
+    else:
+        split = fold_split(groups, items.labels, cfg.folds, cfg.fold, cfg.split, cfg.seed)
     stats["audit"] = duplicates.audit(pairs, split, items.labels, items.patients,
                                       rule_bits=cfg.near_dup_bits, rule_corr=cfg.near_dup_corr)
     check_splits(items.labels, split, str(cfg.data or "phantom data"))
@@ -164,13 +175,13 @@ def _preview(path: Path, images: np.ndarray, labels: np.ndarray, seed: int) -> N
 
 
 def _write_splits(staging: Path, cfg: PrepareConfig, items: Items, split: np.ndarray,
-                  attrs: dict) -> list[dict]:
+                  groups: list[str], attrs: dict) -> list[dict]:
     """One shard folder per split, sorted by source; returns the shard list of the manifest."""
     shards = []
     for k, name in enumerate(SPLITS):
         idx = np.flatnonzero(split == k)
         idx = idx[np.argsort([items.sources[i] for i in idx], kind="stable")]
-        part = items.data(attrs).select(idx)
+        part = items.data(attrs, groups).select(idx)
         paths = write_shards(staging / name, part.images, part.labels, part.sources,
                              attrs={**attrs, "split": name}, shard_size=cfg.shard_size,
                              **part.optional())
@@ -182,16 +193,20 @@ def _write_splits(staging: Path, cfg: PrepareConfig, items: Items, split: np.nda
 
 def _manifest(ctx: Context, items: Items, split: np.ndarray, dup: tuple, confound: dict,
               shards: list, timing: dict) -> dict:
-    stats, listed = dup
+    stats, listed, groups = dup
     return {
         "format": 1, "status": "done", "version": __version__,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "config": ctx.ident, "config_hash": config_hash(ctx.ident), "layout": items.layout,
         "size": ctx.cfg.size, "counts": split_counts(items.labels, split),
+        "folds": None if ctx.cfg.folds is None else {"k": ctx.cfg.folds, "fold": ctx.cfg.fold},
+        "groups_per_split": {name: len(set(groups[split == k].tolist()))
+                             for k, name in enumerate(SPLITS)},
         "total": int(len(items.labels)), "has_masks": items.masks is not None,
         "patients": None if items.patients is None else len(set(items.patients)),
         "duplicates": stats, "confound": confound, "duplicate_groups": listed,
         "skipped": items.skipped, "notices": items.notices, "shards": shards, "timing": timing,
+        "code": ctx.code,
     }
 
 
@@ -221,12 +236,14 @@ def _prepare(ctx: Context) -> dict:
     try:
         attrs = {"size": cfg.size, "seed": cfg.seed, "config_hash": config_hash(ctx.ident),
                  "source": "phantom" if cfg.data is None else str(cfg.data)}
-        shards = _write_splits(staging, cfg, items, split, attrs)
+        shards = _write_splits(staging, cfg, items, split,
+                               group_names(groups, items.sources), attrs)
         _preview(staging / "preview.png", items.images[train], items.labels[train], cfg.seed)
         n_seen = len(items.labels) + len(items.skipped)
         timing = {"wall_s": round(time.perf_counter() - t0, 3), "workers": workers,
                   "images_per_s": round(n_seen / max(t_processed - t0, 1e-9), 1)}
-        manifest = _manifest(ctx, items, split, (stats, listed), confound, shards, timing)
+        manifest = _manifest(ctx, items, split, (stats, listed, groups), confound, shards,
+                             timing)
         write_json(staging / OUTPUTS.result, manifest)
         _swap_into_place(staging, cfg.out)
     except BaseException:

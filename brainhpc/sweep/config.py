@@ -15,6 +15,8 @@ takes that config's default. The stages themselves are listed in ``brainhpc.stag
     path = "~/data/mri/Training"   # relative paths: from the directory you run the sweep in
     phantom = 200
     size = 64
+    folds = 5                      # optional: grouped 5-fold cross-validation, a cell axis (every
+                                   # cell of the dataset once per fold, ids "f<i>/<id>")
     #   or several datasets, one sub-table each (cell ids then start with "<name>/"):
     # [data.br35h]
     # path = "~/data/br35h"
@@ -92,6 +94,7 @@ class DataSpec:
     labels: str | None = None  # for layouts that are not auto-detected (see brainhpc prepare)
     name: str = SINGLE  # [data.<name>]; "data" for a plain [data]
     phantom_lesions: str | None = None  # phantom only: how visible the lesions are
+    folds: int | None = None  # grouped K-fold cross-validation: every cell once per fold
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,7 @@ class GenerateSpec:
     options: dict = field(default_factory=dict)
     datasets: tuple[str, ...] = (SINGLE,)
     with_masks: tuple[str, ...] = ()  # datasets whose tumour generators draw masks too
+    folds: tuple[int, ...] | None = None  # with a dataset's folds: these only (None: all)
 
 
 @dataclass(frozen=True)
@@ -125,6 +129,7 @@ class ClassifyBlock:
     batch_size: int | None = None
     options: dict = field(default_factory=dict)  # further ClassifyConfig fields
     datasets: tuple[str, ...] = (SINGLE,)
+    folds: tuple[int, ...] | None = None  # with a dataset's folds: these only (None: all)
 
 
 @dataclass(frozen=True)
@@ -137,6 +142,7 @@ class SegmentBlock:
     batch_size: int | None = None
     options: dict = field(default_factory=dict)  # further SegmentConfig fields
     datasets: tuple[str, ...] = (SINGLE,)
+    folds: tuple[int, ...] | None = None  # with a dataset's folds: these only (None: all)
 
 
 @dataclass(frozen=True)
@@ -218,6 +224,7 @@ def _read_dataset(t: Table, name: str, override: Path | None) -> DataSpec:
     seed = t.get("seed", int)
     labels = t.get("labels", str)
     lesions = t.get("phantom_lesions", str)
+    folds = t.get("folds", int)
     t.done()
     if lesions is not None and lesions not in LESIONS:
         raise BrainhpcError(f"{t.source}: {t.key('phantom_lesions')}: unknown {lesions!r}; "
@@ -231,7 +238,7 @@ def _read_dataset(t: Table, name: str, override: Path | None) -> DataSpec:
     if path is not None:
         path = _folder(path, t.key("path"), t.source, f"; override with {flag}")
     return DataSpec(path=path, phantom=phantom, size=size, seed=seed, labels=labels, name=name,
-                    phantom_lesions=lesions)
+                    phantom_lesions=lesions, folds=folds)
 
 
 def _overrides(data, names: list[str], named: bool, source: str) -> dict[str, Path]:
@@ -299,6 +306,7 @@ def _read_generate(t: Table, names: tuple[str, ...]) -> GenerateSpec:
     spec = {key: t.get(key, int) for key in ("seed", "epochs", "n_samples", "batch_size",
                                              "min_images", "feature_steps", "checkpoint_every")}
     quality = t.get("quality", bool)
+    folds = _folds(t, None)
     datasets = _datasets(t, names)
     masks = t.get("with_masks", (bool, list), False)
     masks = list(datasets) if masks is True else [] if masks is False else masks
@@ -320,7 +328,7 @@ def _read_generate(t: Table, names: tuple[str, ...]) -> GenerateSpec:
     t.done()
     return GenerateSpec(archs=archs, labels=labels, quality=quality, options=options,
                         datasets=datasets, with_masks=tuple(n for n in datasets if n in masks),
-                        **spec)
+                        folds=folds, **spec)
 
 
 def _train_data(t: Table, gen: GenerateSpec | None, datasets: tuple[str, ...],
@@ -353,7 +361,21 @@ def _train_data(t: Table, gen: GenerateSpec | None, datasets: tuple[str, ...],
 def _defaults(t: Table) -> dict:
     """The block defaults of [classify] / [segment]."""
     return {"seeds": t.get("seeds", list, [0]), "epochs": t.get("epochs", int),
-            "batch_size": t.get("batch_size", int), "options": t.get("options", dict, {})}
+            "batch_size": t.get("batch_size", int), "options": t.get("options", dict, {}),
+            "folds": _folds(t, None)}
+
+
+def _folds(t: Table, default: tuple[int, ...] | None) -> tuple[int, ...] | None:
+    """The optional ``folds`` of a block: which folds of its datasets' cross-validation it runs
+    (checked against each dataset's ``folds`` when the plan is made)."""
+    folds = t.get("folds", list)
+    if folds is None:
+        return default
+    if not folds or not all(isinstance(f, int) and not isinstance(f, bool) and f >= 0
+                            for f in folds):
+        raise BrainhpcError(f"{t.source}: {t.key('folds')} must be a non-empty list of fold "
+                            f"numbers (0, 1, ...), got {folds!r}")
+    return tuple(dict.fromkeys(folds))
 
 
 def _common(t: Table, defaults: dict) -> dict:
@@ -365,7 +387,8 @@ def _common(t: Table, defaults: dict) -> dict:
     epochs = t.get("epochs", int, defaults.get("epochs"))
     batch = t.get("batch_size", int, defaults.get("batch_size"))
     options = {**defaults.get("options", {}), **t.get("options", dict, {})}
-    return {"seeds": tuple(seeds), "epochs": epochs, "batch_size": batch, "options": options}
+    return {"seeds": tuple(seeds), "epochs": epochs, "batch_size": batch, "options": options,
+            "folds": _folds(t, defaults.get("folds"))}
 
 
 def _read_block(t: Table, defaults: dict, gen: GenerateSpec | None,

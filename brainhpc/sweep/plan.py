@@ -21,6 +21,13 @@ With several datasets (``[data.<name>]``) the prepare cell of dataset <name> is 
 (``RUN_DIR/classify/<name>/cnn-real-s0``; synthetic_dir ``RUN_DIR/generate/<name>``); those
 cells carry ``params["dataset"]``. A cell's params hold only what the sweep file sets: every
 other value is the stage config's default (``brainhpc.options``), written in one place.
+
+Folds (``folds = K`` in a dataset's table) are a cell axis like seeds: the dataset is prepared
+once per fold (``RUN_DIR/prepare/<name>/f<i>/prepared``, ``brainhpc prepare --folds K --fold i``)
+and every generate, classify, segment cell of it runs once per fold on that fold's data, with
+``f<i>/`` after the dataset prefix (``RUN_DIR/classify/lgg/f2/cnn-real-s0``; synthetic_dir
+``RUN_DIR/generate/lgg/f2``: a fold's generators see its training part only); those cells carry
+``params["fold"]``. Evaluate cells score the models of every fold.
 """
 
 from __future__ import annotations
@@ -61,13 +68,18 @@ def dataset_of(cell: Cell) -> str:
     return cell.params.get("dataset") or SINGLE
 
 
-def prepared_dir(run_dir: str | Path, dataset: str = SINGLE) -> Path:
-    return Path(run_dir) / "prepare" / dataset / "prepared"
+def _fold(fold: int | None) -> str:
+    return "" if fold is None else f"f{fold}"
 
 
-def synthetic_dir(run_dir: str | Path, dataset: str | None = None) -> Path:
-    """The folder of a dataset's generate cells (``<arch>-<label>/``)."""
-    return Path(run_dir) / "generate" / dataset if dataset else Path(run_dir) / "generate"
+def prepared_dir(run_dir: str | Path, dataset: str = SINGLE, fold: int | None = None) -> Path:
+    return Path(run_dir) / "prepare" / dataset / _fold(fold) / "prepared"
+
+
+def synthetic_dir(run_dir: str | Path, dataset: str | None = None,
+                  fold: int | None = None) -> Path:
+    """The folder of a dataset's (fold's) generate cells (``<arch>-<label>/``)."""
+    return Path(run_dir) / "generate" / (dataset or "") / _fold(fold)
 
 
 def results_dir(run_dir: str | Path) -> Path:
@@ -89,13 +101,25 @@ class _Plan:
     def __init__(self, sweep: Sweep, run_dir: str):
         self.sweep, self.run_dir = sweep, run_dir
         self.cells: dict[str, list[Cell]] = {s: [] for s in stages.NAMES}
+        self.folds = {d.name: d.folds for d in sweep.datasets}
 
-    def add(self, stage: str, ds: str, base: str, params: dict) -> None:
-        if self.sweep.named:
-            self.cells[stage].append(Cell(stage, f"{ds}/{base}", {**params, "dataset": ds},
-                                          self.run_dir))
-        else:
-            self.cells[stage].append(Cell(stage, base, params, self.run_dir))
+    def add(self, stage: str, ds: str, base: str, params: dict, folded: bool = True,
+            only: tuple[int, ...] | None = None) -> None:
+        """One cell, or with folds (``folded``) one per fold of the dataset (``only``: these)."""
+        folds = self.folds.get(ds) if folded else None
+        if only is not None and not folds:
+            raise BrainhpcError(f"{self.sweep.source}: {stage} {base}: folds = {list(only)} on "
+                                f"dataset {ds!r}, which has no folds (set folds = K in its "
+                                "data table)")
+        if only is not None and max(only) >= folds:
+            raise BrainhpcError(f"{self.sweep.source}: {stage} {base}: fold {max(only)} on "
+                                f"dataset {ds!r}, which has folds 0..{folds - 1}")
+        for fold in (only or range(folds)) if folds else (None,):
+            cid = base if fold is None else f"{_fold(fold)}/{base}"
+            extra = {} if fold is None else {"fold": fold}
+            if self.sweep.named:
+                cid, extra = f"{ds}/{cid}", {**extra, "dataset": ds}
+            self.cells[stage].append(Cell(stage, cid, {**params, **extra}, self.run_dir))
 
 
 def _prepare_cells(plan: _Plan) -> None:
@@ -105,7 +129,12 @@ def _prepare_cells(plan: _Plan) -> None:
                       phantom_lesions=d.phantom_lesions)
         if plan.sweep.named:
             params["dataset"] = d.name
-        plan.cells["prepare"].append(Cell("prepare", d.name, params, plan.run_dir))
+        for fold in range(d.folds) if d.folds else (None,):
+            cid, extra = d.name, {}
+            if fold is not None:
+                cid, extra = f"{d.name}/{_fold(fold)}", {"folds": d.folds, "fold": fold}
+            plan.cells["prepare"].append(Cell("prepare", cid, {**params, **extra},
+                                              plan.run_dir))
 
 
 def _generate_cells(plan: _Plan) -> None:
@@ -121,12 +150,13 @@ def _generate_cells(plan: _Plan) -> None:
                     params["options"] = g.options[arch]
                 if label == "tumour" and ds in g.with_masks:
                     params["with_masks"] = True
-                plan.add("generate", ds, f"{arch}-{label}", params)
+                plan.add("generate", ds, f"{arch}-{label}", params, only=g.folds)
 
 
 def _block_cells(stage: str, blocks, ds: str, source) -> dict[str, tuple[int, dict]]:
     """cell id -> (first block, params) of one dataset's classify or segment blocks. Two blocks
-    naming one cell must agree; VAE cells of two blocks score the techniques of both."""
+    naming one cell must agree (folds included); VAE cells of two blocks score the techniques
+    of both."""
     by_id: dict[str, tuple[int, dict]] = {}
     for i, block in enumerate(blocks):
         if ds not in block.datasets:
@@ -137,7 +167,8 @@ def _block_cells(stage: str, blocks, ds: str, source) -> dict[str, tuple[int, di
                 cid = f"{model}-{_train_id(train)}-s{seed}"
                 params = {**({"model": model} if stage == "classify" else {}),
                           "train_data": train, "seed": seed, **block.options,
-                          **_set(epochs=block.epochs, batch_size=block.batch_size)}
+                          **_set(epochs=block.epochs, batch_size=block.batch_size,
+                                 _folds=block.folds)}
                 if model == "vae":
                     params["techniques"] = list(block.techniques)
                 if cid not in by_id:
@@ -161,7 +192,8 @@ def _model_cells(plan: _Plan) -> None:
         for stage in ("classify", "segment"):
             blocks = getattr(plan.sweep, stage)
             for cid, (_, params) in _block_cells(stage, blocks, ds, plan.sweep.source).items():
-                plan.add(stage, ds, cid, params)
+                only = params.pop("_folds", None)
+                plan.add(stage, ds, cid, params, only=only)
 
 
 def _evaluate_cells(plan: _Plan) -> None:
@@ -178,7 +210,8 @@ def _evaluate_cells(plan: _Plan) -> None:
                 lesions = next(d.phantom_lesions for d in sweep.datasets if d.name == ds)
                 source = _set(phantom=e.phantom, seed=e.seed, phantom_lesions=lesions)
             plan.add("evaluate", ds, e.name, {"name": e.name, **source,
-                                              **_set(labels=e.labels, split=e.split)})
+                                              **_set(labels=e.labels, split=e.split)},
+                     folded=False)
 
 
 def _other_cells(plan: _Plan) -> None:
@@ -215,15 +248,15 @@ def expand(sweep: Sweep, run_dir: Path) -> dict[str, list[Cell]]:
 def _wiring(cell: Cell) -> dict:
     """The paths a cell's config gets from the run layout (see the module docstring)."""
     rd = Path(cell.run_dir)
-    named = cell.params.get("dataset")
+    named, fold = cell.params.get("dataset"), cell.params.get("fold")
     if cell.stage == "prepare":
-        return {"out": prepared_dir(rd, cell.id)}
+        return {"out": rd / "prepare" / cell.id / "prepared"}
     if cell.stage == "evaluate":
         return {"run_dir": rd, "out": cell.folder, "dataset": named}
     if cell.stage == "aggregate":
         return {"run_dir": rd}
-    return {"data": prepared_dir(rd, named or SINGLE), "out": cell.folder,
-            "synthetic_dir": synthetic_dir(rd, named)}
+    return {"data": prepared_dir(rd, named or SINGLE, fold), "out": cell.folder,
+            "synthetic_dir": synthetic_dir(rd, named, fold)}
 
 
 def stage_config(cell: Cell, force: bool = False, device: str = "auto"):
@@ -233,7 +266,8 @@ def stage_config(cell: Cell, force: bool = False, device: str = "auto"):
     never from the sweep file, so a cell cannot ask for GPUs and then train on the CPU."""
     cls = stages.TABLE[cell.stage].config_class()
     names = {f.name for f in fields(cls)}
-    params = {k: v for k, v in cell.params.items() if k != "dataset"}
+    params = {k: v for k, v in cell.params.items()
+              if k != "dataset" and (k != "fold" or cell.stage == "prepare")}
     fixed = {k: v for k, v in {**_wiring(cell), "force": force, "progress": False,
                                "device": device}.items() if k in names}
     for key in params:
