@@ -16,7 +16,8 @@
 * **distributed set-up and teardown** around the body (``distributed=True``: torchrun or SLURM
   tasks make every rank run the body; rank 0 alone writes files);
 * ``OUT/config.json``: written when the body starts (status ``running``) and updated when it
-  ends (``done``, ``interrupted`` or ``failed`` with the error).
+  ends (``done``, ``interrupted`` or ``failed`` with the error);
+* **provenance**: the result records the code that ran (``code``: ``brainhpc.provenance``).
 
 A body is ``body(ctx) -> dict`` with a ``status``; it calls ``ctx.finish(result)`` to write the
 result file (rank 0) once everything else is written. ``outputs.incremental`` stages (evaluate)
@@ -37,6 +38,7 @@ from brainhpc import __version__
 from brainhpc.errors import BrainhpcError
 from brainhpc.fsio import config_hash, write_json
 from brainhpc.options import option
+from brainhpc.provenance import code_version
 from brainhpc.train.distributed import DEVICES
 from brainhpc.train.precision import PRECISIONS
 
@@ -173,12 +175,18 @@ class Context:
     def out(self) -> Path:
         return Path(self.cfg.out)
 
+    @property
+    def code(self) -> dict:
+        """The code this cell runs (``brainhpc.provenance.code_version``), for its result."""
+        return code_version()
+
     def finish(self, result: dict) -> dict:
-        """Write the result file (rank 0), last: the completion marker; returns ``result``."""
+        """Write the result file (rank 0), last: the completion marker; returns ``result``.
+        It records the code that ran (``code``), so stale results can be found and redone."""
         result = {**result, "status": result.get("status", "done"),
                   "wall_seconds": round(time.time() - self.t_start, 3),
                   "brainhpc": __version__, "config_hash": config_hash(self.ident),
-                  "config": self.ident}
+                  "config": self.ident, "code": self.code}
         if self.info.is_main:
             write_json(self.out / self.outputs.result, result)
         return result

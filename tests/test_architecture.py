@@ -13,7 +13,7 @@ from brainhpc import stages
 PACKAGE = Path(__file__).resolve().parents[1] / "brainhpc"
 STAGE_PACKAGES = ("prepare", "generate", "classify", "segment", "evaluate")
 SHARED = ("data", "train", "models", "metrics", "anomaly", "predictors", "cell.py",
-          "options.py", "stages.py", "images.py", "fsio.py", "errors.py")
+          "options.py", "stages.py", "images.py", "fsio.py", "errors.py", "provenance.py")
 MAX_FUNCTION_LINES = 60
 
 

@@ -2,7 +2,7 @@
 
     python -m brainhpc.sweep [JOBS_FILE] [--profile NAME] [--executor slurm|local|debug]
                              [--partition P] [--cpu-partition P] [--dry-run] [--only STAGE]
-                             [--force] [--run-dir DIR] [--data [NAME=]PATH ...]
+                             [--force] [--rerun-stale] [--run-dir DIR] [--data [NAME=]PATH ...]
     python -m brainhpc.sweep status RUN_DIR
     python -m brainhpc.sweep aggregate RUN_DIR     (re-write RUN_DIR/results here and now)
     python -m brainhpc.sweep report RUN_DIR/results (the README's tables, from the CSVs alone)
@@ -12,6 +12,8 @@ against the cluster (``sinfo``) and the container against this host, then return
 submitting and prints the job ids and what to run next. ``--dry-run`` prints the cells, their
 resources and the sbatch script of each stage and, where a SLURM client is installed, the result
 of the cluster check. ``--executor local`` runs the cells here, with a live status table.
+``--rerun-stale`` also redoes (with force) the finished cells whose recorded code
+(``brainhpc.provenance``) differs from this code.
 """
 
 from __future__ import annotations
@@ -26,14 +28,15 @@ from pathlib import Path
 from brainhpc import stages
 from brainhpc.errors import BrainhpcError
 from brainhpc.fsio import write_json
+from brainhpc.provenance import code_version, describe
 from brainhpc.sweep import slurm
 from brainhpc.sweep.aggregate import aggregate, report
 from brainhpc.sweep.config import load_sweep
 from brainhpc.sweep.local import run_here
 from brainhpc.sweep.plan import expand
 from brainhpc.sweep.resources import PROFILES
-from brainhpc.sweep.rundir import claim_run_dir, todo
-from brainhpc.sweep.runner import read_marker
+from brainhpc.sweep.rundir import claim_run_dir, stale_cells, todo
+from brainhpc.sweep.runner import is_stale, read_marker
 from brainhpc.sweep.status import cell_states, table
 
 DEFAULT_JOBS = "jobs/smoke.toml"
@@ -63,6 +66,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="print cells, resources and sbatch scripts; submit nothing")
     p.add_argument("--force", action="store_true",
                    help="redo the selected cells, and take over a run dir of another sweep file")
+    p.add_argument("--rerun-stale", action="store_true",
+                   help="also redo (with --force, per cell) the finished cells that ran other "
+                   "code than this (a different hash of the brainhpc/ sources) or recorded none")
 
 
 def add_parser(subparsers) -> None:
@@ -135,20 +141,24 @@ def _execute(args, sweep, plan, run_dir: Path, selected: list[str], info: dict |
     write_json(run_dir / "plan.json", {s: [{"id": c.id, "params": c.params} for c in plan[s]]
                                        for s in stages.NAMES})
     queued = slurm.queue_states() if is_slurm else {}
-    cells, skipped, waiting = todo(plan, run_dir, selected, args.force, queued)
+    cells, skipped, waiting = todo(plan, run_dir, selected, args.force, queued,
+                                   rerun_stale=args.rerun_stale)
+    redo = stale_cells(cells) if args.rerun_stale and not args.force else frozenset()
     n = sum(len(v) for v in cells.values())
     note = f"{len(skipped['done'])} done, {len(skipped['queued'])} still queued"
+    if args.rerun_stale:
+        note += f", {len(redo)} stale to redo (now {describe(code_version())})"
     if n == 0:
         print(f"nothing to submit for {sweep.name} in {run_dir}: {note}")
         for q in skipped["queued"]:
             print(f"  queued: {q}")
         return 0
     if is_slurm:
-        records = slurm.submit_slurm(sweep, cells, run_dir, args.force, info, waiting)
+        records = slurm.submit_slurm(sweep, cells, run_dir, args.force, info, waiting, redo)
         _print_submitted(sweep, records, n, note, info, run_dir, time.monotonic() - t0)
         return 0
     print(f"{args.executor} run of {n} cells in {run_dir} ({note}):", flush=True)
-    run_here(args.executor, sweep, cells, run_dir, args.force)
+    run_here(args.executor, sweep, cells, run_dir, args.force, redo=redo)
     rows = cell_states(run_dir, queued={})
     print(table(rows))
     print(f"{args.executor} run of {n} cells took {time.monotonic() - t0:.1f} s; results in "
@@ -172,7 +182,7 @@ def run(args) -> int:
                             f"--profile NAME or set profile = \"NAME\" in the file (profiles in "
                             f"{PROFILES}: {have}; copy gpu-cluster.toml for a GPU site)")
     if args.dry_run:
-        print(dry_run(sweep, plan, run_dir, selected))
+        print(dry_run(sweep, plan, run_dir, selected, args.rerun_stale))
         if is_slurm:
             _check_slurm(sweep, plan, selected, dry=True)
         return 0
@@ -196,10 +206,22 @@ def _knobs(r) -> str:
     return " ".join(out)
 
 
-def dry_run(sweep, plan, run_dir: Path, selected: list[str]) -> str:
-    """The matrix, the resources and the sbatch script of each stage, as text."""
+def _stale_note(plan, selected: list[str], rerun_stale: bool) -> list[str]:
+    """How many done cells ran other code, and whether this run would redo them (nothing when
+    none did and ``--rerun-stale`` was not asked for)."""
+    n = sum(is_stale(c, unknown=rerun_stale) for s in selected for c in plan[s])
+    if not (n or rerun_stale):
+        return []
+    what = ("would re-run (--rerun-stale, with --force)" if rerun_stale
+            else "--rerun-stale re-runs them")
+    return [f"{describe(code_version())}: {n} done cell(s) ran other code (stale); {what}"]
+
+
+def dry_run(sweep, plan, run_dir: Path, selected: list[str], rerun_stale: bool = False) -> str:
+    """The matrix, the resources and the sbatch script of each stage, as text; cells finished by
+    other code are marked stale."""
     out = [f"sweep {sweep.name} ({sweep.source}), profile {sweep.profile or '(none: local)'}, "
-           f"run dir {run_dir}"]
+           f"run dir {run_dir}", *_stale_note(plan, selected, rerun_stale)]
     for stage in selected:
         cells = plan[stage]
         if not cells:
@@ -211,6 +233,8 @@ def dry_run(sweep, plan, run_dir: Path, selected: list[str]) -> str:
             state = m.get("status", "new")
             if state == "done" and m.get("config_hash") != c.hash and stage != "aggregate":
                 state = "done, config changed: --force"
+            elif is_stale(c, unknown=rerun_stale):
+                state = "done, stale code" + (": re-run" if rerun_stale else "")
             params = ", ".join(f"{k}={v}" for k, v in c.params.items()
                                if v not in (None, {}, ""))
             out.append(f"  {c.id:<40} [{state}] {params}")

@@ -63,8 +63,8 @@ def _outcome(stage: str, cell: Cell, job) -> None:
                   text.splitlines()[-1] if text else type(e).__name__)
 
 
-def _stage_local(sweep: Sweep, stage: str, cells: list[Cell], run_dir: Path, force: bool,
-                 board: Board) -> list:
+def _stage_local(sweep: Sweep, stage: str, cells: list[Cell], run_dir: Path,
+                 runner: CellRunner, board: Board) -> list:
     """A stage's cells as subprocesses, ``array_parallelism`` at a time; the jobs."""
     r = sweep.resources[stage]
     ex = submitit.LocalExecutor(folder=log_folder(run_dir, stage))
@@ -77,7 +77,7 @@ def _stage_local(sweep: Sweep, stage: str, cells: list[Cell], run_dir: Path, for
             cell = waiting.pop(0)
             at_once = min(r.array_parallelism, len(waiting) + len(running) + 1)
             with _threads(local_threads(r, at_once)):  # the subprocess inherits it
-                job = ex.submit(CellRunner(force), cell)
+                job = ex.submit(runner, cell)
             board.submit(cell)
             running.append((cell, job))
             jobs.append(job)
@@ -89,29 +89,31 @@ def _stage_local(sweep: Sweep, stage: str, cells: list[Cell], run_dir: Path, for
     return jobs
 
 
-def _stage_debug(stage: str, cells: list[Cell], run_dir: Path, force: bool,
+def _stage_debug(stage: str, cells: list[Cell], run_dir: Path, runner: CellRunner,
                  board: Board) -> list:
     ex = submitit.DebugExecutor(folder=log_folder(run_dir, stage))
     jobs = []
     for cell in cells:
-        jobs.append(ex.submit(CellRunner(force), cell))
+        jobs.append(ex.submit(runner, cell))
         board.submit(cell)
         _outcome(stage, cell, jobs[-1])
     return jobs
 
 
 def run_here(executor: str, sweep: Sweep, cells: dict[str, list[Cell]], run_dir: Path,
-             force: bool, stream=None) -> list[dict]:
-    """Run ``cells`` stage by stage here (``executor``: local or debug); the job records."""
+             force: bool, stream=None, redo: frozenset[str] = frozenset()) -> list[dict]:
+    """Run ``cells`` stage by stage here (``executor``: local or debug); the job records.
+    ``redo``: "stage/id" of cells to run with force although ``force`` is off (stale code)."""
     board = Board([c for s in stages.NAMES for c in cells[s]], stream or sys.stdout)
+    runner = CellRunner(force, redo=redo)
     records = []
     for stage in stages.NAMES:
         if not cells[stage]:
             continue
         if executor == "debug":
-            jobs = _stage_debug(stage, cells[stage], run_dir, force, board)
+            jobs = _stage_debug(stage, cells[stage], run_dir, runner, board)
         else:
-            jobs = _stage_local(sweep, stage, cells[stage], run_dir, force, board)
+            jobs = _stage_local(sweep, stage, cells[stage], run_dir, runner, board)
         rec = {"stage": stage, "job_id": ",".join(str(j.job_id) for j in jobs),
                "cells": [c.id for c in cells[stage]], "executor": executor,
                "submitted": time.time()}

@@ -2,7 +2,8 @@
 
 ``RUN_DIR/sweep.json`` names the sweep file that owns the run directory; ``RUN_DIR/jobs.json``
 lists every submission (stage, job id, cells in array order, cells per task) for ``status``;
-``todo`` decides, from the cells' markers and the queue, what a (re-)run submits.
+``todo`` decides, from the cells' markers and the queue, what a (re-)run submits (with
+``rerun_stale``, also the done cells whose recorded code differs from this code's).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from brainhpc.errors import BrainhpcError
 from brainhpc.fsio import write_json
 from brainhpc.sweep.config import Sweep
 from brainhpc.sweep.plan import Cell, dataset_of
-from brainhpc.sweep.runner import is_done, read_marker
+from brainhpc.sweep.runner import is_done, is_stale, read_marker
 
 
 def log_folder(run_dir: Path, stage: str) -> Path:
@@ -77,13 +78,14 @@ def _missed(evaluate_cell: Cell, done_models: set[str]) -> bool:
 
 
 def todo(plan: dict[str, list[Cell]], run_dir: Path, selected: list[str], force: bool,
-         queued: dict[str, str]) -> tuple[dict[str, list[Cell]], dict[str, list[str]],
-                                          dict[str, list[str]]]:
+         queued: dict[str, str], rerun_stale: bool = False
+         ) -> tuple[dict[str, list[Cell]], dict[str, list[str]], dict[str, list[str]]]:
     """Cells to submit per stage; why others are left alone (done / still queued); and per
     stage the job ids of its still-queued cells, which later stages must wait for. When a
     classify/segment cell of a dataset is submitted, that dataset's finished evaluate cells are
     submitted again (they score the new models and skip the scored ones), and so is the
-    aggregate."""
+    aggregate. ``rerun_stale``: done cells that ran other code (``runner.is_stale``) are
+    submitted too (the caller runs them with force: ``stale_cells``)."""
     jobs = cell_jobs(run_dir)
     submit: dict[str, list[Cell]] = {s: [] for s in stages.NAMES}
     skipped: dict[str, list[str]] = {"done": [], "queued": []}
@@ -102,7 +104,8 @@ def todo(plan: dict[str, list[Cell]], run_dir: Path, selected: list[str], force:
             if stage not in selected:
                 continue
             marker = read_marker(cell) or {}
-            if not force and marker.get("status") == "done":
+            redo = rerun_stale and is_stale(cell)  # finished by other code: redo it
+            if not force and marker.get("status") == "done" and not redo:
                 if marker.get("config_hash") == cell.hash or stage == "aggregate":
                     skipped["done"].append(f"{stage}/{cell.id}")
                     continue
@@ -125,6 +128,12 @@ def todo(plan: dict[str, list[Cell]], run_dir: Path, selected: list[str], force:
     if "aggregate" in selected and any(submit[s] for s in stages.NAMES if s != "aggregate"):
         submit["aggregate"] = list(plan["aggregate"])  # new results: aggregate again
     return submit, skipped, waiting
+
+
+def stale_cells(cells: dict[str, list[Cell]]) -> frozenset[str]:
+    """"stage/id" of the done cells among ``cells`` that ran other code than this (or recorded
+    none): what ``--rerun-stale`` runs with force (``runner.CellRunner(redo=...)``)."""
+    return frozenset(f"{s}/{c.id}" for s, group in cells.items() for c in group if is_stale(c))
 
 
 def append_jobs(run_dir: Path, rec: dict) -> None:

@@ -2,7 +2,11 @@
 its marker, its log path, its device, and requeue through the sbatch teardown.
 
 Each cell folder gets ``cell.json`` (status, config hash, job id, log path, error); ``status:
-done`` is written only after the stage function returned finished outputs.
+done`` is written only after the stage function returned finished outputs, with the code those
+outputs came from (``code``, from the result; ``brainhpc.provenance``). ``redo``: cells run with
+``force`` although the run was not (``sweep --rerun-stale``: done with other code), decided when
+submitting rather than by each task, so every rank of a multi-task cell makes the same choice;
+like ``--force``, it applies to the first run only, never to a requeued one.
 
 Preemption and time limits: SLURM sends SIGUSR2 ``signal_delay_s`` before the time limit, and
 SIGTERM on preemption. ``CellRunner`` handles both the same way: it asks the live trainer to
@@ -35,6 +39,7 @@ import submitit
 from brainhpc import __version__, stages
 from brainhpc.errors import BrainhpcError
 from brainhpc.fsio import write_json
+from brainhpc.provenance import code_version, recorded_code
 from brainhpc.sweep.plan import Cell, stage_config
 
 log = logging.getLogger(__name__)
@@ -55,6 +60,24 @@ def read_marker(cell: Cell) -> dict | None:
 def is_done(cell: Cell) -> bool:
     m = read_marker(cell) or {}
     return m.get("status") == "done" and m.get("config_hash") == cell.hash
+
+
+def is_stale(cell: Cell, unknown: bool = True) -> bool:
+    """A done cell (of this config) whose outputs came from other code than this process runs;
+    one that recorded no code (finished before brainhpc recorded it) counts when ``unknown``."""
+    m = read_marker(cell) or {}
+    if m.get("status") != "done" or m.get("config_hash") != cell.hash:
+        return False
+    got = recorded_code(m)
+    return unknown if got is None else got != code_version()["code_hash"]
+
+
+def _code_of(result: dict) -> dict | None:
+    """The code behind a finished cell's outputs: what its result recorded; a stage that does not
+    record it (aggregate) ran this process's code, unless it skipped (then: unknown)."""
+    if isinstance(result.get("code"), dict):
+        return result["code"]
+    return None if result.get("skipped") else code_version()
 
 
 def requeue_flag(folder: str | Path, job_id: str) -> Path:
@@ -88,9 +111,11 @@ class CellRunner(submitit.helpers.Checkpointable):
     """What every array task runs: one cell (or a pack of small cells, one after the other),
     with its marker, its log path, its device, and requeue through the sbatch teardown."""
 
-    def __init__(self, force: bool = False, device: str = "auto"):
+    def __init__(self, force: bool = False, device: str = "auto",
+                 redo: frozenset[str] = frozenset()):
         self.force = force
         self.device = device
+        self.redo = frozenset(redo)  # "stage/id" of cells to run with force (stale code)
         self._signal = None  # SIGUSR2/SIGTERM received: requeue once the stage has stopped
         self._submitit = None  # submitit's signal handler (checkpoint, count, requeue)
 
@@ -109,17 +134,17 @@ class CellRunner(submitit.helpers.Checkpointable):
                 self._submitit = handler
                 signal.signal(signal.SIGUSR2, self._on_signal)
                 signal.signal(signal.SIGTERM, self._on_signal)
-        force = self.force
-        if force and env["restarts"]:
+        force, redo = self.force, self.redo
+        if (force or redo) and env["restarts"]:
             log.warning("restart %d of job %s: --force applied to the first run only; resuming",
                         env["restarts"], env["job_id"])
-            force = False
+            force, redo = False, frozenset()
         results, failed = [], []
         for cell in pack:
             if self._signal is not None:
                 break  # between packed cells: requeue now, the rest run after it
             try:
-                results.append(self._run(cell, env, force))
+                results.append(self._run(cell, env, force or f"{cell.stage}/{cell.id}" in redo))
             except Exception as e:
                 if len(pack) == 1:
                     raise
@@ -170,7 +195,8 @@ class CellRunner(submitit.helpers.Checkpointable):
         status = result.get("status", "done")
         status = "done" if status in ("done", "worker") else status
         if rank0:
-            write_json(cell.marker, {**base, "status": status, **times()})
+            code = {"code": _code_of(result)} if status == "done" else {}
+            write_json(cell.marker, {**base, "status": status, **times(), **code})
         return {"cell": cell.id, "status": status}
 
     def _on_signal(self, signum, frame) -> None:

@@ -311,9 +311,11 @@ def _rejected(stage: str, n_cells: int, error: Exception, records: list[dict],
 
 
 def submit_slurm(sweep: Sweep, cells: dict[str, list[Cell]], run_dir: Path, force: bool,
-                 info: dict, waiting: dict[str, list[str]] | None = None) -> list[dict]:
+                 info: dict, waiting: dict[str, list[str]] | None = None,
+                 redo: frozenset[str] = frozenset()) -> list[dict]:
     """Submit every non-empty stage as array(s), afterany on the jobs of the stages it needs
-    (this run's and ``waiting``: earlier runs' still-queued ones); returns the job records."""
+    (this run's and ``waiting``: earlier runs' still-queued ones); returns the job records.
+    ``redo``: cells run with force although ``force`` is off (``--rerun-stale``)."""
     records: list[dict] = []
     stage_jobs = {s: list((waiting or {}).get(s, [])) for s in stages.NAMES}
     for stage in stages.NAMES:
@@ -322,7 +324,7 @@ def submit_slurm(sweep: Sweep, cells: dict[str, list[Cell]], run_dir: Path, forc
         r = sweep.resources[stage]
         after = sorted({j for s in stages.TABLE[stage].after for j in stage_jobs[s]}, key=int)
         ex = executor(sweep, stage, run_dir, "afterany:" + ":".join(after) if after else None)
-        runner = CellRunner(force, sweep.device(stage))
+        runner = CellRunner(force, sweep.device(stage), redo)
         tasks = chunks(cells[stage], r.cells_per_task) if r.cells_per_task > 1 \
             else cells[stage]
         for array in chunks(tasks, info["max_array_size"]):

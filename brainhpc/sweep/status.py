@@ -3,7 +3,8 @@
 
 States come from the cells' markers (``cell.json``: running, done, failed) and, for SLURM, the
 queue (pending/running from ``squeue``); a training cell's epoch and step come from the
-``progress.json`` its trainer refreshes every few seconds.
+``progress.json`` its trainer refreshes every few seconds. A done cell whose marker records other
+code than this (``brainhpc.provenance``) is ``done (stale)``: ``--rerun-stale`` would redo it.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ from pathlib import Path
 from brainhpc import stages
 from brainhpc.errors import BrainhpcError
 from brainhpc.fsio import read_json
+from brainhpc.provenance import code_version, recorded_code
 from brainhpc.sweep.plan import Cell
 from brainhpc.sweep.rundir import cell_jobs
 from brainhpc.sweep.slurm import queue_states
 
-ORDER = ("done", "running", "pending", "failed", "interrupted", "lost", "not submitted")
+STALE = "done (stale)"
+ORDER = ("done", STALE, "running", "pending", "failed", "interrupted", "lost", "not submitted")
 
 
 def progress(folder: Path) -> str:
@@ -73,6 +76,8 @@ def cell_states(run_dir: Path, queued: dict[str, str] | None = None) -> list[dic
         job = jobs.get((stage, cid), "")
         m = read_json(run_dir / stage / cid / "cell.json")
         state, detail = _state(m, job, queued)
+        if state == "done" and recorded_code(m) not in (None, code_version()["code_hash"]):
+            state, detail = STALE, f"ran code {recorded_code(m)}, now {code_version()['code_hash']}"
         rows.append({"stage": stage, "cell": cid, "state": state,
                      "job": job or m.get("job_id", ""),
                      "wall_s": m.get("wall_seconds_total", m.get("wall_seconds", "")),
@@ -97,6 +102,9 @@ def table(rows: list[dict]) -> str:
                 lines.append(f"{'':<11}log:   {r['log']}")
     counts = {s: sum(r["state"] == s for r in rows) for s in ORDER}
     lines.append(", ".join(f"{n} {s}" for s, n in counts.items() if n) or "no cells")
+    if counts[STALE]:
+        lines.append(f"stale: finished by other code than this ({code_version()['code_hash']}); "
+                     "run the sweep again with --rerun-stale to redo them")
     return "\n".join(lines)
 
 
