@@ -18,7 +18,9 @@ how well those maps localise tumours, and the intensity-threshold baseline they 
 * ``intensity_baseline``: the baseline of Baur et al. (2021) and Meissen et al. (2022): on FLAIR
   lesions a plain threshold on standardised intensity inside the brain beats dense autoencoders.
   One threshold, chosen on validation, gives the pixel Dice; the image score is the share of
-  brain pixels above it (higher = more anomalous, by construction).
+  brain pixels above it (higher = more anomalous, by construction). ``intensity_threshold`` and
+  ``intensity_masks`` are that pixel rule alone, and ``IntensityRule`` the frozen rule with its
+  standardiser: the segment stage scores this same baseline (``INTENSITY_DEFINITION``).
 
 Every score here is "higher = more anomalous" by construction; no direction is ever chosen on
 validation (that would turn a detector into a supervised classifier of image source).
@@ -215,6 +217,59 @@ def localisation(val_values, val_masks, val_brain, test_values, test_masks, test
 
 # ----------------------------------------------------------------------------- the baseline
 
+INTENSITY_DEFINITION = ("standardised intensity inside the brain mask, threshold chosen on val "
+                        "(best pooled Dice over the val tumour slices)")
+
+
+def intensity_threshold(val_x: np.ndarray, val_masks: np.ndarray, val_brain: np.ndarray
+                        ) -> float:
+    """The baseline's pixel threshold on (standardised) intensities: the best pooled Dice on
+    validation tumour slices, inside the brain, the criterion of the residual maps' too."""
+    brain = brain_masks(val_brain, val_x)
+    return best_dice_threshold(np.asarray(val_x).reshape(brain.shape), val_masks, brain)
+
+
+def intensity_masks(x: np.ndarray, brain: np.ndarray | None, threshold: float) -> np.ndarray:
+    """N x H x W bool: pixels above ``threshold`` inside the brain (outside never counts)."""
+    b = brain_masks(brain, x)
+    return (np.asarray(x).reshape(b.shape) > threshold) & b
+
+
+@dataclass
+class IntensityRule:
+    """The intensity baseline frozen as a segmenter: standardise (or scale to [0, 1] without a
+    standardiser), then ``intensity_masks`` at the validation-chosen threshold."""
+
+    standardiser: Standardiser | None
+    threshold: float
+
+    @staticmethod
+    def inputs(std: Standardiser | None, images: np.ndarray, brain: np.ndarray | None
+               ) -> np.ndarray:
+        """What the rule thresholds: the detector's inputs (``Detector.inputs``) exactly."""
+        return images.astype(np.float32) / 255.0 if std is None else std.apply(images, brain)
+
+    @classmethod
+    def fit(cls, std: Standardiser | None, val_images: np.ndarray, val_brain: np.ndarray | None,
+            val_masks: np.ndarray) -> IntensityRule:
+        x = cls.inputs(std, val_images, val_brain)
+        return cls(std, intensity_threshold(x, val_masks, brain_masks(val_brain, val_images)))
+
+    def masks(self, images: np.ndarray, brain: np.ndarray | None) -> np.ndarray:
+        return intensity_masks(self.inputs(self.standardiser, images, brain), brain,
+                               self.threshold)
+
+    def state(self) -> dict:
+        std = None if self.standardiser is None else self.standardiser.state()["standard"]
+        return {"standard": std, "threshold": float(self.threshold)}
+
+    @classmethod
+    def from_state(cls, state: dict) -> IntensityRule:
+        std = state.get("standard")
+        return cls(None if std is None else Standardiser.from_state({"standard": std}),
+                   float(state["threshold"]))
+
+
 def intensity_baseline(val_x: np.ndarray, val_y: np.ndarray, val_brain: np.ndarray,
                        test_x: np.ndarray, test_y: np.ndarray, test_brain: np.ndarray,
                        val_masks: np.ndarray | None = None,
@@ -238,7 +293,7 @@ def intensity_baseline(val_x: np.ndarray, val_y: np.ndarray, val_brain: np.ndarr
         return ((x > thr) & b).sum(1) / np.maximum(b.sum(1), 1)
 
     if val_masks is not None and (val_masks > 0).any():
-        thr = best_dice_threshold(val_x.reshape(val_brain.shape), val_masks, val_brain)
+        thr = intensity_threshold(val_x, val_masks, val_brain)
     else:
         grid = np.unique(np.quantile(vx[vb], np.linspace(0.8, 0.999, 32)))
         aucs = [roc_auc_score(val_y, image_score(vx, vb, g)) if len(np.unique(val_y)) == 2
@@ -251,7 +306,7 @@ def intensity_baseline(val_x: np.ndarray, val_y: np.ndarray, val_brain: np.ndarr
               "test": classification_metrics(test_y, pred, ts),
               "val": classification_metrics(val_y, vs > cut, vs)}
     if test_masks is not None:
-        pix = (tx > thr) & tb
+        pix = intensity_masks(test_x, test_brain, thr)
         report["localisation"] = {
             "pixel_auprc": auprc(test_x.reshape(test_brain.shape), test_masks, test_brain),
             **{f"best_{k}" if k.startswith("dice") else k: v

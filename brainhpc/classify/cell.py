@@ -52,7 +52,7 @@ from brainhpc import __version__
 from brainhpc.anomaly import residuals
 from brainhpc.anomaly.techniques import CRITERIA, TECHNIQUES, TechniqueConfig, best_cut
 from brainhpc.cell import Context, Outputs, Training, out_option, run_cell
-from brainhpc.classify.report import summary_lines, vae_report
+from brainhpc.classify.report import baseline, predictions, summary_lines, vae_report
 from brainhpc.classify.tasks import CNNTask, VAETask, vae_hparams
 from brainhpc.data.prepared import (
     dataset_key,
@@ -60,7 +60,7 @@ from brainhpc.data.prepared import (
     image_statistics_baseline,
     prepared_size,
 )
-from brainhpc.data.shards import ShardData
+from brainhpc.data.shards import ShardData, load_split
 from brainhpc.data.training import (
     SPEC_HELP,
     cell_data,
@@ -75,6 +75,7 @@ from brainhpc.data.training import (
 from brainhpc.errors import BrainhpcError
 from brainhpc.fsio import config_hash, sha256_file
 from brainhpc.metrics.classification import classification_metrics
+from brainhpc.metrics.predictions import CLASSIFY_COLUMNS, PREDICTIONS, write_rows
 from brainhpc.models.classifiers import CLASSIFIERS, VAE_ARCHS
 from brainhpc.options import check, option
 from brainhpc.predictors import save_predictor
@@ -89,7 +90,8 @@ DEFAULT_LR = 1e-3
 # TechniqueConfig fields the cell sets itself (technique, criterion, seed come from the config)
 _OWN_TECHNIQUE_KEYS = ("technique", "criterion", "seed")
 OUTPUTS = Outputs(result="metrics.json", wipe=("checkpoints", "model.pt", "metrics.jsonl",
-                                               "progress.json", "error_maps.png"))
+                                               "progress.json", "error_maps.png",
+                                               PREDICTIONS))
 
 
 @dataclass
@@ -231,8 +233,10 @@ def _score_cnn(cfg: ClassifyConfig, model, setup: _Setup, val: ShardData, test: 
     val_score = cnn_scores(model, val.images, device)
     threshold, value = best_cut(val_score, val.labels, cfg.criterion)
     test_score = cnn_scores(model, test.images, device)  # scored with everything frozen
-    report = {"test": classification_metrics(test.labels, test_score > threshold, test_score),
-              "val": classification_metrics(val.labels, val_score > threshold, val_score)}
+    decision = test_score > threshold
+    report = {"test": classification_metrics(test.labels, decision, test_score),
+              "val": classification_metrics(val.labels, val_score > threshold, val_score),
+              "predictions": predictions("cnn", test, test_score, decision)}
     chosen = {"threshold": threshold, "criterion": cfg.criterion,
               f"val_{cfg.criterion}": value, "balance": cfg.balance,
               "class_weights": None if setup.weights is None else setup.weights.tolist()}
@@ -273,6 +277,18 @@ def _metrics(cfg: ClassifyConfig, report: dict, chosen: dict, n_train: dict, res
             "checkpoint": str(ckpt), "checkpoint_sha256": sha256_file(ckpt)}
 
 
+def _baselines(cfg: ClassifyConfig, report: dict, val: ShardData, test: ShardData) -> None:
+    """The trivial baselines on this cell's test split, fitted on the real training split with
+    cuts chosen on validation (as the models' are), into ``report`` and its predictions. The
+    brain-area baseline (slice position) where slices come from patients' stacks."""
+    train = load_split(cfg.data, "train")
+    names = ["image statistics"] + (["brain area"] if test.patients is not None else [])
+    for name in names:
+        block, rows = baseline(name, train, val, test, cfg.criterion)
+        report.setdefault("baselines", {})[name.replace(" ", "_")] = block
+        report["predictions"] += rows
+
+
 def _classify(ctx: Context) -> dict:
     cfg = ctx.cfg
     size, spec = prepared_size(cfg.data), parse_train_spec(cfg.train_data)
@@ -303,6 +319,8 @@ def _classify(ctx: Context) -> dict:
         extra, report, chosen = _score_cnn(cfg, model, setup, val, test, device)
     else:
         extra, report, chosen = _score_vae(cfg, model, setup, val, test, device, spec)
+    _baselines(cfg, report, val, test)
+    write_rows(cfg.out / PREDICTIONS, report.pop("predictions"), CLASSIFY_COLUMNS)
     best = result["best"]
     chosen.update(best_epoch=best.get("epoch"), best_step=best.get("step"),
                   best_metric=setup.best_metric, best_value=best.get("value"))

@@ -54,7 +54,8 @@ from brainhpc.predictors import load_predictor
 log = logging.getLogger(__name__)
 
 SCORED_STAGES = ("classify", "segment")
-ONE = Outputs(result="metrics.json", wipe=("error_maps.png", "overlays.png"))
+ONE = Outputs(result="metrics.json", wipe=("error_maps.png", "overlays.png", "predictions.csv",
+                                           "patients.csv"))
 RUN = Outputs(result="summary.json", incremental=True)
 
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from brainhpc.anomaly.techniques import localisation
-from brainhpc.data.duplicates import copies_of
+from brainhpc.data.duplicates import copies_of, duplicate_groups
 from brainhpc.data.folder import read_folder
 from brainhpc.data.prepared import (
     check_size,
@@ -36,12 +36,24 @@ from brainhpc.data.prepared import (
     prepared_size,
 )
 from brainhpc.data.shards import SPLITS, ShardData, load_split
+from brainhpc.data.split import group_names
 from brainhpc.data.training import concat
 from brainhpc.errors import BrainhpcError
 from brainhpc.metrics.classification import classification_metrics, percent
+from brainhpc.metrics.predictions import (
+    CLASSIFY_COLUMNS,
+    PREDICTIONS,
+    classification_rows,
+    write_rows,
+)
 from brainhpc.metrics.segmentation import dice_per_slice
 from brainhpc.predictors.classifier import save_error_maps, score_with
-from brainhpc.predictors.segmenter import save_overlays, score_segmenter, truth_masks
+from brainhpc.predictors.segmenter import (
+    save_overlays,
+    score_segmenter,
+    truth_masks,
+    write_predictions,
+)
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +95,7 @@ class ImageSet:
                                 "manifest.json) nor an image folder")
         data, skipped = read_folder(self.path, size, labels=self.labels, workers=self.workers,
                                     one_class=True)
-        return data, skipped, "raw folder"
+        return with_groups(data), skipped, "raw folder"
 
     def without_development(self, model: dict) -> tuple[ShardData, dict]:
         """The set at the model's size minus copies of its development images (cached per
@@ -148,11 +160,30 @@ def drop_overlap(data: ShardData, model: dict, own: bool = False) -> tuple[Shard
     return data.select(~drop), info
 
 
+def with_groups(data: ShardData) -> ShardData:
+    """A raw folder's images with their duplicate groups (as ``prepare`` forms them), the unit
+    that intervals on this set resample: copies of one scan are not independent draws."""
+    if data.groups is not None or data.thumbs is None or data.sha256 is None or not len(data):
+        return data
+    groups, _, _ = duplicate_groups(data.sha256, data.thumbs, data.labels, data.patients)
+    data.groups = group_names(groups, data.sources)
+    return data
+
+
+def _write_predictions(clf: dict, data: ShardData, scored: dict, out: Path) -> None:
+    arms = ["cnn"] if clf["model"] == "cnn" else list(clf["fitted"])
+    rows = [r for arm in arms for r in classification_rows(
+        arm, data.sources, data.group_ids(), data.labels, scored[arm][1], scored[arm][0])]
+    write_rows(out / PREDICTIONS, rows, CLASSIFY_COLUMNS)
+
+
 def score_classifier(clf: dict, data: ShardData, device: torch.device, out: Path,
                      title: str) -> dict:
     """The CNN's metrics block, or one block per VAE technique (with localisation where the
-    set has masks) and error_maps.png."""
+    set has masks) and error_maps.png; predictions.csv, every image's score and decision."""
     scored = score_with(clf, data, device)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_predictions(clf, data, scored, out)
     if clf["model"] == "cnn":
         return {**classification_metrics(data.labels, *scored["cnn"]),
                 "chosen": {"threshold": clf["threshold"]}}
@@ -171,11 +202,14 @@ def score_classifier(clf: dict, data: ShardData, device: torch.device, out: Path
 
 def score_segmentation(seg: dict, data: ShardData, device: torch.device, out: Path,
                        title: str) -> dict:
-    """Dice, HD95 and detection with the frozen rule, the empty baseline, and overlays.png."""
-    block, pred = score_segmenter(seg, data, device, what=title)
-    truth = truth_masks(data)
+    """Dice, HD95 and detection with the frozen rule, the baselines (empty; intensity where
+    model.pt carries its rule), overlays.png, and predictions.csv / patients.csv: the slices
+    and patients every interval of this scoring is resampled from."""
+    block, arms = score_segmenter(seg, data, device, what=title)
+    truth, pred = truth_masks(data), arms["unet"]
     save_overlays(out / "overlays.png", data.images, truth, pred, dice_per_slice(pred, truth),
                   f"{title}: truth green, prediction red, both yellow")
+    write_predictions(out, arms, data)
     return {**block, "n": len(data)}
 
 

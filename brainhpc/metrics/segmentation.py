@@ -1,5 +1,8 @@
 """Segmentation metrics for binary tumour masks: Dice per slice and per patient, HD95, slice-level
-detection, and the validation-chosen rules (minimum predicted area, intensity baseline).
+detection, the validation-chosen minimum predicted area, and the per-slice and per-patient rows
+of ``predictions.csv`` / ``patients.csv`` (``brainhpc.metrics.predictions``) they average.
+(The intensity baseline's rule lives in ``brainhpc.anomaly.residuals``: one definition for
+segmentation and anomaly localisation.)
 
 Dice and HD95 come from MONAI (``compute_dice``, ``compute_hausdorff_distance`` at the 95th
 percentile), the field's reference implementations; only counting and grouping live here.
@@ -172,27 +175,29 @@ def choose_min_area(pred: np.ndarray, truth: np.ndarray, size: int) -> tuple[int
     return best, best_bal
 
 
-def choose_intensity_threshold(images: np.ndarray, truth: np.ndarray,
-                               patients: list[str]) -> tuple[int, float]:
-    """The trivial baseline's rule: "tumour = pixels at or above intensity t" with the uint8 ``t``
-    that maximises mean per-patient Dice on the given (validation) split. Counts come from
-    per-slice histograms, so all 255 cuts cost one pass over the images."""
-    img = np.asarray(images).reshape(len(images), -1)
-    tru = binary(truth, "truth masks").reshape(len(images), -1)
-    n = len(img)
-    offset = (np.arange(n) * 256)[:, None]
-    all_h = np.bincount((img.astype(np.int64) + offset).ravel(), minlength=256 * n)
-    in_h = np.bincount((img.astype(np.int64) + offset)[tru], minlength=256 * n)
-    # pixels >= t, per slice and t: reverse cumulative sums over intensities
-    pred_n = np.cumsum(all_h.reshape(n, 256)[:, ::-1], axis=1)[:, ::-1]
-    inter = np.cumsum(in_h.reshape(n, 256)[:, ::-1], axis=1)[:, ::-1]
-    true_n = tru.sum(1)
-    best_t, best_d = 255, -1.0
-    groups = [ix for ix in patient_groups(patients).values() if true_n[ix].sum() > 0]
-    if not groups:
-        raise BrainhpcError("intensity baseline: no tumour pixels in the validation masks")
-    for t in range(1, 256):
-        d = [2 * inter[ix, t].sum() / (pred_n[ix, t].sum() + true_n[ix].sum()) for ix in groups]
-        if np.mean(d) > best_d:
-            best_t, best_d = t, float(np.mean(d))
-    return best_t, best_d
+# ------------------------------------------------------------------------------ the rows
+
+def prediction_rows(arm: str, pred: np.ndarray, truth: np.ndarray, sources: list[str],
+                    patients: list[str], groups: list[str]) -> tuple[list[dict], list[dict]]:
+    """(slice rows, patient rows) of one arm, the columns of ``SLICE_COLUMNS`` and
+    ``PATIENT_COLUMNS``: the very Dice values ``segmentation_metrics`` averages (NaN without
+    tumour), so the files reproduce metrics.json and the aggregate can resample patients."""
+    pred, truth = binary(pred, "predicted masks"), binary(truth, "truth masks")
+    n = len(pred)
+    for name, part in (("truth masks", truth), ("sources", sources), ("patients", patients),
+                       ("groups", groups)):
+        if len(part) != n:
+            raise BrainhpcError(f"predictions of {arm}: {len(part)} {name} for {n} slices")
+    inter = (pred & truth).sum((1, 2))
+    pred_n, true_n = pred.sum((1, 2)), truth.sum((1, 2))
+    dice = dice_per_slice(pred, truth)
+    slices = [{"arm": arm, "source": sources[i], "patient": patients[i], "group": groups[i],
+               "tumour": int(true_n[i] > 0), "dice": float(dice[i]),
+               "intersection": int(inter[i]), "pred_area": int(pred_n[i]),
+               "true_area": int(true_n[i])} for i in range(n)]
+    per_patient = dice_per_patient(pred, truth, patients)
+    rows = [{"arm": arm, "patient": p, "group": groups[ix[0]], "slices": len(ix),
+             "dice": float(per_patient[p]), "intersection": int(inter[ix].sum()),
+             "pred_area": int(pred_n[ix].sum()), "true_area": int(true_n[ix].sum())}
+            for p, ix in patient_groups(patients).items()]
+    return slices, rows

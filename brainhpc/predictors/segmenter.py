@@ -3,7 +3,12 @@ rule, and the overlay figure of predictions against the truth.
 
 ``model.pt`` holds the best-epoch U-Net weights, what rebuilds the network (``hparams``), and the
 rule chosen on validation: the probability ``threshold`` and the ``min_area`` below which a
-slice counts as tumour-free in slice detection.
+slice counts as tumour-free in slice detection; and ``intensity_baseline`` (the standard
+landmarks and threshold of ``brainhpc.anomaly.residuals.IntensityRule``), so that wherever the
+U-Net is scored its intensity baseline is scored on the same slices, frozen as well.
+
+Every scoring writes ``predictions.csv`` and ``patients.csv`` (``write_predictions``): one row
+per (arm, slice) and per (arm, patient) for the arms ``unet``, ``empty`` and ``intensity``.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import cv2
 import numpy as np
 import torch
 
+from brainhpc.anomaly.residuals import IntensityRule
 from brainhpc.data.prepared import check_size
 from brainhpc.data.shards import ShardData
 from brainhpc.data.training import require_masks
@@ -21,6 +27,13 @@ from brainhpc.errors import BrainhpcError
 from brainhpc.fsio import write_bytes
 from brainhpc.images import render_grid
 from brainhpc.metrics import segmentation as sm
+from brainhpc.metrics.predictions import (
+    PATIENT_COLUMNS,
+    PATIENTS,
+    PREDICTIONS,
+    SLICE_COLUMNS,
+    write_rows,
+)
 from brainhpc.models.unet import build_unet
 
 MODEL_FORMAT = 1
@@ -72,20 +85,48 @@ def predict_masks(seg: dict, images: np.ndarray, device: torch.device | str = "c
     return probs > seg["threshold"], probs
 
 
+def baseline_masks(seg: dict, data: ShardData) -> dict[str, np.ndarray]:
+    """The baselines' masks on ``data``: ``empty``, and ``intensity`` where the saved model
+    carries its frozen rule (models saved before it did have none)."""
+    out = {"empty": np.zeros((len(data), *data.images.shape[-2:]), bool)}
+    if seg.get("intensity_baseline") is not None:
+        rule = IntensityRule.from_state(seg["intensity_baseline"])
+        out["intensity"] = rule.masks(data.images, data.brain)
+    return out
+
+
 def score_segmenter(seg: dict, data: ShardData, device: torch.device | str = "cpu",
-                    what: str = "data") -> tuple[dict, np.ndarray]:
+                    what: str = "data") -> tuple[dict, dict[str, np.ndarray]]:
     """A loaded segmenter on slices with masks, frozen rule: the ``segmentation_metrics`` block
-    plus the empty-mask baseline on the same slices, and the predicted masks."""
+    plus the baselines' (``baseline_empty``, ``baseline_intensity``) on the same slices, and
+    every arm's masks (``unet`` and the baselines: what ``write_predictions`` takes)."""
     require_masks(data, what)
     size = int(seg["image_size"])
     check_size(data.images, size, what,
                f"the segmenter takes {size}x{size} px (brainhpc prepare --size {size})")
     pred, _ = predict_masks(seg, data.images, device)
     truth, patients = truth_masks(data), data.patient_ids()
+    arms = {"unet": pred, **baseline_masks(seg, data)}
+    baselines = {f"baseline_{arm}": sm.segmentation_metrics(masks, truth, patients)
+                 for arm, masks in arms.items() if arm != "unet"}
     return {**sm.segmentation_metrics(pred, truth, patients, int(seg["min_area"])),
-            "baseline_empty": sm.segmentation_metrics(np.zeros_like(truth), truth, patients),
-            "threshold": seg["threshold"], "min_area": seg["min_area"],
-            "checkpoint": str(seg.get("path", ""))}, pred
+            **baselines, "threshold": seg["threshold"], "min_area": seg["min_area"],
+            "checkpoint": str(seg.get("path", ""))}, arms
+
+
+def write_predictions(out: Path, arms: dict[str, np.ndarray], data: ShardData
+                      ) -> tuple[Path, Path]:
+    """``out/predictions.csv`` and ``out/patients.csv`` (atomic): every arm's rows on ``data``,
+    the units the aggregate's intervals resample (``group``: the leakage group)."""
+    truth, patients, groups = truth_masks(data), data.patient_ids(), data.group_ids()
+    slices, per_patient = [], []
+    for arm, masks in arms.items():
+        s, p = sm.prediction_rows(arm, masks, truth, list(data.sources), patients, groups)
+        slices += s
+        per_patient += p
+    out = Path(out)
+    return (write_rows(out / PREDICTIONS, slices, SLICE_COLUMNS),
+            write_rows(out / PATIENTS, per_patient, PATIENT_COLUMNS))
 
 
 def _outlined(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, scale: int) -> np.ndarray:

@@ -7,8 +7,13 @@ its epoch and decision rule chosen on the real validation split, scored on the r
     checkpoints/last.pt   trainer resume state; checkpoints/best.pt the best validation epoch
     metrics.jsonl         training log (train records; one val record per epoch)
     model.pt              best-epoch weights, what rebuilds the U-Net, the frozen rule
-                          (probability threshold, minimum area): brainhpc.predictors.segmenter
+                          (probability threshold, minimum area) and the intensity baseline's
+                          rule: brainhpc.predictors.segmenter
     overlays.png          real test slices, truth outline green, prediction red, both yellow
+    predictions.csv       one row per (arm, test slice): Dice and pixel counts of ``unet`` and
+                          of the baselines ``empty`` and ``intensity``; patients.csv one row per
+                          (arm, test patient), 3D Dice (brainhpc.metrics.predictions): the units
+                          the aggregate's intervals resample; their means are metrics.json's
     metrics.json          written last (the completion marker): ``test`` and ``val`` blocks
                           (``brainhpc.metrics.segmentation``), ``chosen`` values, ``baselines``,
                           training counts, seed, times, device, config
@@ -29,8 +34,14 @@ score are left as predicted) is chosen on validation to maximise detection balan
 unless ``min_area`` fixes it (1 = any pixel counts).
 
 Baselines in metrics.json, scored like the model so a degenerate model cannot pass for a result:
-``empty`` (predict no tumour anywhere) and ``intensity`` (tumour = pixels at or above a uint8 cut
-chosen on validation by per-patient Dice; tumours are bright on FLAIR and on the phantoms).
+``empty`` (predict no tumour anywhere) and ``intensity``: the classify stage's VAE localisation
+baseline, one definition (``brainhpc.anomaly.residuals.IntensityRule``): intensities standardised
+inside the brain mask (Nyul landmarks fitted on the healthy slices of the prepared dataset's real
+training split, whatever the cell trains on, so every cell of a dataset faces the same
+baseline), tumour = brain pixels above one threshold chosen on validation by the best pooled
+Dice over the tumour slices. Tumours are bright on FLAIR and on the phantoms; a bright pixel
+outside the brain (skull, fat) never counts. The rule is saved in model.pt, so ``brainhpc
+evaluate`` scores it beside the U-Net.
 """
 
 from __future__ import annotations
@@ -45,10 +56,17 @@ import torch
 from monai.losses import DiceCELoss
 
 from brainhpc import __version__
+from brainhpc.anomaly.residuals import (
+    INTENSITY_DEFINITION,
+    IntensityRule,
+    Standardiser,
+    dice_scores,
+)
 from brainhpc.cell import Context, Outputs, Training, out_option, run_cell
 from brainhpc.data.prepared import dataset_key, development_fingerprints, prepared_size
-from brainhpc.data.shards import ShardData
+from brainhpc.data.shards import ShardData, load_split
 from brainhpc.data.training import (
+    LABELS,
     SPEC_HELP,
     cell_data,
     check_spec,
@@ -58,15 +76,18 @@ from brainhpc.data.training import (
 from brainhpc.errors import BrainhpcError
 from brainhpc.fsio import config_hash, sha256_file
 from brainhpc.metrics import segmentation as sm
+from brainhpc.metrics.predictions import PATIENTS, PREDICTIONS
 from brainhpc.models.unet import build_unet, check_divisible, init_prior
 from brainhpc.options import check, option
 from brainhpc.predictors import save_predictor
 from brainhpc.predictors.segmenter import (
     MODEL_FORMAT,
+    baseline_masks,
     predict_masks,
     predict_probs,
     save_overlays,
     truth_masks,
+    write_predictions,
 )
 from brainhpc.train import TrainConfig, run_training
 from brainhpc.train.augment import augment_batch
@@ -75,7 +96,8 @@ log = logging.getLogger(__name__)
 
 LOSSES = {"dicece": (1.0, 1.0), "dice": (1.0, 0.0), "ce": (0.0, 1.0)}  # (lambda_dice, lambda_ce)
 OUTPUTS = Outputs(result="metrics.json", wipe=("checkpoints", "model.pt", "metrics.jsonl",
-                                               "progress.json", "overlays.png"))
+                                               "progress.json", "overlays.png", PREDICTIONS,
+                                               PATIENTS))
 
 
 @dataclass
@@ -193,17 +215,37 @@ def _data(cfg: SegmentConfig, spec, size: int) -> tuple[ShardData, ShardData, Sh
 
 
 def _rule(cfg: SegmentConfig, model, val: ShardData, size: int, device) -> dict:
-    """The frozen rule, on validation only: threshold, minimum area, the intensity cut."""
+    """The frozen rule, on validation only: threshold, minimum area, the intensity baseline."""
     truth, patients = truth_masks(val), val.patient_ids()
     pred = predict_probs(model, val.images, device) > cfg.threshold
     if cfg.min_area is None:
         min_area, val_bal = sm.choose_min_area(pred, truth, size)
     else:
         min_area, val_bal = cfg.min_area, None
-    cut, cut_dice = sm.choose_intensity_threshold(val.images, truth, patients)
-    return {"pred": pred, "min_area": min_area, "val_balanced_accuracy": val_bal, "cut": cut,
-            "cut_dice": cut_dice, "val": sm.segmentation_metrics(pred, truth, patients,
-                                                                 min_area)}
+    intensity, intensity_info = intensity_rule(cfg.data, val)
+    return {"pred": pred, "min_area": min_area, "val_balanced_accuracy": val_bal,
+            "intensity": intensity, "intensity_info": intensity_info,
+            "val": sm.segmentation_metrics(pred, truth, patients, min_area)}
+
+
+def intensity_rule(data: Path, val: ShardData) -> tuple[IntensityRule, dict]:
+    """The intensity baseline (module doc) fitted without the test split: the standardiser on
+    the healthy slices of ``data``'s real training split, the threshold on ``val``; and what
+    metrics.json records of it."""
+    train = load_split(data, "train")
+    healthy = train.select(train.labels == LABELS["healthy"])
+    if len(healthy) == 0:
+        raise BrainhpcError(f"prepared dataset {data}, split train: no healthy slices (label 0) "
+                            "to fit the intensity baseline's standardisation on")
+    std = Standardiser.fit(healthy.images, healthy.brain, f"{data}/train (healthy slices)")
+    rule = IntensityRule.fit(std, val.images, val.brain, val.masks)
+    val_pred = rule.masks(val.images, val.brain)
+    val_m = sm.segmentation_metrics(val_pred, truth_masks(val), val.patient_ids(), hd95=False)
+    return rule, {"definition": INTENSITY_DEFINITION, "threshold": rule.threshold,
+                  "standardiser": f"fitted on the {len(healthy)} healthy slices of the real "
+                                  "training split", "brain_masks": val.brain is not None,
+                  "val_dice_pooled": dice_scores(val_pred, val.masks)["dice_pooled"],
+                  "val_dice_patient": val_m["dice_patient_mean"]}
 
 
 def _test(cfg: SegmentConfig, seg: dict, rule: dict, test: ShardData, device,
@@ -211,12 +253,13 @@ def _test(cfg: SegmentConfig, seg: dict, rule: dict, test: ShardData, device,
     """The test split, once, everything frozen: the model and its baselines; overlays.png."""
     truth, patients = truth_masks(test), test.patient_ids()
     pred, _ = predict_masks(seg, test.images, device)
-    cut = rule["cut"]
+    arms = {"unet": pred, **baseline_masks(seg, test)}
     baselines = {
-        "empty": sm.segmentation_metrics(np.zeros_like(truth), truth, patients),
-        "intensity": {"cut": cut, "val_dice_patient": rule["cut_dice"],
-                      **sm.segmentation_metrics(test.images[:, 0] >= cut, truth, patients)},
+        "empty": sm.segmentation_metrics(arms["empty"], truth, patients),
+        "intensity": {**rule["intensity_info"],
+                      **sm.segmentation_metrics(arms["intensity"], truth, patients)},
     }
+    write_predictions(cfg.out, arms, test)
     save_overlays(cfg.out / "overlays.png", test.images, truth, pred,
                   sm.dice_per_slice(pred, truth),
                   f"U-Net on {spec}, test: truth green, prediction red, both yellow")
@@ -226,7 +269,7 @@ def _test(cfg: SegmentConfig, seg: dict, rule: dict, test: ShardData, device,
 def _saved(cfg: SegmentConfig, ctx: Context, model, rule: dict, size: int) -> dict:
     return {"format": MODEL_FORMAT, "kind": "segmenter", "image_size": size,
             "hparams": cfg.hparams(), "threshold": float(cfg.threshold),
-            "min_area": rule["min_area"],
+            "min_area": rule["min_area"], "intensity_baseline": rule["intensity"].state(),
             "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
             "train_data": cfg.train_data, "seed": cfg.seed, "config_hash": config_hash(ctx.ident),
             "development_images": development_fingerprints(cfg.data),
