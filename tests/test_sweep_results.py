@@ -95,7 +95,7 @@ def test_aggregate_writes_every_planned_row(tmp_path):
         ("vae-real-s0", "giaem"), ("vae-real-s0", "intensity threshold"),
         ("vae-real-s1", "giaem"), ("vae-real-s1", "intensity threshold"),
         ("data/image-statistics", "image statistics only")]
-    assert list(rows[0])[10:14] == ["balanced_accuracy", "roc_auc", "recall_healthy",
+    assert list(rows[0])[11:15] == ["balanced_accuracy", "roc_auc", "recall_healthy",
                                     "recall_tumour"]
     assert rows[1]["kind"] == "mixed" and rows[1]["generator"] == "vae" and rows[1]["p"] == "0.5"
     assert rows[2]["degenerate"] == "True" and rows[3]["dice"] == "0.3"

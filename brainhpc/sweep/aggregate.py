@@ -10,6 +10,11 @@
     segmentation.csv  one row per segment cell: per-patient and per-slice Dice, HD95, detection,
                       the empty-mask and intensity baselines, external sets with masks
     generators.csv    one row per generate cell: FID, KID, memorisation, times
+    intervals.csv     every arm (model x training data, pooled over folds and seeds) and
+                      baseline with 95% group-bootstrap intervals, from the cells'
+                      predictions.csv (``brainhpc.sweep.intervals``)
+    comparisons.csv   each arm against the real-data arm and each baseline: paired bootstrap
+                      of the difference, verdict better / worse / not resolved
     table.md          the tables a reader needs, baselines beside every model (see ``tables``)
     by_train_data.png, proportion.png, segmentation_proportion.png (when their cells exist)
     figures/<stage>/  the cells' sample grids, real slices, memorisation pairs, VAE error maps and
@@ -34,6 +39,7 @@ from typing import ClassVar
 from brainhpc.data.training import parse_train_spec
 from brainhpc.errors import BrainhpcError
 from brainhpc.fsio import atomic_path, read_json, write_json, write_text
+from brainhpc.sweep import intervals
 
 # Reference study (Br35H; issue 4): (model, technique, train kind) -> Acc, Prec, Rec, F1 in %.
 REFERENCE = {
@@ -50,30 +56,34 @@ REFERENCE = {
 # Akbar et al. (Sci Data 2024): synthetic-only segmenters reach 80-90% of real-data Dice.
 SEGMENT_REFERENCE = "80-90%"
 BASELINE_STATS, BASELINE_INTENSITY = "image statistics only", "intensity threshold"
+BASELINE_AREA = "brain area only"
 MODEL_NAMES = {None: "CNN", "giaem": "VAE (GIAEM)", "dbscan": "VAE (DBSCAN)",
                "kmeans-single": "VAE (single-image KMeans)",
                "kmeans-global": "VAE (Global KMeans)",
                BASELINE_INTENSITY: "Intensity threshold (baseline)",
-               BASELINE_STATS: "Image statistics only (baseline)"}
+               BASELINE_STATS: "Image statistics only (baseline)",
+               BASELINE_AREA: "Brain area only (baseline)"}
 LEAD = ("balanced_accuracy", "roc_auc", "recall_healthy", "recall_tumour")
 METRIC_COLS = LEAD + ("accuracy", "precision", "recall", "f1", "degenerate")
 EXTERNAL_METRICS = ("balanced_accuracy", "roc_auc", "recall_healthy", "recall_tumour", "n",
                     "dropped")
 CLASSIFY_COLS = ("dataset", "cell", "status", "model", "technique", "train_data", "kind",
-                 "generator", "p", "seed") + METRIC_COLS + (
-    "pixel_auprc", "dice", "ref_accuracy", "ref_f1", "n_test", "n_train", "epochs", "steps",
-    "wall_seconds", "device", "precision_mode", "world_size", "code_version", "config_hash",
-    "error", "log")
+                 "generator", "p", "seed", "fold") + METRIC_COLS + (
+    "pixel_auprc", "dice", "dice_ungated", "ref_accuracy", "ref_f1", "n_test", "n_train",
+    "epochs", "steps",
+    "wall_seconds", "device", "precision_mode", "world_size", "code_version", "code_hash",
+    "config_hash", "error", "log")
 SEGMENT_COLS = ("dataset", "cell", "status", "train_data", "kind", "generator", "p", "seed",
+                "fold",
                 "dice_patient", "dice_slice", "hd95", "sensitivity", "specificity",
                 "empty_dice_patient", "intensity_dice_patient", "n_test_patients", "n_train",
                 "epochs", "steps", "wall_seconds", "device", "precision_mode", "code_version",
-                "error", "log")
+                "code_hash", "error", "log")
 FIXED_COLS = frozenset(CLASSIFY_COLS + SEGMENT_COLS)
 GENERATOR_COLS = ("dataset", "cell", "status", "arch", "label", "with_masks", "epochs", "steps",
                   "n_train", "n_samples", "fid", "kid", "kid_std", "fid_train_vs_heldout",
                   "near_copy_share", "nn_corr_median", "precision_mode", "train_seconds",
-                  "wall_seconds", "code_version", "error", "log")
+                  "wall_seconds", "code_version", "code_hash", "error", "log")
 
 
 def _outcome(folder: Path) -> dict:
@@ -86,9 +96,16 @@ def _dataset(cell: dict) -> str:
     return cell["params"].get("dataset") or "data"
 
 
-def _manifest(run_dir: Path, dataset: str) -> dict:
-    for folder in (run_dir / "prepare" / dataset / "prepared",
-                   run_dir / "prepare" / "data" / "prepared"):
+def _code_hash(result: dict) -> str | None:
+    """The hash of the brainhpc sources a cell ran (``brainhpc.provenance``), None before."""
+    code = result.get("code")
+    return code.get("code_hash") if isinstance(code, dict) else None
+
+
+def _manifest(run_dir: Path, dataset: str, fold: int | None = None) -> dict:
+    sub = "" if fold is None else f"f{fold}"
+    for folder in (run_dir / "prepare" / dataset / sub / "prepared",
+                   run_dir / "prepare" / "data" / sub / "prepared"):
         m = read_json(folder / "manifest.json")
         if m:
             return m
@@ -153,6 +170,7 @@ def _vae_rows(base: dict, common: dict, p: dict, m: dict, done: bool,
             loc = block.get("localisation") or {}
             row.update(_metrics(block.get("test", {})), n_test=block["test"].get("n"),
                        dice=loc.get("dice_mean"),
+                       dice_ungated=(m.get("localisation") or {}).get("best_dice_mean"),
                        pixel_auprc=(m.get("localisation") or {}).get("pixel_auprc"))
             for name, ev in external:
                 row.update(_external_cols(name, (ev.get("techniques") or {}).get(tech),
@@ -173,7 +191,7 @@ def _classify_cell_rows(run_dir: Path, plan: dict, c: dict) -> list[dict]:
     folder = run_dir / "classify" / c["id"]
     p = c["params"]
     base = {"dataset": _dataset(c), "cell": c["id"], **_outcome(folder), "model": p["model"],
-            **_spec_cols(p["train_data"]), "seed": p.get("seed", 0)}
+            **_spec_cols(p["train_data"]), "seed": p.get("seed", 0), "fold": p.get("fold")}
     m = read_json(folder / "metrics.json")
     done = base["status"] == "done" and m.get("status") == "done"
     if base["status"] == "done" and not done:
@@ -182,7 +200,8 @@ def _classify_cell_rows(run_dir: Path, plan: dict, c: dict) -> list[dict]:
         n_train=(m.get("n_train") or {}).get("total"), epochs=m.get("epochs"),
         steps=m.get("steps"), wall_seconds=m.get("wall_seconds"), device=m.get("device"),
         precision_mode=_train_precision(m), world_size=m.get("world_size"),
-        code_version=m.get("brainhpc"), config_hash=m.get("config_hash"))
+        code_version=m.get("brainhpc"), code_hash=_code_hash(m),
+        config_hash=m.get("config_hash"))
     external = _external(run_dir, plan, "classify", c) if done else []
     if p["model"] != "cnn":
         return _vae_rows(base, common, p, m, done, external)
@@ -194,21 +213,49 @@ def _classify_cell_rows(run_dir: Path, plan: dict, c: dict) -> list[dict]:
     return [row]
 
 
+def _first_fold(plan: dict, ds: str) -> int | None:
+    return next((c["params"].get("fold") for c in plan.get("prepare", [])
+                 if (c["params"].get("dataset") or c["id"].split("/")[0]) == ds), None)
+
+
+def _baseline_rows(run_dir: Path, plan: dict, ds: str) -> list[dict]:
+    """The image-statistics (and brain-area) baseline rows of a dataset: one per fold, from the
+    first finished classify cell of the fold (cut chosen on validation, as the models' are);
+    runs from before those baselines fall back to the manifest's confound check."""
+    rows, seen = [], set()
+    for c in plan.get("classify", []):
+        fold = c["params"].get("fold")
+        m = read_json(run_dir / "classify" / c["id"] / "metrics.json")
+        if _dataset(c) != ds or fold in seen or m.get("status") != "done":
+            continue
+        seen.add(fold)
+        for key, block in (m.get("baselines") or {}).items():
+            name = {"image_statistics": BASELINE_STATS, "brain_area": BASELINE_AREA}.get(key)
+            if name and block.get("test"):
+                cell = f"{ds}/{key.replace('_', '-')}" + ("" if fold is None else f"-f{fold}")
+                rows.append(_baseline_row(ds, cell, name, fold, block["test"]))
+    if rows:
+        return rows
+    stats = (_manifest(run_dir, ds, _first_fold(plan, ds)).get("confound") or {}).get("test")
+    return [_baseline_row(ds, f"{ds}/image-statistics", BASELINE_STATS, None, stats)] \
+        if stats else []
+
+
+def _baseline_row(ds: str, cell: str, name: str, fold, block: dict) -> dict:
+    return {"dataset": ds, "cell": cell, "status": "done", "model": "baseline",
+            "technique": name, "train_data": "real", "kind": "real", "generator": "", "p": "",
+            "seed": "", "fold": fold, **_metrics(block), "n_test": block.get("n")}
+
+
 def classify_rows(run_dir: Path, plan: dict) -> list[dict]:
     """One row per classifier result (see the module docstring), plus the image-statistics
     baseline row of every dataset."""
     rows = [r for c in plan.get("classify", []) for r in _classify_cell_rows(run_dir, plan, c)]
     datasets = list(dict.fromkeys(_dataset(c) for c in plan.get("classify", [])))
     for ds in datasets:
-        stats = (_manifest(run_dir, ds).get("confound") or {}).get("test")
-        if stats:
-            rows.append({"dataset": ds, "cell": f"{ds}/image-statistics", "status": "done",
-                         "model": "baseline", "technique": BASELINE_STATS, "train_data": "real",
-                         "kind": "real", "generator": "", "p": "", "seed": "",
-                         "balanced_accuracy": stats.get("balanced_accuracy"),
-                         "roc_auc": stats.get("roc_auc"), "accuracy": stats.get("accuracy"),
-                         "n_test": stats.get("n")})
-    br35h = {ds for ds in datasets if _manifest(run_dir, ds).get("layout") == "br35h"}
+        rows += _baseline_rows(run_dir, plan, ds)
+    br35h = {ds for ds in datasets
+             if _manifest(run_dir, ds, _first_fold(plan, ds)).get("layout") == "br35h"}
     for r in rows:  # the reference study's numbers are Br35H's: beside Br35H rows only
         ref = REFERENCE.get((r["model"], r.get("technique") or None, r["kind"])) \
             if r.get("p") == "" and r["dataset"] in br35h else None
@@ -223,7 +270,7 @@ def segment_rows(run_dir: Path, plan: dict) -> list[dict]:
         folder = run_dir / "segment" / c["id"]
         p = c["params"]
         row = {"dataset": _dataset(c), "cell": c["id"], **_outcome(folder),
-               **_spec_cols(p["train_data"]), "seed": p.get("seed", 0)}
+               **_spec_cols(p["train_data"]), "seed": p.get("seed", 0), "fold": p.get("fold")}
         m = read_json(folder / "metrics.json")
         if row["status"] == "done" and m.get("status") == "done":
             t = m.get("test", {})
@@ -239,7 +286,7 @@ def segment_rows(run_dir: Path, plan: dict) -> list[dict]:
                        n_train=(m.get("n_train") or {}).get("total"), epochs=m.get("epochs"),
                        steps=m.get("steps"), wall_seconds=m.get("wall_seconds"),
                        device=m.get("device"), precision_mode=_train_precision(m),
-                       code_version=m.get("brainhpc"))
+                       code_version=m.get("brainhpc"), code_hash=_code_hash(m))
             for name, ev in _external(run_dir, plan, "segment", c):
                 et = ev.get("test", ev)
                 if et.get("dice_patient_mean") is not None:
@@ -265,6 +312,7 @@ def generator_rows(run_dir: Path, plan: dict) -> list[dict]:
             row.update({k: card.get(k) for k in ("epochs", "n_train", "n_samples",
                                                  "train_seconds", "wall_seconds")})
             row.update(steps=card.get("steps"), code_version=card.get("brainhpc"),
+                       code_hash=_code_hash(card),
                        precision_mode=_train_precision(card),
                        near_copy_share=mem.get("near_copy_share"),
                        nn_corr_median=mem.get("nn_corr_median"),
@@ -323,7 +371,7 @@ def _external_names(rows: list[dict], suffix: str = "_balanced_accuracy") -> lis
 
 def _order(r: dict) -> tuple:
     tech = r.get("technique") or ""
-    rank = {"": 0, BASELINE_INTENSITY: 8, BASELINE_STATS: 9}.get(tech, 1)
+    rank = {"": 0, BASELINE_INTENSITY: 8, BASELINE_STATS: 9, BASELINE_AREA: 10}.get(tech, 1)
     return (r["dataset"], {"cnn": 0, "vae": 1}.get(r["model"], 2), rank, tech,
             {"real": 0, "synthetic": 1, "mixed": 2}.get(r["kind"], 3), r["train_data"])
 
@@ -374,17 +422,21 @@ def localisation_table(rows: list[dict]) -> str:
     if not with_loc:
         return ""
     out = ["### Anomaly localisation (test tumour slices)", "",
-           "| Dataset | Detector | Train data | Pixel AUPRC | Dice (mean per slice) | Done |",
-           "|---|---|---|---|---|---|"]
+           "| Dataset | Detector | Train data | Pixel AUPRC | Dice (mean per slice) | "
+           "Residual map Dice, ungated | Done |", "|---|---|---|---|---|---|---|"]
     for (ds, tech, train), rs in _groups(sorted(with_loc, key=_order), lambda r: (
             r["dataset"], r.get("technique"), r["train_data"])):
         out.append(f"| {ds} | {MODEL_NAMES.get(tech, tech)} | {train} | "
                    f"{_fmt(_nums(rs, 'pixel_auprc'), pct=False)} | "
-                   f"{_fmt(_nums(rs, 'dice'), pct=False)} | {len(rs)} |")
+                   f"{_fmt(_nums(rs, 'dice'), pct=False)} | "
+                   f"{_fmt(_nums(rs, 'dice_ungated'), pct=False)} | {len(rs)} |")
     out += ["", "Pixel AUPRC is the residual map's (the same for every technique of one VAE; "
-            "for the baseline, standardised intensity); Dice is each technique's detected "
-            "region (for the baseline: the validation-chosen intensity threshold). Predicting "
-            "nothing scores Dice 0.", ""]
+            "for the baseline, standardised intensity inside the brain); Dice is each "
+            "technique's detected region, gated (0 on a tumour slice the technique calls "
+            "healthy); the ungated column thresholds the residual map itself at the "
+            "validation-chosen value on every slice, as the baseline's Dice does (standardised "
+            "intensity inside the brain, threshold chosen on validation). Predicting nothing "
+            "scores Dice 0.", ""]
     return "\n".join(out)
 
 
@@ -475,11 +527,35 @@ def checks(rows: list[dict]) -> str:
     return "\n".join(["### Learning check", "", *out, ""]) if out else ""
 
 
-def tables(rows: list[dict], seg: list[dict], gens: list[dict], name: str = "") -> str:
+def code_versions(rows: list[dict]) -> str:
+    """Which code made these numbers: one line, or a warning listing the versions."""
+    hashes: dict[str, list[str]] = {}
+    for r in rows:
+        if r.get("status") == "done" and r.get("code_hash"):
+            hashes.setdefault(r["code_hash"], []).append(r["cell"])
+    if not hashes:
+        return ""
+    if len(hashes) == 1:
+        return f"All {len(next(iter(hashes.values())))} cells ran code {next(iter(hashes))}.\n"
+    lines = [f"- `{h}`: {len(cells)} cells, e.g. `{cells[0]}`" for h, cells in hashes.items()]
+    return "\n".join([f"**Warning: these results come from {len(hashes)} code versions** "
+                      "(hash of the brainhpc sources; `python -m brainhpc.sweep FILE "
+                      "--rerun-stale` re-runs the cells of older code):", *lines, ""])
+
+
+def interval_section(ivals: list[dict], comps: list[dict]) -> str:
+    text = intervals.tables(ivals, comps)
+    return f"## With intervals and verdicts\n\n{text}" if text else ""
+
+
+def tables(rows: list[dict], seg: list[dict], gens: list[dict], name: str = "",
+           ivals: list[dict] = (), comps: list[dict] = ()) -> str:
     bad = [r for r in rows + seg + gens if r["status"] not in ("done",)
            and r.get("model") != "baseline"]
-    parts = [f"# Results{f' of {name}' if name else ''}", "", checks(rows),
-             "## Classification", "", classification_table(rows), localisation_table(rows),
+    parts = [f"# Results{f' of {name}' if name else ''}", "", code_versions(rows + seg + gens),
+             checks(rows), interval_section(list(ivals), list(comps)),
+             "## Classification (per cell: mean ± sd over runs)", "",
+             classification_table(rows), localisation_table(rows),
              segmentation_table(seg), generator_table(gens)]
     if bad:
         parts += ["## Cells without results", ""]
@@ -502,61 +578,122 @@ def _save(fig, path: Path) -> None:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
 
 
-def plots(rows: list[dict], seg: list[dict], out: Path) -> list[str]:
+def _bars(ivals: list[dict], rows: list[dict]) -> dict[str, dict]:
+    """label -> {metric: (value, lo, hi)}: the intervals when the run has predictions, else
+    the mean over runs (no interval)."""
+    out: dict[str, dict] = {}
+    for r in ivals:
+        if r["stage"] == "classify" and r["metric"] in ("balanced_accuracy", "roc_auc"):
+            label = (f"{r['dataset']} | {intervals.ARM_NAMES.get(r['arm'], r['arm'])} | "
+                     f"{r['train_data']}")
+            out.setdefault(label, {})[r["metric"]] = (r.get("value"), r.get("lo"), r.get("hi"))
+    if out:
+        return out
+    for r in rows:
+        if r["status"] == "done" and r.get("balanced_accuracy") is not None:
+            label = (f"{r['dataset']} | {MODEL_NAMES.get(r.get('technique') or None)} | "
+                     f"{r['train_data']}")
+            for metric in ("balanced_accuracy", "roc_auc"):
+                out.setdefault(label, {}).setdefault(metric, []).extend(_nums([r], metric))
+    return {k: {m: (statistics.fmean(v) if v else None, None, None) for m, v in d.items()}
+            for k, d in out.items()}
+
+
+def _bar_plot(plt, bars: dict, path: Path, with_ci: bool) -> None:
+    keys = sorted(bars)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.32 * len(keys) + 1.5), sharey=True)
+    for ax, metric in zip(axes, ("balanced_accuracy", "roc_auc"), strict=True):
+        got = [bars[k].get(metric, (None, None, None)) for k in keys]
+        vals = [v if intervals.finite(v) else 0 for v, _, _ in got]
+        err = [[max(v - lo, 0) if intervals.finite(lo) else 0 for v, (_, lo, _) in
+                zip(vals, got, strict=True)],
+               [max(hi - v, 0) if intervals.finite(hi) else 0 for v, (_, _, hi) in
+                zip(vals, got, strict=True)]]
+        ax.barh(range(len(keys)), vals, xerr=err if with_ci else None, color="tab:blue",
+                ecolor="black", capsize=2)
+        ax.axvline(0.5, color="grey", lw=1, ls="--")  # chance / majority class
+        ax.set_xlim(0, 1)
+        ax.set_xlabel(f"test {metric.replace('_', ' ')}")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(range(len(keys)), keys, fontsize=7)
+    axes[0].invert_yaxis()
+    fig.suptitle("test balanced accuracy and ROC-AUC by training data ("
+                 + ("pooled over folds and seeds; bars: 95% group-bootstrap interval"
+                    if with_ci else "mean over runs, no interval") + "; dashed: chance)")
+    _save(fig, path)
+    plt.close(fig)
+
+
+def _curve_points(curve: list[dict], key: tuple, metric: str, what: str) -> list[tuple]:
+    return [(0.0 if r["kind"] == "real" else float(r["p"]), r.get(metric)) for r in curve
+            if r["dataset"] == key[0] and (r["kind"] == "real" or r["generator"] == key[2])
+            and (what == "segmenter" or MODEL_NAMES.get(r.get("technique") or None) == key[1])
+            and r.get(metric) is not None]
+
+
+def _curve_ci(ivals: list[dict], key: tuple, p: float, metric: str, what: str):
+    """(lo, hi) of a proportion-curve point from intervals.csv, or None."""
+    stage, want = ("segment", "dice_patient") if what == "segmenter" else \
+        ("classify", metric)
+    for r in ivals:
+        if r["stage"] != stage or r["metric"] != want or r["dataset"] != key[0]:
+            continue
+        spec = parse_train_spec(r["train_data"])
+        point = 0.0 if spec.kind == "real" else spec.p
+        name = "U-Net" if stage == "segment" else intervals.ARM_NAMES.get(r["arm"], r["arm"])
+        name = {"CNN": MODEL_NAMES[None]}.get(name, name)
+        if point == p and (spec.kind == "real" or spec.generator == key[2]) and \
+                (what == "segmenter" or name == key[1]) and intervals.finite(r.get("lo")):
+            return r["lo"], r["hi"]
+    return None
+
+
+def _curve_plot(plt, what: str, data: list[dict], metric: str, path: Path,
+                ivals: list[dict]) -> bool:
+    curve = [r for r in data if r["p"] != "" or r["kind"] == "real"]
+    if not any(r["p"] != "" for r in curve):
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in sorted({(r["dataset"], MODEL_NAMES.get(r.get("technique") or None, "U-Net")
+                        if what == "classifier" else "U-Net",
+                        r["generator"]) for r in curve if r["p"] != ""}):
+        pts = _curve_points(curve, key, metric, what)
+        ps = sorted({p for p, _ in pts})
+        ys = [statistics.fmean(v for p2, v in pts if p2 == p) for p in ps]
+        cis = [_curve_ci(ivals, key, p, metric, what) for p in ps]
+        err = [[max(y - c[0], 0) if c else 0 for y, c in zip(ys, cis, strict=True)],
+               [max(c[1] - y, 0) if c else 0 for y, c in zip(ys, cis, strict=True)]]
+        ax.errorbar(ps, ys, yerr=err if any(cis) else None, marker="o", capsize=3,
+                    label=f"{key[0]}: {key[1]}, {key[2]}")
+    ax.set_xlabel("synthetic fraction p of the training set (0 = real only)")
+    ax.set_ylabel(f"test {metric.replace('_', ' ')}"
+                  + (" (bars: 95% group-bootstrap interval)" if ivals else ""))
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    _save(fig, path)
+    plt.close(fig)
+    return True
+
+
+def plots(rows: list[dict], seg: list[dict], out: Path, ivals: list[dict] = ()) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    made = []
-    done = [r for r in rows if r["status"] == "done" and r.get("balanced_accuracy") is not None]
-    if done:
-        def label(r: dict) -> str:
-            return (f"{r['dataset']} | {MODEL_NAMES.get(r.get('technique') or None)} | "
-                    f"{r['train_data']}")
-        keys = sorted({label(r) for r in done})
-        fig, axes = plt.subplots(1, 2, figsize=(12, 0.32 * len(keys) + 1.5), sharey=True)
-        for ax, metric in zip(axes, ("balanced_accuracy", "roc_auc"), strict=True):
-            vals = [statistics.fmean(_nums([r for r in done if label(r) == k], metric) or [0])
-                    for k in keys]
-            ax.barh(range(len(keys)), vals, color="tab:blue")
-            ax.axvline(0.5, color="grey", lw=1, ls="--")  # chance / majority class
-            ax.set_xlim(0, 1)
-            ax.set_xlabel(f"test {metric.replace('_', ' ')}")
-            ax.grid(axis="x", alpha=0.3)
-        axes[0].set_yticks(range(len(keys)), keys, fontsize=7)
-        axes[0].invert_yaxis()
-        fig.suptitle("test balanced accuracy and ROC-AUC by training data (mean over seeds; "
-                     "dashed: chance)")
-        _save(fig, out / "by_train_data.png")
-        plt.close(fig)
+    ivals, made = list(ivals), []
+    bars = _bars(ivals, rows)
+    if bars:
+        _bar_plot(plt, bars, out / "by_train_data.png", with_ci=bool(ivals))
         made.append("by_train_data.png")
+    done = [r for r in rows if r["status"] == "done" and r.get("balanced_accuracy") is not None]
     for what, data, metric, file in (
             ("classifier", done, "balanced_accuracy", "proportion.png"),
             ("segmenter", [r for r in seg if r["status"] == "done"], "dice_patient",
              "segmentation_proportion.png")):
-        curve = [r for r in data if r["p"] != "" or r["kind"] == "real"]
-        if not any(r["p"] != "" for r in curve):
-            continue
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for key in sorted({(r["dataset"], MODEL_NAMES.get(r.get("technique") or None, "U-Net")
-                            if what == "classifier" else "U-Net",
-                            r["generator"]) for r in curve if r["p"] != ""}):
-            pts = [(0.0 if r["kind"] == "real" else float(r["p"]), r.get(metric)) for r in curve
-                   if r["dataset"] == key[0] and (r["kind"] == "real" or r["generator"] == key[2])
-                   and (what == "segmenter" or MODEL_NAMES.get(r.get("technique") or None) ==
-                        key[1]) and r.get(metric) is not None]
-            ps = sorted({p for p, _ in pts})
-            ax.plot(ps, [statistics.fmean(v for p2, v in pts if p2 == p) for p in ps],
-                    marker="o", label=f"{key[0]}: {key[1]}, {key[2]}")
-        ax.set_xlabel("synthetic fraction p of the training set (0 = real only)")
-        ax.set_ylabel(f"test {metric.replace('_', ' ')}")
-        ax.set_ylim(0, 1)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        _save(fig, out / file)
-        plt.close(fig)
-        made.append(file)
+        if _curve_plot(plt, what, data, metric, out / file, ivals):
+            made.append(file)
     return made
 
 
@@ -643,8 +780,11 @@ def report(results: str | Path) -> str:
         raise BrainhpcError(f"{results / 'metrics.csv'} is missing or empty")
     seg = read_rows(results / "segmentation.csv", keep=text)
     gens = read_rows(results / "generators.csv")
-    parts = [checks(rows), classification_table(rows), localisation_table(rows),
-             segmentation_table(seg), generator_table(gens)]
+    ivals = read_rows(results / "intervals.csv", keep=text + ("arm", "stage", "metric"))
+    comps = read_rows(results / "comparisons.csv",
+                      keep=text + ("arm", "stage", "metric", "versus", "kind", "verdict"))
+    parts = [checks(rows), interval_section(ivals, comps), classification_table(rows),
+             localisation_table(rows), segmentation_table(seg), generator_table(gens)]
     return "\n".join(p for p in parts if p).rstrip() + "\n"
 
 
@@ -694,13 +834,16 @@ def aggregate(run_dir: str | Path) -> dict:
     rows = classify_rows(run_dir, plan)
     seg = segment_rows(run_dir, plan)
     gens = generator_rows(run_dir, plan)
+    ivals, comps = intervals.summarise(run_dir, plan)
     write_csv(out / "metrics.csv", rows, CLASSIFY_COLS)
     write_csv(out / "generators.csv", gens, GENERATOR_COLS)
     if seg:
         write_csv(out / "segmentation.csv", seg, SEGMENT_COLS)
+    write_csv(out / "intervals.csv", ivals, intervals.INTERVAL_COLS)
+    write_csv(out / "comparisons.csv", comps, intervals.COMPARISON_COLS)
     name = (read_json(run_dir / "sweep.json") or {}).get("name", "")
-    write_text(out / "table.md", tables(rows, seg, gens, name))
-    made = plots(rows, seg, out) + collect_figures(run_dir, plan, out)
+    write_text(out / "table.md", tables(rows, seg, gens, name, ivals, comps))
+    made = plots(rows, seg, out, ivals) + collect_figures(run_dir, plan, out)
 
     write_json(out / "provenance.json", provenance(run_dir))
     failed = sorted({r["cell"] for r in rows + seg + gens
