@@ -11,6 +11,7 @@ PROFILE   ?= gpu-cluster
 PARTITION ?=
 SUBMIT_ARGS ?=
 DATA      ?=
+EVALUATE  ?=
 RUN_DIR   ?= runs/paper
 PYTEST_ARGS ?=
 
@@ -24,7 +25,7 @@ help:
 	@echo "make lint         ruff"
 	@echo "make bench        benchmarks: ratios against naive baselines, measured side by side"
 	@echo "make gpu-check    on a 1-GPU node: CUDA, NCCL, img/s per architecture, smoke on the GPU"
-	@echo "make submit-all   submit the paper sweep (PROFILE=gpu-cluster DATA=\"br35h=... lgg=...\" RUN_DIR= PARTITION= SUBMIT_ARGS=--dry-run)"
+	@echo "make submit-all   submit the paper sweep (PROFILE=gpu-cluster DATA=\"br35h=... lgg=...\" EVALUATE=\"btm=...\" RUN_DIR= PARTITION= SUBMIT_ARGS=--dry-run)"
 	@echo "make study        the CPU study through the local cluster (jobs/cpu-study.toml; DATA= as above)"
 	@echo "make image        build the container image (VARIANT=cpu|gpu); sif, docker-smoke"
 	@echo "make container-test  lint + podman build + smoke inside the image (as CI does)"
@@ -58,14 +59,16 @@ bench: $(STAMP)
 gpu-check: $(STAMP)  ## one table: CUDA, 1-rank NCCL, bf16/fp32 img/s at 128 px, the smoke on the GPU
 	$(BIN)/python -m brainhpc.gpu_check --out $(RUN_GPU)
 
+# DATA="br35h=PATH lgg=PATH" moves the datasets (and the [[evaluate]] entries that name them);
+# EVALUATE="btm=PATH" the external sets that are no dataset of the sweep
 submit-all: $(STAMP)
 	$(BIN)/python -m brainhpc.sweep jobs/paper.toml --profile $(PROFILE) \
-	  $(foreach d,$(DATA),--data $(d)) --run-dir $(RUN_DIR) \
-	  $(if $(PARTITION),--partition $(PARTITION)) $(SUBMIT_ARGS)
+	  $(foreach d,$(DATA),--data $(d)) $(foreach e,$(EVALUATE),--evaluate $(e)) \
+	  --run-dir $(RUN_DIR) $(if $(PARTITION),--partition $(PARTITION)) $(SUBMIT_ARGS)
 
 study: $(STAMP)  ## the CPU study through the local cluster (make cluster-up first; resumable)
 	$(BIN)/python -m brainhpc.sweep jobs/cpu-study.toml $(foreach d,$(DATA),--data $(d)) \
-	  $(SUBMIT_ARGS)
+	  $(foreach e,$(EVALUATE),--evaluate $(e)) $(SUBMIT_ARGS)
 
 # ---- containers (containers/README.md) ----
 VARIANT ?= cpu

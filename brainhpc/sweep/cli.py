@@ -3,6 +3,7 @@
     python -m brainhpc.sweep [JOBS_FILE] [--profile NAME] [--executor slurm|local|debug]
                              [--partition P] [--cpu-partition P] [--dry-run] [--only STAGE]
                              [--force] [--rerun-stale] [--run-dir DIR] [--data [NAME=]PATH ...]
+                             [--evaluate NAME=PATH ...]
     python -m brainhpc.sweep status RUN_DIR
     python -m brainhpc.sweep aggregate RUN_DIR     (re-write RUN_DIR/results here and now)
     python -m brainhpc.sweep report RUN_DIR/results (the README's tables, from the CSVs alone)
@@ -58,6 +59,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", action="append", metavar="[NAME=]PATH",
                    help="raw image folder: PATH overrides [data] of the file; NAME=PATH "
                    "overrides [data.NAME] (repeat it for several datasets)")
+    p.add_argument("--evaluate", action="append", metavar="NAME=PATH",
+                   help="folder of the [[evaluate]] entry NAME (repeat it); entries with "
+                   "dataset = \"X\" follow --data X=PATH without it")
     p.add_argument("--run-dir", type=Path,
                    help="default: the sweep file's run_dir, else runs/<sweep name>")
     p.add_argument("--only", choices=stages.NAMES, help="this stage's cells only (they still wait "
@@ -171,7 +175,8 @@ def run(args) -> int:
         return _run_dir_command(args)
     t0 = time.monotonic()
     sweep = load_sweep(args.jobs_file, data=args.data, partition=args.partition,
-                       profile=args.profile, cpu_partition=args.cpu_partition)
+                       profile=args.profile, cpu_partition=args.cpu_partition,
+                       evaluate=args.evaluate)
     run_dir = (args.run_dir or sweep.run_dir or Path("runs") / sweep.name).resolve()
     plan = expand(sweep, run_dir)
     selected = [args.only] if args.only else list(stages.NAMES)

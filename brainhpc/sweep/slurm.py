@@ -231,12 +231,20 @@ def slurm_params(sweep: Sweep, stage: str, run_dir: Path) -> dict:
     return params
 
 
-def executor(sweep: Sweep, stage: str, run_dir: Path,
-             dependency: str | None = None) -> submitit.SlurmExecutor:
+class _ScriptOnly(submitit.SlurmExecutor):
+    """The SLURM executor for writing scripts only (``--dry-run``): submitit refuses to build
+    one where ``srun`` is missing, and a dry run on a laptop must still print the scripts."""
+
+    @classmethod
+    def affinity(cls) -> int:
+        return 1
+
+
+def executor(sweep: Sweep, stage: str, run_dir: Path, dependency: str | None = None,
+             kind: type = submitit.SlurmExecutor) -> submitit.SlurmExecutor:
     """The submitit executor of a stage's arrays, with every sbatch parameter set."""
-    ex = submitit.SlurmExecutor(folder=log_folder(run_dir, stage),
-                                python=python_command(sweep, run_dir),
-                                max_num_timeout=sweep.resources[stage].max_num_timeout)
+    ex = kind(folder=log_folder(run_dir, stage), python=python_command(sweep, run_dir),
+              max_num_timeout=sweep.resources[stage].max_num_timeout)
     params = slurm_params(sweep, stage, run_dir)
     if dependency:
         params["dependency"] = dependency
@@ -249,7 +257,7 @@ def sbatch_script(sweep: Sweep, stage: str, run_dir: Path, n_tasks: int,
     """The sbatch script of this stage's array (``--dry-run``, the golden files): the text the
     very executor ``submit_slurm`` uses writes, through the method submitit itself calls when it
     submits (submitit has no public dry run; a SLURM test holds the two to each other)."""
-    ex = executor(sweep, stage, run_dir, dependency)
+    ex = executor(sweep, stage, run_dir, dependency, kind=_ScriptOnly)
     if n_tasks > 1:
         ex.parameters["map_count"] = n_tasks  # as submitit's map_array does
     return ex._make_submission_file_text(ex._submitit_command_str, "dry-run")
