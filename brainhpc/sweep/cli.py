@@ -198,7 +198,7 @@ def run(args) -> int:
 def _knobs(r) -> str:
     """The resources of a stage as key=value, site knobs only where set."""
     out = [f"partition={r.partition}", f"gpus_per_node={r.gpus_per_node}",
-           f"tasks_per_node={r.tasks}", f"cpus_per_task={r.cpus_per_task}", f"mem_gb={r.mem_gb}",
+           f"tasks_per_node={r.tasks}", f"cpus_per_task={r.cpus_per_task}", f"mem_gb={r.mem}",
            f"time_min={r.time_min}", f"array_parallelism={r.array_parallelism}",
            f"max_num_timeout={r.max_num_timeout}"]
     for key in ("gpu_type", "account", "qos", "constraint", "exclude", "reservation", "wckey"):
@@ -208,7 +208,9 @@ def _knobs(r) -> str:
         out.append(f"gpu_flag={r.gpu_flag}")
     if r.cells_per_task > 1:
         out.append(f"cells_per_task={r.cells_per_task}")
-    return " ".join(out)
+    if r.mem_gb_per_gpu and r.gpus_per_node:
+        out.append(f"(mem: mem_gb={r.mem_gb}, mem_gb_per_gpu={r.mem_gb_per_gpu})")
+    return " ".join(out + [line.removeprefix("export ") for line in r.env()])
 
 
 def _stale_note(plan, selected: list[str], rerun_stale: bool) -> list[str]:

@@ -204,7 +204,8 @@ class Sweep:
     others: dict = field(default_factory=dict)  # stage -> its StageBlocks (see OWN_SYNTAX)
 
     def device(self, stage: str) -> str:
-        """What a SLURM cell of ``stage`` runs on: cuda exactly when GPUs were requested."""
+        """What a cell of ``stage`` runs on, on SLURM or through the local executors: cuda
+        exactly when GPUs were requested."""
         return "cuda" if self.resources[stage].gpus_per_node else "cpu"
 
     @property
