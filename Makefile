@@ -7,10 +7,13 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 RUN    ?= runs/smoke
 RUN_GPU ?= runs/gpu-check
+IMAGE   ?= $(SIF)
+GPU_CHECK_ARGS ?=
 PROFILE   ?= gpu-cluster
 PARTITION ?=
 SUBMIT_ARGS ?=
 DATA      ?=
+EVALUATE  ?=
 RUN_DIR   ?= runs/paper
 PYTEST_ARGS ?=
 
@@ -23,8 +26,8 @@ help:
 	@echo "make test-fast    the tests without the slow end-to-end ones"
 	@echo "make lint         ruff"
 	@echo "make bench        benchmarks: ratios against naive baselines, measured side by side"
-	@echo "make gpu-check    on a 1-GPU node: CUDA, NCCL, img/s per architecture, smoke on the GPU"
-	@echo "make submit-all   submit the paper sweep (PROFILE=gpu-cluster DATA=\"br35h=... lgg=...\" RUN_DIR= PARTITION= SUBMIT_ARGS=--dry-run)"
+	@echo "make gpu-check    on a GPU node, in the image (IMAGE=brainhpc.sif|docker tag|venv): CUDA, DDP on every GPU, SIGUSR2+resume, img/s, smoke"
+	@echo "make submit-all   submit the paper sweep (PROFILE=gpu-cluster DATA=\"br35h=... lgg=...\" EVALUATE=\"btm=...\" RUN_DIR= PARTITION= SUBMIT_ARGS=--dry-run)"
 	@echo "make study        the CPU study through the local cluster (jobs/cpu-study.toml; DATA= as above)"
 	@echo "make image        build the container image (VARIANT=cpu|gpu); sif, docker-smoke"
 	@echo "make container-test  lint + podman build + smoke inside the image (as CI does)"
@@ -55,17 +58,21 @@ bench: $(STAMP)
 	  echo "=== $$b"; $(BIN)/python $$b; echo; \
 	done
 
-gpu-check: $(STAMP)  ## one table: CUDA, 1-rank NCCL, bf16/fp32 img/s at 128 px, the smoke on the GPU
-	$(BIN)/python -m brainhpc.gpu_check --out $(RUN_GPU)
+# In the image the jobs use (a .sif through apptainer --nv, a tag through docker --gpus all), the
+# checkout's .venv only with IMAGE=venv; one table, non-zero exit on any miss (no GPU included)
+gpu-check: $(if $(filter venv,$(IMAGE)),$(STAMP))
+	IMAGE=$(IMAGE) OUT=$(RUN_GPU) PYTHON=$(BIN)/python bash containers/gpu-check.sh $(GPU_CHECK_ARGS)
 
+# DATA="br35h=PATH lgg=PATH" moves the datasets (and the [[evaluate]] entries that name them);
+# EVALUATE="btm=PATH" the external sets that are no dataset of the sweep
 submit-all: $(STAMP)
 	$(BIN)/python -m brainhpc.sweep jobs/paper.toml --profile $(PROFILE) \
-	  $(foreach d,$(DATA),--data $(d)) --run-dir $(RUN_DIR) \
-	  $(if $(PARTITION),--partition $(PARTITION)) $(SUBMIT_ARGS)
+	  $(foreach d,$(DATA),--data $(d)) $(foreach e,$(EVALUATE),--evaluate $(e)) \
+	  --run-dir $(RUN_DIR) $(if $(PARTITION),--partition $(PARTITION)) $(SUBMIT_ARGS)
 
 study: $(STAMP)  ## the CPU study through the local cluster (make cluster-up first; resumable)
 	$(BIN)/python -m brainhpc.sweep jobs/cpu-study.toml $(foreach d,$(DATA),--data $(d)) \
-	  $(SUBMIT_ARGS)
+	  $(foreach e,$(EVALUATE),--evaluate $(e)) $(SUBMIT_ARGS)
 
 # ---- containers (containers/README.md) ----
 VARIANT ?= cpu

@@ -214,28 +214,7 @@ def test_precision_is_recorded_in_metrics_json(prepared_phantom, tmp_path):
                        precision="fp64")
 
 
-# ------------------------------------------------------------------ gpu-check without a GPU
-def test_gpu_check_skips_cleanly_without_cuda(monkeypatch, capsys):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
-    assert gpu_check.main(["--no-smoke"]) == 0
-    out = capsys.readouterr().out
-    assert out.startswith("gpu-check skipped: ") and ("sees no GPU" in out or "CPU-only" in out)
-
-
-def test_gpu_check_parts_on_cpu(capsys):
-    assert "gloo on cpu" in gpu_check.process_group("gloo", CPU)
-    text = gpu_check.table([("CUDA", "SKIP", "none", 0.0), ("  dcgan 128 px", "OK", "x", 1.5)])
-    lines = text.splitlines()
-    assert lines[0].split() == ["check", "result", "seconds", "detail"]
-    assert lines[2].split() == ["dcgan", "128", "px", "OK", "1.5", "x"]
-    rows = gpu_check.run_checks(CPU, "gloo", ["BrainCVAE"], 32, warmup=1, steps=2, out=None,
-                                smoke_timeout_s=1)
-    names = [r[0].strip() for r in rows]
-    assert names == ["process group (gloo)", "training throughput", "BrainCVAE 32 px b32"]
-    assert rows[2][1] in ("OK", "FAIL") and "auto picks" in rows[2][2]
-
-
+# -------------------------------------------- gpu-check (more: test_gpu_check.py)
 def test_smoke_cells_share_the_cores(tmp_path):
     """Local cells share the cores (every sweep run with --executor local, the smoke's too)."""
     from brainhpc.sweep.config import load_sweep

@@ -260,6 +260,11 @@ def test_sbatch_scripts_match_golden(tmp_path, monkeypatch, case):
         assert "apptainer exec --nv --bind RUN_DIR,DATA_DIR/br35h:DATA_DIR/br35h:ro," \
                "DATA_DIR/lgg-flair:DATA_DIR/lgg-flair:ro" in text
         assert "module load apptainer" in text and "device: cuda" in text
+        # the short GPU cells are packed: 96 classify cells 4 to a task, 27 segment cells 3
+        assert "#SBATCH --array=0-23%8\n" in scripts["classify"]
+        assert "#SBATCH --array=0-8%8\n" in scripts["segment"]
+        assert "#SBATCH --array=0-15%8\n" in scripts["generate"]  # long: one per task
+        assert "cells_per_task=4" in text and "cells_per_task=3" in text
     if case == "packed":
         assert "#SBATCH --array=0-1%2" in scripts["classify"]  # 6 cells, 3 per task
     if case.startswith("datasets"):
@@ -343,6 +348,54 @@ def test_site_knobs_reach_the_sbatch_script(tmp_path, monkeypatch):
     gres = load_sweep(write(tmp_path, TINY.replace('"local"', '"site.toml"')
                             + '[resources.classify]\ngpu_flag = "gres"\n'))
     assert "#SBATCH --gres=gpu:a100:2\n" in slurm.sbatch_script(gres, "classify", tmp_path, 1)
+
+
+def test_memory_grows_with_the_gpus_of_a_cell(tmp_path, monkeypatch):
+    """mem_gb_per_gpu: a GPU stage asks for max(mem_gb, mem_gb_per_gpu x gpus_per_node); CPU
+    stages keep mem_gb. gpu-cluster.toml sets 32 per GPU: one GPU 32G, four GPUs 128G."""
+    s = paper_sweep(tmp_path, monkeypatch)
+    assert {st: r.mem for st, r in s.resources.items()} == {
+        "prepare": 32, "generate": 32, "classify": 32, "segment": 32, "evaluate": 32,
+        "aggregate": 8}
+    text = (REPO / "jobs" / "paper.toml").read_text() + (
+        "[resources.generate]\ngpus_per_node = 4\n"
+        "[resources.segment]\ngpus_per_node = 2\ncells_per_task = 1\nmem_gb = 100\n")
+    s = load_sweep(write(tmp_path, text))
+    run = tmp_path / "run"
+    gen = slurm.sbatch_script(s, "generate", run, 2)
+    assert "#SBATCH --mem=128G\n" in gen and "#SBATCH --ntasks-per-node=4\n" in gen
+    assert "#SBATCH --mem=100G\n" in slurm.sbatch_script(s, "segment", run, 2)  # the larger
+    assert "#SBATCH --mem=32G\n" in slurm.sbatch_script(s, "prepare", run, 1)
+    half = load_sweep(write(tmp_path, TINY + "[resources]\ngpus_per_node = 2\nmem_gb = 1\n"
+                            "mem_gb_per_gpu = 1.5\n"))
+    assert "#SBATCH --mem=3G\n" in slurm.sbatch_script(half, "generate", run, 1)
+    assert "#SBATCH --mem=1G\n" in slurm.sbatch_script(half, "prepare", run, 1)
+    with pytest.raises(BrainhpcError, match="resources.mem_gb_per_gpu must be >= 0"):
+        load_sweep(write(tmp_path, TINY + "[resources]\nmem_gb_per_gpu = -1\n"))
+
+
+def test_nccl_knobs_are_exported_in_gpu_stages_only(tmp_path, monkeypatch):
+    """nccl_p2p_disable / nccl_debug: opt-in export lines in the setup of the stages with GPUs
+    (before the profile's own lines); nothing when unset; a typo is refused."""
+    s = paper_sweep(tmp_path, monkeypatch)
+    run = tmp_path / "run"
+    assert "NCCL" not in slurm.sbatch_script(s, "generate", run, 1)
+    text = (REPO / "jobs" / "paper.toml").read_text() + (
+        '[resources]\nnccl_p2p_disable = true\nnccl_debug = "INFO"\n'
+        '[resources.classify]\nnccl_debug = "WARN"\n')
+    s = load_sweep(write(tmp_path, text))
+    gen = slurm.sbatch_script(s, "generate", run, 1)
+    setup = gen.split("# setup\n")[1].split("\n\n")[0].splitlines()
+    assert setup[4:7] == ["export NCCL_P2P_DISABLE=1", "export NCCL_DEBUG=INFO", "module purge"]
+    assert "export NCCL_DEBUG=WARN\n" in slurm.sbatch_script(s, "classify", run, 1)
+    for stage in ("prepare", "evaluate", "aggregate"):
+        assert "NCCL" not in slurm.sbatch_script(s, stage, run, 1), stage
+    assert "NCCL_P2P_DISABLE=1 NCCL_DEBUG=INFO" in dry_run(s, expand(s, run), run, ["generate"])
+    with pytest.raises(BrainhpcError, match="resources.nccl_debug must be one of VERSION, WARN, "
+                                            "INFO, TRACE"):
+        load_sweep(write(tmp_path, TINY + '[resources]\nnccl_debug = "info"\n'))
+    with pytest.raises(BrainhpcError, match="resources.nccl_p2p_disable must be bool"):
+        load_sweep(write(tmp_path, TINY + "[resources]\nnccl_p2p_disable = 1\n"))
 
 
 def test_container_volumes_for_podman(tmp_path):

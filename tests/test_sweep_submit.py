@@ -168,16 +168,42 @@ def test_local_executor_shows_the_gpus_a_stage_asked_for(tmp_path, monkeypatch):
             seen.append(kw)
 
         def submit(self, fn, cell):
+            devices.append(fn.device)
             return Job()
 
+    devices = []
     monkeypatch.setattr(submitit, "LocalExecutor", Local)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")  # e.g. SLURM gave this job the 4th GPU
     sweep = load_sweep(REPO / "jobs" / "smoke.toml", profile="local-gpu")
     plan = expand(sweep, tmp_path / "run")
     cells = {s: plan[s][:1] for s in ("prepare", "generate")}
     cells.update({s: [] for s in plan if s not in cells})
     local.run_here("local", sweep, cells, tmp_path / "run", force=False)
     assert [kw["gpus_per_node"] for kw in seen] == [0, 1]  # prepare on the CPU, generate a GPU
+    assert [kw["visible_gpus"] for kw in seen] == [(3,), (3,)]  # this job's GPU, not GPU 0
     assert sweep.device("generate") == "cuda" and sweep.device("prepare") == "cpu"
+    assert devices == ["cpu", "cuda"]  # each cell runs on its stage's device, as on SLURM
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-6f2a")
+    assert local.visible_gpus() == ()  # UUIDs: submitit's own numbering
+
+
+def test_a_local_gpu_cell_without_cuda_fails_loudly(tmp_path, capsys):
+    """A GPU profile's cell run by the local executor gets device=cuda; on this CPU machine it
+    fails at once, saying why, instead of training on the CPU (a real subprocess)."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    path = tmp_path / "g.toml"
+    path.write_text('name = "g"\nprofile = "local-gpu"\n[data]\nphantom = 40\nsize = 32\n'
+                    '[generate]\narchs = ["vae"]\nlabels = ["healthy"]\nepochs = 1\n')
+    run = tmp_path / "run"
+    assert main([str(path), "--executor", "local", "--only", "generate", "--run-dir",
+                 str(run)]) == 1
+    marker = json.loads((run / "generate" / "vae-healthy" / "cell.json").read_text())
+    assert marker["status"] == "failed" and marker["device"] == "cuda"
+    assert "GPUs were requested (device=cuda)" in marker["error"]
+    assert "sees no CUDA device" in marker["error"]
 
 
 def test_max_num_timeout_reaches_the_submitted_cells(tmp_path, fake_slurm):

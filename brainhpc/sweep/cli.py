@@ -3,6 +3,7 @@
     python -m brainhpc.sweep [JOBS_FILE] [--profile NAME] [--executor slurm|local|debug]
                              [--partition P] [--cpu-partition P] [--dry-run] [--only STAGE]
                              [--force] [--rerun-stale] [--run-dir DIR] [--data [NAME=]PATH ...]
+                             [--evaluate NAME=PATH ...]
     python -m brainhpc.sweep status RUN_DIR
     python -m brainhpc.sweep aggregate RUN_DIR     (re-write RUN_DIR/results here and now)
     python -m brainhpc.sweep report RUN_DIR/results (the README's tables, from the CSVs alone)
@@ -58,6 +59,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", action="append", metavar="[NAME=]PATH",
                    help="raw image folder: PATH overrides [data] of the file; NAME=PATH "
                    "overrides [data.NAME] (repeat it for several datasets)")
+    p.add_argument("--evaluate", action="append", metavar="NAME=PATH",
+                   help="folder of the [[evaluate]] entry NAME (repeat it); entries with "
+                   "dataset = \"X\" follow --data X=PATH without it")
     p.add_argument("--run-dir", type=Path,
                    help="default: the sweep file's run_dir, else runs/<sweep name>")
     p.add_argument("--only", choices=stages.NAMES, help="this stage's cells only (they still wait "
@@ -171,7 +175,8 @@ def run(args) -> int:
         return _run_dir_command(args)
     t0 = time.monotonic()
     sweep = load_sweep(args.jobs_file, data=args.data, partition=args.partition,
-                       profile=args.profile, cpu_partition=args.cpu_partition)
+                       profile=args.profile, cpu_partition=args.cpu_partition,
+                       evaluate=args.evaluate)
     run_dir = (args.run_dir or sweep.run_dir or Path("runs") / sweep.name).resolve()
     plan = expand(sweep, run_dir)
     selected = [args.only] if args.only else list(stages.NAMES)
@@ -193,7 +198,7 @@ def run(args) -> int:
 def _knobs(r) -> str:
     """The resources of a stage as key=value, site knobs only where set."""
     out = [f"partition={r.partition}", f"gpus_per_node={r.gpus_per_node}",
-           f"tasks_per_node={r.tasks}", f"cpus_per_task={r.cpus_per_task}", f"mem_gb={r.mem_gb}",
+           f"tasks_per_node={r.tasks}", f"cpus_per_task={r.cpus_per_task}", f"mem_gb={r.mem}",
            f"time_min={r.time_min}", f"array_parallelism={r.array_parallelism}",
            f"max_num_timeout={r.max_num_timeout}"]
     for key in ("gpu_type", "account", "qos", "constraint", "exclude", "reservation", "wckey"):
@@ -203,7 +208,9 @@ def _knobs(r) -> str:
         out.append(f"gpu_flag={r.gpu_flag}")
     if r.cells_per_task > 1:
         out.append(f"cells_per_task={r.cells_per_task}")
-    return " ".join(out)
+    if r.mem_gb_per_gpu and r.gpus_per_node:
+        out.append(f"(mem: mem_gb={r.mem_gb}, mem_gb_per_gpu={r.mem_gb_per_gpu})")
+    return " ".join(out + [line.removeprefix("export ") for line in r.env()])
 
 
 def _stale_note(plan, selected: list[str], rerun_stale: bool) -> list[str]:

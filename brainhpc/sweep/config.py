@@ -40,12 +40,21 @@ takes that config's default. The stages themselves are listed in ``brainhpc.stag
     name = "br35h"                 # scored on this folder (raw, or a prepared dataset)
     path = "~/data/br35h"
     labels = ["tumour=yes", "healthy=no"]   # raw folders only; split = "test": prepared only
+    [[evaluate]]                   # another dataset of this sweep as an external set:
+    name = "lgg"                   # dataset = "lgg" means lgg's raw folder (its path, or what
+    dataset = "lgg"                # --data lgg=PATH says; its labels unless labels is given),
+    datasets = ["br35h"]           # so the entry follows --data instead of a second path
     [[<stage>.cells]]              # any other stage of the table: fields of its config,
     name = "x"                     # one cell per seed (cell ids x-s0, x-s1), on all datasets
     seeds = [0, 1]
     [resources]                    # every stage (over the profile's); [resources.<stage>] one stage
     [container]
     prefix = "apptainer exec --nv --bind {binds} IMAGE"
+
+An [[evaluate]] entry takes exactly one of ``path``, ``dataset`` or ``phantom``.
+``--evaluate NAME=PATH`` (``load_sweep(evaluate=...)``) points the entry named NAME at PATH
+instead, whichever it had: for external sets that are no dataset of the sweep
+(brain-tumor-mri), as ``--data`` does for the datasets.
 
 Resources, lowest to highest precedence: ``Resources()`` defaults, the profile's ``[resources]``,
 the profile's ``[resources.<stage>]``, the sweep file's ``[resources]``, its
@@ -195,7 +204,8 @@ class Sweep:
     others: dict = field(default_factory=dict)  # stage -> its StageBlocks (see OWN_SYNTAX)
 
     def device(self, stage: str) -> str:
-        """What a SLURM cell of ``stage`` runs on: cuda exactly when GPUs were requested."""
+        """What a cell of ``stage`` runs on, on SLURM or through the local executors: cuda
+        exactly when GPUs were requested."""
         return "cuda" if self.resources[stage].gpus_per_node else "cpu"
 
     @property
@@ -425,29 +435,61 @@ def _read_segment(t: Table, defaults: dict, gen: GenerateSpec | None,
     return SegmentBlock(train_data=train, datasets=datasets, **common)
 
 
-def _read_evaluate(t: Table, names: tuple[str, ...]) -> EvaluateEntry:
+def _evaluate_source(t: Table, name: str, data: dict[str, DataSpec], override: Path | None
+                     ) -> tuple[str | None, int | None, str | None]:
+    """(path, phantom, the dataset's labels) of an entry: ``--evaluate NAME=PATH`` first, else
+    ``dataset`` (that dataset's raw folder, after ``--data``), else its own path or phantom.
+    Following the dataset is what lets one ``--data lgg=PATH`` move both uses of a folder."""
+    raw_path, phantom, dataset = t.get("path", str), t.get("phantom", int), t.get("dataset", str)
+    given = [k for k, v in (("path", raw_path), ("dataset", dataset), ("phantom", phantom))
+             if v is not None]
+    if len(given) != 1:
+        got = f" (got {' and '.join(given)})" if given else ""
+        raise BrainhpcError(f"{t.source}: {t.key(given[-1] if given else 'path')}: an "
+                            "[[evaluate]] entry needs exactly one of path (a raw image folder or "
+                            "a prepared dataset), dataset (a dataset of this sweep: its raw "
+                            f"folder) or phantom (a number of fresh phantom slices){got}")
+    if override is not None:
+        if phantom is not None:
+            raise BrainhpcError(f"--evaluate {name}={override}: [[evaluate]] {name!r} of "
+                                f"{t.source} is fresh phantom slices, it reads no folder")
+        return str(override), None, None
+    if dataset is None:
+        return raw_path, phantom, None
+    spec = data.get(dataset)
+    if spec is None:
+        raise BrainhpcError(f"{t.source}: {t.key('dataset')}: unknown dataset {dataset!r}; "
+                            f"datasets of this sweep: {', '.join(data)}")
+    if spec.path is None:
+        raise BrainhpcError(f"{t.source}: {t.key('dataset')}: dataset {dataset!r} is phantom "
+                            "slices, not a folder; give path, or phantom = N for fresh slices")
+    return str(spec.path), None, spec.labels
+
+
+def _read_evaluate(t: Table, data: dict[str, DataSpec],
+                   overrides: dict[str, Path]) -> EvaluateEntry:
     name = _name(t.get("name", str, required=True), t.key("name"), t.source)
     if name in RESERVED_EVALUATE_NAMES:  # their result columns would be the baselines'
         raise BrainhpcError(f"{t.source}: {t.key('name')}: {name!r} names a baseline column of "
                             f"the results; choose another name (not one of "
                             f"{', '.join(sorted(RESERVED_EVALUATE_NAMES))})")
-    raw_path, phantom = t.get("path", str), t.get("phantom", int)
+    raw_path, phantom, inherited = _evaluate_source(t, name, data, overrides.get(name))
     seed = t.get("seed", int)
     labels = t.strings("labels")
     split = t.get("split", str)
-    datasets = _datasets(t, names)
+    datasets = _datasets(t, tuple(data))
     t.done()
-    if (raw_path is None) == (phantom is None):
-        raise BrainhpcError(f"{t.source}: {t.key('path')}: an [[evaluate]] entry needs exactly "
-                            "one of path (a raw image folder or a prepared dataset) or phantom "
-                            "(a number of fresh phantom slices)")
     if phantom is not None:
         if labels is not None or split is not None:
             raise BrainhpcError(f"{t.source}: {t.key('phantom')}: phantom slices carry their "
                                 "labels and have no splits; drop labels/split")
         return EvaluateEntry(name=name, path=None, datasets=datasets, phantom=phantom,
                              seed=seed)
-    path = _folder(raw_path, t.key("path"), t.source, "; a raw image folder or a prepared dataset")
+    if labels is None and inherited is not None:
+        labels = inherited.split()
+    flag = f"; override with --evaluate {name}=PATH"
+    path = _folder(raw_path, t.key("path"), t.source,
+                   f"; a raw image folder or a prepared dataset{flag}")
     entry = EvaluateEntry(name=name, path=path, datasets=datasets)
     if entry.prepared:
         if labels is not None:
@@ -511,9 +553,28 @@ def _read_others(top: Table, names: tuple[str, ...]) -> dict:
     return out
 
 
-def _read_cells(top: Table, raw: dict, names: tuple[str, ...]) -> dict:
+def _evaluate_overrides(evaluate, entries: list, source: str) -> dict[str, Path]:
+    """``--evaluate NAME=PATH`` values -> {entry name: path}; NAME must name an entry."""
+    items = [] if evaluate is None else [evaluate] if isinstance(evaluate, (str, Path)) \
+        else list(evaluate)
+    names = [e.get("name") for e in entries if isinstance(e, dict)]
+    out = {}
+    for item in map(str, items):
+        name, sep, path = item.partition("=")
+        if not sep or not path:
+            raise BrainhpcError(f"--evaluate {item}: expected NAME=PATH, NAME an [[evaluate]] "
+                                f"entry of {source} ({', '.join(map(str, names)) or 'none'})")
+        if name not in names:
+            raise BrainhpcError(f"--evaluate {item}: {source} has no [[evaluate]] entry "
+                                f"{name!r}; its entries: {', '.join(map(str, names)) or 'none'}")
+        out[name] = Path(path)
+    return out
+
+
+def _read_cells(top: Table, raw: dict, datasets: tuple[DataSpec, ...], evaluate=None) -> dict:
     """The generate spec, the classify and segment blocks and the evaluate entries."""
     source = top.source
+    names = tuple(d.name for d in datasets)
     gen = _read_generate(top.table("generate"), names) if "generate" in raw else None
     top.seen.add("generate")
     out = {"generate": gen}
@@ -524,8 +585,11 @@ def _read_cells(top: Table, raw: dict, names: tuple[str, ...]) -> dict:
                            for i, b in enumerate(t.get("cells", list, [])))
         t.done()
     out["others"] = _read_others(top, names)
-    out["evaluate"] = tuple(_read_evaluate(Table(e, f"evaluate[{i}]", source), names)
-                            for i, e in enumerate(top.get("evaluate", list, [])))
+    entries = top.get("evaluate", list, [])
+    over = _evaluate_overrides(evaluate, entries, source)
+    data = {d.name: d for d in datasets}
+    out["evaluate"] = tuple(_read_evaluate(Table(e, f"evaluate[{i}]", source), data, over)
+                            for i, e in enumerate(entries))
     seen = [e.name for e in out["evaluate"]]
     twice = sorted({n for n in seen if seen.count(n) > 1})
     if twice:
@@ -536,10 +600,11 @@ def _read_cells(top: Table, raw: dict, names: tuple[str, ...]) -> dict:
 
 def load_sweep(path: str | Path, data: Path | str | list | None = None,
                partition: str | None = None, profile: str | None = None,
-               cpu_partition: str | None = None) -> Sweep:
+               cpu_partition: str | None = None, evaluate: str | list | None = None) -> Sweep:
     """Read and validate a sweep file; the keyword arguments override the file and profile.
 
-    ``data``: ``--data`` value(s): a PATH for the one dataset, or NAME=PATH per dataset."""
+    ``data``: ``--data`` value(s): a PATH for the one dataset, or NAME=PATH per dataset;
+    ``evaluate``: ``--evaluate NAME=PATH`` value(s), the folder of [[evaluate]] entry NAME."""
     path = Path(path)
     raw = _read_file(path)
     top = Table(raw, "", str(path))
@@ -549,7 +614,7 @@ def load_sweep(path: str | Path, data: Path | str | list | None = None,
     named = profile or named
     site = Site.read(named or "local", str(path))
     datasets, named_data = _read_data(top.table("data"), data)
-    cells = _read_cells(top, raw, tuple(d.name for d in datasets))
+    cells = _read_cells(top, raw, datasets, evaluate)
     resources = load_resources(site, top.table("resources"), partition, cpu_partition)
     cont = top.table("container")
     prefix = check_prefix(cont.get("prefix", str, site.prefix), "container.prefix", str(path))

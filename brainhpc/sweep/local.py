@@ -6,6 +6,10 @@
   epoch, elapsed) is refreshed while they run, the way SLURM users watch ``squeue``. Blocks
   until the end.
 * ``debug``: in this process, one cell after the other (breakpoints work).
+
+Each cell runs on its stage's device (``Sweep.device``), as a SLURM task does: cuda where the
+profile gives the stage GPUs (``local-gpu``: ``make gpu-check``'s smoke), and a cuda cell whose
+torch sees no GPU fails at once (``runner.check_cuda``) instead of training on the CPU.
 """
 
 from __future__ import annotations
@@ -54,6 +58,15 @@ def _threads(n: int | None):
         os.environ.pop("OMP_NUM_THREADS", None)
 
 
+def visible_gpus() -> tuple[int, ...]:
+    """The GPUs this process was given (``CUDA_VISIBLE_DEVICES`` as indices, e.g. SLURM's "2"
+    for the third GPU of a shared node); () when unset or not indices (then submitit numbers
+    from 0). Without it the local executor would hand its cells GPU 0, someone else's GPU."""
+    text = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    parts = [x.strip() for x in text.split(",") if x.strip()]
+    return tuple(int(x) for x in parts) if parts and all(x.isdigit() for x in parts) else ()
+
+
 def _outcome(stage: str, cell: Cell, job) -> None:
     try:
         job.result()
@@ -70,7 +83,7 @@ def _stage_local(sweep: Sweep, stage: str, cells: list[Cell], run_dir: Path,
     ex = submitit.LocalExecutor(folder=log_folder(run_dir, stage))
     # GPUs the stage asked for are visible to its cells (0: CUDA_VISIBLE_DEVICES="")
     ex.update_parameters(timeout_min=r.time_min, tasks_per_node=r.tasks,
-                         gpus_per_node=r.gpus_per_node)
+                         gpus_per_node=r.gpus_per_node, visible_gpus=visible_gpus())
     waiting, running, jobs = list(cells), [], []
     while waiting or running:
         while waiting and len(running) < r.array_parallelism:
@@ -105,11 +118,12 @@ def run_here(executor: str, sweep: Sweep, cells: dict[str, list[Cell]], run_dir:
     """Run ``cells`` stage by stage here (``executor``: local or debug); the job records.
     ``redo``: "stage/id" of cells to run with force although ``force`` is off (stale code)."""
     board = Board([c for s in stages.NAMES for c in cells[s]], stream or sys.stdout)
-    runner = CellRunner(force, redo=redo)
     records = []
     for stage in stages.NAMES:
         if not cells[stage]:
             continue
+        # the stage's device, as on SLURM: a cell given a GPU trains on it or fails loudly
+        runner = CellRunner(force, sweep.device(stage), redo)
         if executor == "debug":
             jobs = _stage_debug(stage, cells[stage], run_dir, runner, board)
         else:

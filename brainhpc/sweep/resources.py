@@ -28,9 +28,10 @@ PROFILES = (REPO / "slurm" / "profiles" if (REPO / "slurm" / "profiles").is_dir(
             else _SHARE / "profiles")
 
 GPU_FLAGS = ("gpus-per-node", "gres")
+NCCL_DEBUG = ("VERSION", "WARN", "INFO", "TRACE")  # NCCL_DEBUG's levels
 # sbatch flags the sweep writes itself: slurm_extra may not set them (it names the knob instead)
 _OWN_FLAGS = {"job-name": "", "partition": "partition", "time": "time_min",
-              "cpus-per-task": "cpus_per_task", "mem": "mem_gb",
+              "cpus-per-task": "cpus_per_task", "mem": "mem_gb or mem_gb_per_gpu",
               "ntasks-per-node": "tasks_per_node", "gpus-per-node": "gpus_per_node",
               "gres": "gpus_per_node, gpu_type and gpu_flag", "gpus": "gpus_per_node",
               "nodes": "nodes", "account": "account", "qos": "qos", "constraint": "constraint",
@@ -106,6 +107,7 @@ class Resources:
     tasks_per_node: int = 0  # 0: gpus_per_node (one DDP task per GPU), at least 1
     cpus_per_task: int = 1
     mem_gb: float = 2
+    mem_gb_per_gpu: float = 0  # > 0: --mem is at least this times gpus_per_node (see ``mem``)
     time_min: int = 30
     array_parallelism: int = 2  # at most this many array tasks of one array at once
     cells_per_task: int = 1  # > 1 packs small cells: one array task runs them one by one
@@ -119,10 +121,26 @@ class Resources:
     wckey: str = ""  # no --wckey unless set (sites that enforce wckeys reject unknown ones)
     slurm_extra: dict = field(default_factory=dict)  # any other #SBATCH flag -> value
     srun_args: tuple[str, ...] = ()  # appended to srun's own arguments
+    nccl_p2p_disable: bool = False  # export NCCL_P2P_DISABLE=1 (GPU stages): see slurm/README.md
+    nccl_debug: str = ""  # export NCCL_DEBUG=<level> (GPU stages), one of NCCL_DEBUG
 
     @property
     def tasks(self) -> int:
         return self.tasks_per_node or max(1, self.gpus_per_node)
+
+    @property
+    def mem(self) -> float:
+        """GB of ``--mem``: ``mem_gb``, or ``mem_gb_per_gpu`` per GPU when that is more, so a
+        cell given four GPUs (four DDP ranks, each with its own batch and workers) gets four
+        GPUs' worth of host memory without a per-stage ``mem_gb``."""
+        return max(self.mem_gb, self.mem_gb_per_gpu * self.gpus_per_node)
+
+    def env(self) -> list[str]:
+        """``export`` lines of the NCCL knobs that are set, for stages with GPUs."""
+        if not self.gpus_per_node:
+            return []
+        out = ["export NCCL_P2P_DISABLE=1"] if self.nccl_p2p_disable else []
+        return out + ([f"export NCCL_DEBUG={self.nccl_debug}"] if self.nccl_debug else [])
 
     @classmethod
     def read(cls, t: Table, base: Resources) -> Resources:
@@ -133,31 +151,40 @@ class Resources:
                 value = t.strings(f.name)
                 value = None if value is None else tuple(value)
             else:
-                kind = {"str": str, "int": int, "float": (int, float), "dict": dict}[
-                    f.type.split(" ")[0]]
+                kind = {"str": str, "int": int, "float": (int, float), "dict": dict,
+                        "bool": bool}[f.type.split(" ")[0]]
                 value = t.get(f.name, kind)
             if value is None:
                 continue
-            key = t.key(f.name)
             if f.type == "int":  # mem_gb (float) below: any amount > 0 (0.5 -> --mem=512M)
-                positive(value, key, t.source,
+                positive(value, t.key(f.name), t.source,
                           zero_ok=f.name in ("gpus_per_node", "tasks_per_node", "max_num_timeout"))
-            if f.name == "mem_gb" and value <= 0:
-                raise BrainhpcError(f"{t.source}: {key} must be > 0, got {value!r}")
-            if f.name == "gpu_flag" and value not in GPU_FLAGS:
-                raise BrainhpcError(f"{t.source}: {key} must be one of {', '.join(GPU_FLAGS)}, "
-                                    f"got {value!r}")
-            if f.name == "nodes" and value != 1:
-                raise BrainhpcError(
-                    f"{t.source}: {key} = {value}: multi-node cells are not supported. A cell "
-                    "is one model that fits one node (a 128 px model, global batch 32); its DDP "
-                    "rendezvous and its one output folder assume one node. Ask for more GPUs "
-                    "on one node with gpus_per_node, or run more cells at once "
-                    "(array_parallelism)")
-            if f.name == "slurm_extra":
-                value = _slurm_extra(value, key, t.source)
-            changes[f.name] = value
+            changes[f.name] = _checked(f.name, value, t.key(f.name), t.source)
         return replace(base, **changes)
+
+
+def _checked(name: str, value, key: str, source: str):
+    """One resources key's value, refused (naming the key) when no single value makes sense."""
+    if name == "mem_gb" and value <= 0:
+        raise BrainhpcError(f"{source}: {key} must be > 0, got {value!r}")
+    if name == "mem_gb_per_gpu" and value < 0:
+        raise BrainhpcError(f"{source}: {key} must be >= 0 (0: off), got {value!r}")
+    if name == "gpu_flag" and value not in GPU_FLAGS:
+        raise BrainhpcError(f"{source}: {key} must be one of {', '.join(GPU_FLAGS)}, "
+                            f"got {value!r}")
+    if name == "nccl_debug" and value not in ("", *NCCL_DEBUG):
+        raise BrainhpcError(f"{source}: {key} must be one of {', '.join(NCCL_DEBUG)} (NCCL's "
+                            f"levels), got {value!r}")
+    if name == "nodes" and value != 1:
+        raise BrainhpcError(
+            f"{source}: {key} = {value}: multi-node cells are not supported. A cell "
+            "is one model that fits one node (a 128 px model, global batch 32); its DDP "
+            "rendezvous and its one output folder assume one node. Ask for more GPUs "
+            "on one node with gpus_per_node, or run more cells at once "
+            "(array_parallelism)")
+    if name == "slurm_extra":
+        return _slurm_extra(value, key, source)
+    return value
 
 
 def _slurm_extra(extra: dict, key: str, source: str) -> dict:

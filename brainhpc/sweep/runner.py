@@ -18,9 +18,10 @@ cell leaves a flag file (``requeue_flag``) and the sbatch script's teardown, on 
 ``srun``, runs ``scontrol requeue`` for this array task (see ``slurm.teardown_lines``). The
 requeued task runs the same cells, and the stage functions resume from their checkpoints.
 
-Device: a SLURM cell runs with ``device=cuda`` exactly when its stage requested GPUs
-(``Sweep.device``) and fails before training when torch sees none. Packing (``cells_per_task``):
-one array task runs several small cells in turn; one failing does not stop the others.
+Device: a cell (SLURM or ``--executor local``/``debug``) runs with ``device=cuda`` exactly when
+its stage requested GPUs (``Sweep.device``) and fails before training when torch sees none.
+Packing (``cells_per_task``): one array task runs several small cells in turn; one failing does
+not stop the others.
 """
 
 from __future__ import annotations

@@ -178,12 +178,13 @@ def python_command(sweep: Sweep, run_dir: Path) -> str:
     return f"{prefix.replace('{volumes}', volumes)} python"
 
 
-def setup_lines(sweep: Sweep) -> list[str]:
+def setup_lines(sweep: Sweep, stage: str) -> list[str]:
+    """The top of a stage's script: the fixed lines, the NCCL knobs set for it, the profile's."""
     return ["export PYTHONNOUSERSITE=1  # no ~/.local packages in the job, host or container",
             "# SIGTERM (preemption, scancel) reaches the cell through srun; the trap makes this",
             "# script wait for srun and run the teardown below instead of dying at once",
             "trap 'echo \"brainhpc: batch script got SIGTERM\"' TERM",
-            *sweep.setup]
+            *sweep.resources[stage].env(), *sweep.setup]
 
 
 def teardown_lines(folder: Path) -> list[str]:
@@ -207,14 +208,14 @@ def teardown_lines(folder: Path) -> list[str]:
 def slurm_params(sweep: Sweep, stage: str, run_dir: Path) -> dict:
     """submitit SlurmExecutor parameters of one stage (tasks_per_node = one task per GPU)."""
     r: Resources = sweep.resources[stage]
-    mem = f"{int(r.mem_gb)}G" if float(r.mem_gb).is_integer() else f"{int(r.mem_gb * 1024)}M"
+    mem = f"{int(r.mem)}G" if float(r.mem).is_integer() else f"{int(r.mem * 1024)}M"
     params = {"job_name": f"{sweep.name}-{stage}", "partition": r.partition,
               "time": r.time_min, "cpus_per_task": r.cpus_per_task, "mem": mem,
               "ntasks_per_node": r.tasks, "array_parallelism": r.array_parallelism,
               "stderr_to_stdout": True, "wckey": r.wckey or None,
               "srun_args": [f"--cpus-per-task={r.cpus_per_task}", "--kill-on-bad-exit=1",
                             *r.srun_args],
-              "setup": setup_lines(sweep),
+              "setup": setup_lines(sweep, stage),
               "teardown": teardown_lines(log_folder(run_dir, stage)),
               "additional_parameters": {"requeue": True, **r.slurm_extra}}
     if r.gpus_per_node:
@@ -231,12 +232,20 @@ def slurm_params(sweep: Sweep, stage: str, run_dir: Path) -> dict:
     return params
 
 
-def executor(sweep: Sweep, stage: str, run_dir: Path,
-             dependency: str | None = None) -> submitit.SlurmExecutor:
+class _ScriptOnly(submitit.SlurmExecutor):
+    """The SLURM executor for writing scripts only (``--dry-run``): submitit refuses to build
+    one where ``srun`` is missing, and a dry run on a laptop must still print the scripts."""
+
+    @classmethod
+    def affinity(cls) -> int:
+        return 1
+
+
+def executor(sweep: Sweep, stage: str, run_dir: Path, dependency: str | None = None,
+             kind: type = submitit.SlurmExecutor) -> submitit.SlurmExecutor:
     """The submitit executor of a stage's arrays, with every sbatch parameter set."""
-    ex = submitit.SlurmExecutor(folder=log_folder(run_dir, stage),
-                                python=python_command(sweep, run_dir),
-                                max_num_timeout=sweep.resources[stage].max_num_timeout)
+    ex = kind(folder=log_folder(run_dir, stage), python=python_command(sweep, run_dir),
+              max_num_timeout=sweep.resources[stage].max_num_timeout)
     params = slurm_params(sweep, stage, run_dir)
     if dependency:
         params["dependency"] = dependency
@@ -249,7 +258,7 @@ def sbatch_script(sweep: Sweep, stage: str, run_dir: Path, n_tasks: int,
     """The sbatch script of this stage's array (``--dry-run``, the golden files): the text the
     very executor ``submit_slurm`` uses writes, through the method submitit itself calls when it
     submits (submitit has no public dry run; a SLURM test holds the two to each other)."""
-    ex = executor(sweep, stage, run_dir, dependency)
+    ex = executor(sweep, stage, run_dir, dependency, kind=_ScriptOnly)
     if n_tasks > 1:
         ex.parameters["map_count"] = n_tasks  # as submitit's map_array does
     return ex._make_submission_file_text(ex._submitit_command_str, "dry-run")

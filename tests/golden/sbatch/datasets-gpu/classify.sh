@@ -1,7 +1,7 @@
 #!/bin/bash
 
 # Parameters
-#SBATCH --array=0-4%5
+#SBATCH --array=0-1%2
 #SBATCH --cpus-per-task=8
 #SBATCH --dependency='afterany:<prepare, generate job ids>'
 #SBATCH --gpus-per-node=1

@@ -1,7 +1,6 @@
 #!/bin/bash
 
 # Parameters
-#SBATCH --array=0-1%2
 #SBATCH --cpus-per-task=8
 #SBATCH --dependency='afterany:<prepare, generate job ids>'
 #SBATCH --gpus-per-node=1
@@ -10,7 +9,7 @@
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
 #SBATCH --open-mode=append
-#SBATCH --output=RUN_DIR/logs/segment/%A_%a_0_log.out
+#SBATCH --output=RUN_DIR/logs/segment/%j_0_log.out
 #SBATCH --partition=gpu
 #SBATCH --requeue
 #SBATCH --signal=USR2@90
@@ -27,7 +26,7 @@ export OMP_NUM_THREADS=$SLURM_CPUS_PER_TASK
 
 # command
 export SUBMITIT_EXECUTOR=slurm
-srun --unbuffered --output RUN_DIR/logs/segment/%A_%a_%t_log.out --cpus-per-task=8 --kill-on-bad-exit=1 apptainer exec --nv --bind RUN_DIR,DATA_DIR:DATA_DIR:ro /shared/containers/brainhpc.sif python -u -m submitit.core._submit RUN_DIR/logs/segment
+srun --unbuffered --output RUN_DIR/logs/segment/%j_%t_log.out --cpus-per-task=8 --kill-on-bad-exit=1 apptainer exec --nv --bind RUN_DIR,DATA_DIR:DATA_DIR:ro /shared/containers/brainhpc.sif python -u -m submitit.core._submit RUN_DIR/logs/segment
 
 
 # teardown
