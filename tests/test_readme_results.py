@@ -44,3 +44,26 @@ def test_readme_tables_match_results_csv():
             assert target.is_file(), f"{page.relative_to(REPO)}: {png} does not exist"
             assert target.is_relative_to(RESULTS.resolve()), f"{page.relative_to(REPO)}: {png}"
     assert links, "no results/ PNG linked from README.md or docs/"
+
+
+CV = RESULTS / "cv-real"
+CV_START, CV_END = "<!-- cv-real:tables:start -->", "<!-- cv-real:tables:end -->"
+INTERVAL = re.compile(r"-?\d+\.\d+ \[-?\d+\.\d+, -?\d+\.\d+\]")
+
+
+@pytest.mark.skipif(not (CV / "intervals.csv").exists(), reason="no committed results/cv-real")
+def test_cross_validated_numbers_match_their_csvs():
+    """docs/results.md's cross-validation tables are the report of results/cv-real, and every
+    interval the README quotes ("81.5 [76.3, 86.1]") is one of that report's."""
+    tables = TABLES.read_text()
+    shown = tables.split(CV_START, 1)[1].split(CV_END, 1)[0].strip()
+    text = report(CV).strip()
+    assert shown == text, "paste `python -m brainhpc.sweep report results/cv-real` between the "\
+        "cv-real markers of docs/results.md"
+    readme = README.read_text()
+    part = readme.split("**The real arms with intervals", 1)[1].split("What the numbers say", 1)[0]
+    quoted = INTERVAL.findall(part)
+    assert len(quoted) >= 10
+    report_text = text.replace("+", "")
+    for q in quoted:
+        assert q.replace("+", "") in report_text, f"README quotes {q}, not in results/cv-real"
