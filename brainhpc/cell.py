@@ -14,7 +14,8 @@
 * **resume**: an unfinished run of the same identity simply runs again; the trainer resumes from
   ``OUT/checkpoints/last.pt``;
 * **distributed set-up and teardown** around the body (``distributed=True``: torchrun or SLURM
-  tasks make every rank run the body; rank 0 alone writes files);
+  tasks make every rank run the body; rank 0 alone writes files); a rank whose body raises
+  aborts the group, so that no rank waits for it until the group timeout;
 * ``OUT/config.json``: written when the body starts (status ``running``) and updated when it
   ends (``done``, ``interrupted`` or ``failed`` with the error);
 * **provenance**: the result records the code that ran (``code``: ``brainhpc.provenance``).
@@ -213,6 +214,7 @@ def run_cell(cfg, body: Callable[[Context], dict], outputs: Outputs,
             return {**done, "skipped": True}
     info = init_distributed(getattr(cfg, "device", "auto")) if distributed else DistInfo()
     ctx = Context(cfg, ident, info, outputs, time.time())
+    info.on_peer_failure = lambda why: _started(ctx, "failed", error=why)
     try:
         if force and not outputs.swap:
             if info.is_main:
@@ -226,6 +228,8 @@ def run_cell(cfg, body: Callable[[Context], dict], outputs: Outputs,
             raise
         if result.get("status") not in ("worker",):
             _started(ctx, result.get("status", "done"))
-        return result
-    finally:
-        teardown(info)
+    except BaseException as e:
+        teardown(info, failed=e)  # no barrier: the other ranks may wait in a collective
+        raise
+    teardown(info)
+    return result

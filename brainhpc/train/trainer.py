@@ -4,8 +4,9 @@ A model plugs in as a *task*: an object that builds its models and optimisers an
 optimisation step on one batch (see ``Task``). The trainer owns everything around that step,
 which is what HPC life needs:
 
-* process group and device (``brainhpc.train.distributed``), DDP wrapping, a deterministic
-  distributed batch sampler (global ``batch_size`` split over ranks), per-rank seeding;
+* process group and device (``brainhpc.train.distributed``), DDP wrapping (BatchNorm
+  synchronised across GPUs), a deterministic distributed batch sampler (global ``batch_size``
+  split over ranks), per-rank seeding;
 * precision (``brainhpc.train.precision``): ``auto`` resolves per architecture to bf16 autocast
   with channels_last models and batches (tasks use ``with t.autocast():``) where that was measured
   faster, else fp32; fused Adam/AdamW/SGD; intra-op threads that fit the allocation;
@@ -24,6 +25,7 @@ which is what HPC life needs:
 
 Only rank 0 writes files. Ranks agree once per step (one tiny all-reduce) on "non-finite loss",
 "checkpoint now" and "stop", so a signal seen by ranks at different moments cannot split them.
+A failing rank aborts the group instead of waiting for its peers (``teardown(failed=...)``).
 """
 
 from __future__ import annotations
@@ -189,6 +191,16 @@ def _to_device(batch: Any, device: torch.device,
     return batch
 
 
+def sync_batchnorm(models: dict[str, nn.Module], world_size: int, device: torch.device
+                   ) -> dict[str, nn.Module]:
+    """BatchNorm layers as SyncBatchNorm when several GPUs train: each GPU's share of the batch
+    is small, and per-GPU statistics would differ from one process's on the whole batch. On
+    CPU (gloo) and in one process the models are returned as they are."""
+    if world_size <= 1 or device.type != "cuda":
+        return models
+    return {k: nn.SyncBatchNorm.convert_sync_batchnorm(m) for k, m in models.items()}
+
+
 def _image_size(dataset) -> int | None:
     """The last dimension of the first image-like tensor of item 0 (None if there is none)."""
     try:
@@ -250,9 +262,9 @@ class Trainer:
         self.info = dist_info or init_distributed(cfg.device)
         try:
             self._setup(task, dataset, cfg, fingerprint, collate_fn)
-        except BaseException:
+        except BaseException as e:
             if dist_info is None:  # we made the group, so we take it down
-                teardown(self.info)
+                teardown(self.info, failed=e)
             raise
 
     def _setup(self, task, dataset, cfg, fingerprint, collate_fn) -> None:
@@ -336,6 +348,7 @@ class Trainer:
                               else torch.contiguous_format)
         self._raw = {k: m.to(self.device, memory_format=self.memory_format)
                      for k, m in raw.items()}
+        self._raw = sync_batchnorm(self._raw, self.world_size, self.device)
         self.optimizers = task.optimizers(self._raw)
         self.fused = fused_optimizers(self.optimizers)
         sched = getattr(task, "schedulers", None)
@@ -706,19 +719,20 @@ class Trainer:
             return DDP(m, device_ids=ids)
         return m
 
-    def close(self) -> None:
-        """Drop DDP wrappers, barrier, destroy the group (if we made it). Idempotent."""
+    def close(self, failed: BaseException | bool = False) -> None:
+        """Drop DDP wrappers, barrier, destroy the group (if we made it); after a failure abort
+        it without a barrier (``distributed.teardown``). Idempotent."""
         if self._closed:
             return
         self._closed = True
         self.models = dict(self._raw)
-        teardown(self.info)
+        teardown(self.info, failed)
 
     def __enter__(self) -> Trainer:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(failed=exc if exc is not None else False)
 
     def best_module(self, name: str) -> nn.Module:
         """Model ``name`` with the best validation epoch's weights (``best.pt``), in eval mode; the
@@ -740,8 +754,10 @@ def run_training(task: Task, dataset, cfg: TrainConfig, fingerprint: dict,
     trainer = Trainer(task, dataset, cfg, fingerprint=fingerprint, dist_info=info)
     try:
         result = trainer.fit()
-    finally:
-        trainer.close()
+    except BaseException as e:
+        trainer.close(failed=e)
+        raise
+    trainer.close()
     if result["status"] != "done":
         log.warning("%s: training %s at step %d; re-run to resume", cfg.out, result["status"],
                     result["step"])
