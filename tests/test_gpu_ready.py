@@ -3,6 +3,7 @@ change (fused Adam), the precision in identity and fingerprint, a failing rank t
 peers down at once, a job environment that already holds MASTER_PORT/RANK, no host syncs in
 a training step, device-resident batches, GPU placement and SyncBatchNorm."""
 
+import json
 import os
 import shutil
 import signal
@@ -17,10 +18,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
+from brainhpc import cell as cellmod
 from brainhpc.errors import BrainhpcError
+from brainhpc.generate.cell import GenerateConfig
+from brainhpc.segment.cell import SegmentConfig
+from brainhpc.train import TrainConfig, Trainer
 from brainhpc.train import distributed as D
+from brainhpc.train import precision as P
 from brainhpc.train.trainer import sync_batchnorm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,6 +40,181 @@ def fake_gpu(monkeypatch, major: int, count: int = 1):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, 0))
+
+
+# ------------------------------------------------------------------ 1. resume across layouts
+class ConvTask:
+    arch = "tinyconv"
+
+    def __init__(self, stop_at=None):
+        self.stop_at = stop_at
+
+    def models(self):
+        return {"net": nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8),
+                                     nn.ReLU(), nn.Conv2d(8, 1, 3, padding=1))}
+
+    def optimizers(self, models):
+        return {"net": torch.optim.Adam(models["net"].parameters(), lr=1e-2)}
+
+    def training_step(self, t, batch):
+        x = batch[0].float() / 255
+        with t.autocast():
+            y = t.models["net"](x)
+        loss = F.mse_loss(y.float(), x.flip(-1))
+        opt = t.optimizers["net"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if t.step + 1 == self.stop_at:
+            t.request_checkpoint(stop=True)
+        return {"loss": loss.detach()}
+
+
+def images(n=32, size=16):
+    g = torch.Generator().manual_seed(0)
+    return torch.utils.data.TensorDataset(torch.randint(0, 256, (n, 1, size, size),
+                                                        dtype=torch.uint8, generator=g))
+
+
+def tcfg(out, **kw):
+    base = dict(out=out, epochs=2, batch_size=8, seed=3, checkpoint_every=0, progress=False,
+                device="cpu", checkpoint_minutes=0, log_every=1)
+    return TrainConfig(**{**base, **kw})
+
+
+def adam_step(state: dict, param: torch.Tensor, grad: torch.Tensor, fused: bool) -> torch.Tensor:
+    p = param.clone().requires_grad_(True)
+    opt = torch.optim.Adam([p], lr=0.1, fused=fused, foreach=False if fused else None)
+    opt.load_state_dict({"state": {0: state}, "param_groups": [
+        {**opt.param_groups[0], "params": [0]}]})
+    P.restore_layout(opt)
+    p.grad = grad.clone()
+    opt.step()
+    return p.detach()
+
+
+def test_restore_layout_gives_state_its_parameters_strides():
+    g = torch.Generator().manual_seed(0)
+    param, grad = torch.randn(8, 3, 3, 3, generator=g), torch.randn(8, 3, 3, 3, generator=g)
+    moments = torch.randn(8, 3, 3, 3, generator=g), torch.rand(8, 3, 3, 3, generator=g)
+    last = {"step": torch.tensor(3.0), "exp_avg": moments[0].contiguous(
+        memory_format=torch.channels_last), "exp_avg_sq": moments[1].contiguous(
+        memory_format=torch.channels_last)}  # as a bf16 (channels_last) run saved them
+    reference = adam_step({"step": torch.tensor(3.0), "exp_avg": moments[0],
+                           "exp_avg_sq": moments[1]}, param, grad, fused=False)
+    # an fp32 (contiguous) parameter: without the restore, CPU fused Adam pairs wrong elements
+    torch.testing.assert_close(adam_step(dict(last), param, grad, fused=True), reference)
+    for fmt in (torch.contiguous_format, torch.channels_last):  # and the other way round
+        p = nn.Parameter(param.contiguous(memory_format=fmt))
+        opt = torch.optim.Adam([p], fused=True)
+        other = (torch.channels_last if fmt == torch.contiguous_format
+                 else torch.contiguous_format)
+        opt.state[p] = {"step": torch.tensor(1.0),
+                        "exp_avg": moments[0].contiguous(memory_format=other)}
+        assert P.restore_layout(opt) == 1
+        assert opt.state[p]["exp_avg"].stride() == p.stride()
+        assert torch.equal(opt.state[p]["exp_avg"], moments[0])
+        assert P.restore_layout(opt) == 0  # nothing left to do
+
+
+def _drop_precision_from_fingerprint(path: Path) -> None:
+    """Make ``path`` look like a checkpoint from before the precision was recorded."""
+    state = torch.load(path, weights_only=True)
+    del state["fingerprint"]["precision"]
+    torch.save(state, path)
+
+
+@pytest.mark.parametrize("first, then", [("bf16", "fp32"), ("fp32", "bf16")])
+def test_resume_across_the_layout_change_with_fused_adam(tmp_path, first, then):
+    cut = Trainer(ConvTask(stop_at=3), images(), tcfg(tmp_path, precision=first))
+    assert cut.fit()["status"] == "interrupted"
+    saved = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert saved["fingerprint"]["precision"] == first
+    with pytest.raises(BrainhpcError, match=f"precision: checkpoint '{first}' vs now '{then}'"):
+        Trainer(ConvTask(), images(), tcfg(tmp_path, precision=then))
+    _drop_precision_from_fingerprint(tmp_path / "checkpoints" / "last.pt")  # an older one
+    again = Trainer(ConvTask(), images(), tcfg(tmp_path, precision=then))
+    assert again.resumed and again.fused == ["net"]
+    opt = again.optimizers["net"]
+    assert opt.param_groups[0]["fused"]
+    for p, st in opt.state.items():
+        for v in st.values():
+            if v.shape == p.shape:
+                assert v.stride() == p.stride()
+    weight = again.raw("net")[3].weight  # 8 input channels: the layouts differ
+    assert weight.is_contiguous(memory_format=torch.channels_last) == (then == "bf16")
+    assert again.fit()["status"] == "done"
+    assert all(torch.isfinite(v).all() for v in again.raw("net").state_dict().values())
+
+
+# ------------------------------------------------------------------ 1. precision in the identity
+def test_identity_name_is_what_the_trainer_resolves(monkeypatch):
+    monkeypatch.setattr(P, "cpu_bf16_hardware", lambda: "avx512_bf16")
+    monkeypatch.setattr(P, "SPEEDUP", {"avx512_bf16": {"fast": {64: 2.0}, "mixed": {64: 1.05,
+                                                                                   128: 1.8}},
+                                       "cuda": {}})
+    assert P.identity_name("fp32", CPU, None) == "fp32"
+    assert P.identity_name("bf16", CPU, "anything") == "bf16"
+    assert P.identity_name("auto", CPU, "fast", 64) == "bf16"
+    assert P.identity_name("auto", CPU, "unmeasured", 64) == "fp32"
+    assert P.identity_name("auto", CPU, "mixed", 64) == "fp32"
+    assert P.identity_name("auto", CPU, "mixed") == "auto@avx512_bf16"  # depends on the size
+    assert P.identity_name("auto", CPU, None) == "auto@avx512_bf16"  # depends on the model
+    for arch, size in (("fast", 64), ("mixed", 64), ("mixed", 128), ("unmeasured", 64)):
+        assert P.identity_name("auto", CPU, arch, size) == P.resolve("auto", CPU, arch,
+                                                                     size).name
+    monkeypatch.setattr(P, "cpu_bf16_hardware", lambda: None)
+    assert P.identity_name("auto", CPU, None) == "fp32"
+    gpu = torch.device("cuda", 0)
+    fake_gpu(monkeypatch, 7)
+    assert P.identity_name("auto", gpu, None) == "fp32"  # V100: no native bf16
+    fake_gpu(monkeypatch, 9)
+    assert P.identity_name("auto", gpu, None) == "bf16"
+    monkeypatch.setattr(P, "SPEEDUP", {"cuda": {"slow": {128: 0.8}}})
+    assert P.identity_name("auto", gpu, None) == "auto@cuda"
+    assert P.identity_name("auto", gpu, "slow", 128) == "fp32"
+    with pytest.raises(BrainhpcError, match="precision 'fp16'"):
+        P.identity_name("fp16", CPU, None)
+
+
+def test_a_cells_identity_holds_the_precision_of_the_gpu_it_lands_on(monkeypatch, tmp_path):
+    base = dict(arch="dcgan", label="tumour", data=tmp_path, out=tmp_path / "g")
+    monkeypatch.setattr(P, "cpu_bf16_hardware", lambda: None)
+    assert GenerateConfig(**base).identity()["precision"] == "fp32"  # this CPU
+    fake_gpu(monkeypatch, 7)
+    assert GenerateConfig(**base).identity()["precision"] == "fp32"  # pre-Ampere GPU
+    fake_gpu(monkeypatch, 8)
+    ampere = GenerateConfig(**base).identity()
+    assert ampere["precision"] == "bf16"
+    assert GenerateConfig(**base, device="cpu").identity()["precision"] == "fp32"
+    assert GenerateConfig(**base, precision="fp32").identity() != ampere
+    seg = SegmentConfig(train_data="real", data=tmp_path, out=tmp_path / "s")
+    assert seg.identity()["precision"] == "bf16"  # no model measured slower on GPUs
+
+
+def test_the_trainer_refuses_to_train_otherwise_than_the_identity_says(tmp_path):
+    t = Trainer(ConvTask(), images(), tcfg(tmp_path / "a", identity_precision="fp32"))
+    assert t.precision.name == "fp32"
+    Trainer(ConvTask(), images(), tcfg(tmp_path / "b", identity_precision="auto@avx512_bf16"))
+    with pytest.raises(BrainhpcError, match="identity says bf16 but tinyconv resolves to fp32"):
+        Trainer(ConvTask(), images(), tcfg(tmp_path / "c", identity_precision="bf16"))
+
+
+def test_records_from_before_the_precision_was_in_the_identity(tmp_path):
+    ident = {"lr": 1.0, "precision": "fp32"}
+    out = tmp_path / "cell"
+    out.mkdir()
+    outputs = cellmod.Outputs(result="metrics.json")
+    rec = {"status": "done", "config": {"lr": 1.0}, "train_precision": {"name": "fp32"}}
+    (out / "metrics.json").write_text(json.dumps(rec))
+    assert cellmod.previous(out, ident, outputs, "toy") == rec  # the same computation: skip
+    with pytest.raises(BrainhpcError, match="precision: 'fp32' -> 'bf16'"):
+        cellmod.previous(out, {**ident, "precision": "bf16"}, outputs, "toy")
+    (out / "metrics.json").unlink()
+    (out / "config.json").write_text(json.dumps({"status": "running", "config": {"lr": 1.0}}))
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / "last.pt").write_bytes(b"x")
+    assert cellmod.previous(out, ident, outputs, "toy") is None  # unfinished: resumes
 
 
 # ------------------------------------------------------------------ 3. a failing rank

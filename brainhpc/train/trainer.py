@@ -16,8 +16,10 @@ which is what HPC life needs:
   SIGUSR1/SIGTERM (saved at the next step boundary; SIGTERM then stops the run, and a handler
   that was installed before ours, e.g. submitit's requeue, is called after the save);
 * exact resume: models, optimisers, schedulers, EMA, step, epoch position and the python/numpy/
-  torch RNG states of every rank. On CPU with ``num_workers=0`` an interrupted-then-resumed run
-  ends bit-identical to an uninterrupted one (with workers, augmentation draws may differ);
+  torch RNG states of every rank; optimiser state takes its parameter's layout again (after a
+  checkpoint of the other precision's layout); the precision is in the checkpoint's
+  fingerprint. On CPU with ``num_workers=0`` an interrupted-then-resumed run ends bit-identical
+  to an uninterrupted one (with workers, augmentation draws may differ);
 * a JSONL metric log (``metrics.jsonl``), tqdm on rank 0 only, and ``progress.json`` (epoch and
   step of total, refreshed every few seconds) that the sweep's live status and ``status`` read;
 * non-finite losses stop the run with ``BrainhpcError``; the last good checkpoint is kept;
@@ -55,7 +57,7 @@ from brainhpc import __version__
 from brainhpc.errors import BrainhpcError
 from brainhpc.fsio import atomic_path, write_json, write_text
 from brainhpc.train.distributed import DistInfo, init_distributed, teardown
-from brainhpc.train.precision import PRECISIONS, fused_optimizers, resolve
+from brainhpc.train.precision import PRECISIONS, fused_optimizers, resolve, restore_layout
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +106,7 @@ class TrainConfig:
     handle_signals: bool = True  # SIGUSR1: checkpoint; SIGTERM: checkpoint and stop
     best_metric: str | None = None  # a key of validate()'s dict; best.pt keeps the best epoch
     best_mode: str = "max"  # max | min
+    identity_precision: str | None = None  # what the cell's identity says the run trains in
 
     def __post_init__(self):
         self.out = Path(self.out)
@@ -133,7 +136,7 @@ class TrainConfig:
         """The loop settings of a training cell (``brainhpc.cell.Training`` fields), plus ``kw``."""
         return cls(out=cell.out, seed=cell.seed, checkpoint_every=cell.checkpoint_every,
                    num_workers=cell.num_workers, device=cell.device, progress=cell.progress,
-                   precision=cell.precision, **kw)
+                   precision=cell.precision, identity_precision=cell.resolved_precision(), **kw)
 
 
 class DistributedBatchSampler(torch.utils.data.Sampler):
@@ -277,6 +280,7 @@ class Trainer:
             "world_size": self.world_size,
             "batch_size": cfg.batch_size,
             "seed": cfg.seed,
+            "precision": self.precision.name,
             "shapes": {k: {n: list(p.shape) for n, p in m.state_dict().items()}
                        for k, m in self._raw.items()},
             **(fingerprint or {}),
@@ -344,6 +348,11 @@ class Trainer:
         arch = getattr(task, "arch", None) or "+".join(sorted({type(m).__name__
                                                                 for m in raw.values()}))
         self.precision = resolve(cfg.precision, self.device, arch, _image_size(dataset))
+        said = cfg.identity_precision
+        if said in ("fp32", "bf16") and said != self.precision.name:  # auto@...: not known then
+            raise BrainhpcError(f"the cell's identity says {said} but {arch} resolves to "
+                                f"{self.precision.name} ({self.precision.reason}) on "
+                                f"{self.device}: its config's train_arch() names another model")
         self.memory_format = (torch.channels_last if self.precision.channels_last
                               else torch.contiguous_format)
         self._raw = {k: m.to(self.device, memory_format=self.memory_format)
@@ -654,7 +663,8 @@ class Trainer:
             got = state.get("format") if isinstance(state, dict) else type(state).__name__
             raise BrainhpcError(
                 f"{path}: checkpoint format {got!r}, expected {CKPT_FORMAT}; {hint}")
-        old = state.get("fingerprint", {})
+        # a checkpoint from before the precision was recorded resumes under the current one
+        old = {"precision": self.fingerprint["precision"], **state.get("fingerprint", {})}
         diff = [k for k in sorted(set(old) | set(self.fingerprint))
                 if old.get(k) != self.fingerprint.get(k)]
         if diff:
@@ -672,6 +682,7 @@ class Trainer:
                 m.load_state_dict(state["models"][k])
             for k, o in self.optimizers.items():
                 o.load_state_dict(state["optimizers"][k])
+                restore_layout(o)
             for k, s in self.schedulers.items():
                 s.load_state_dict(state["schedulers"][k])
             for k, m in self.ema.items():
