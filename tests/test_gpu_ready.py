@@ -28,7 +28,8 @@ from brainhpc.segment.cell import SegmentConfig
 from brainhpc.train import TrainConfig, Trainer
 from brainhpc.train import distributed as D
 from brainhpc.train import precision as P
-from brainhpc.train.trainer import sync_batchnorm
+from brainhpc.train import throughput as tp
+from brainhpc.train.trainer import DistributedBatchSampler, TensorBatches, sync_batchnorm
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -416,6 +417,114 @@ def test_the_sweep_runner_accepts_a_preset_master_port(monkeypatch, tmp_path):
                                                       SUBMITIT_FOLDER=str(tmp_path)))
     assert CellRunner()([]) == []
     assert os.environ["RANK"] == "1" and os.environ["MASTER_PORT"] == "29411"
+
+
+# ------------------------------------------------------------------ 5. no host syncs in a step
+def classify_tasks(size: int):
+    from brainhpc.classify.tasks import CNNTask, VAETask
+
+    cfg = SimpleNamespace(dropout=0.5, lr=1e-3, augment=True, vae_arch="paper", latent_dim=8,
+                          latent_channels=4, kl_weight=1.0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (40, 1, size, size), dtype=torch.uint8, generator=g)
+    cnn = CNNTask(cfg, size, weights=torch.tensor([0.7, 1.3]).numpy(), val=None)
+    labelled = torch.utils.data.TensorDataset(x, torch.randint(0, 2, (40,), generator=g))
+    vae = VAETask(cfg, size, val_inputs=None)
+    unit = torch.utils.data.TensorDataset(x.float() / 255)
+    return {"classify-cnn": (cnn, labelled), "classify-vae": (vae, unit)}
+
+
+def segment_task(size: int):
+    from monai.losses import DiceCELoss
+
+    from brainhpc.segment.cell import SegTask
+
+    task = SegTask.__new__(SegTask)  # its training step only (validation data not needed)
+    task.cfg = SegmentConfig(train_data="real", data=Path("."), out=Path("."), augment=True,
+                             channels=(4, 8), strides=(2,))
+    task.prior = 0.1
+    task.loss = DiceCELoss(sigmoid=True, batch=True)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (40, 1, size, size), dtype=torch.uint8, generator=g)
+    return task, torch.utils.data.TensorDataset(x, (x > 200).to(torch.uint8))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_no_host_sync_inside_training_steps(precision):
+    """Between two check steps nothing reads a tensor value on the host (on a GPU each read
+    waits for all queued work): every generator and classifier, the cells' own tasks."""
+    from brainhpc.models import build_task
+
+    size = 32
+    small = {"dcgan": {"g_channels": 8, "min_channels": 4, "d_channels": 4},
+             "wgan-gp": {"g_channels": 8, "min_channels": 4, "d_channels": 4, "n_critic": 2},
+             "ddpm": {"channels": 8}}  # emulated bf16 convolutions are slow on this CPU
+    for arch in tp.ARCHS:
+        task = build_task(arch, size, {**small[arch], "ema": 0}) if arch in small else None
+        got = tp.host_syncs(arch, size, precision, CPU, steps=5, batch=4, task=task)
+        assert got == [0] * 4, arch
+    for name, (task, data) in {**classify_tasks(size),
+                               "segment": segment_task(size)}.items():
+        got = tp.host_syncs(name, size, precision, CPU, steps=5, batch=4, task=task, data=data)
+        assert got == [0] * 4, name
+
+
+def test_the_sync_counter_sees_host_reads():
+    item = torch.Tensor.item
+    with tp.count_host_syncs() as calls:
+        x = torch.ones(3)
+        float(x.sum()), x.tolist(), bool(x.all()), x.sum().item()
+    assert {"__float__", "tolist", "__bool__", "item"} <= set(calls)
+    assert torch.Tensor.item is item  # restored
+
+
+def test_non_finite_found_late_still_names_its_step_and_keeps_the_last_good(tmp_path):
+    class NanAt(ConvTask):
+        def training_step(self, t, batch):
+            out = super().training_step(t, batch)
+            return {"loss": out["loss"] * (float("nan") if t.step + 1 == 7 else 1.0)}
+
+    with pytest.raises(BrainhpcError, match=r"non-finite loss at step 7 .*step 4\) kept"):
+        Trainer(NanAt(), images(64), tcfg(tmp_path, log_every=5, checkpoint_every=4)).fit()
+    assert torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["step"] == 4
+
+
+# ------------------------------------------------------------------ 5. device-resident batches
+def test_tensor_batches_are_the_dataloaders_batches():
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(
+        torch.randint(0, 256, (43, 1, 8, 8), dtype=torch.uint8, generator=g),
+        torch.randint(0, 2, (43,), generator=g))
+    for rank, world, start in ((0, 1, 0), (1, 2, 0), (0, 2, 3)):
+        sampler = DistributedBatchSampler(len(data), 8, rank, world, seed=5)
+        sampler.set_epoch(2, start)
+        ours = list(TensorBatches(data, sampler, CPU))
+        theirs = list(torch.utils.data.DataLoader(data, batch_sampler=sampler))
+        assert len(ours) == len(theirs) == 5 - start
+        for a, b in zip(ours, theirs, strict=True):
+            for x, y in zip(a, b, strict=True):
+                assert torch.equal(x, y) and x.dtype == y.dtype and x.stride() == y.stride()
+
+
+def test_in_memory_data_is_not_collated_item_by_item(tmp_path):
+    t = Trainer(ConvTask(), images(), tcfg(tmp_path))
+    assert isinstance(t.loader, TensorBatches) and t.loader.resident
+    custom = Trainer(ConvTask(), images(), tcfg(tmp_path / "c"),
+                     collate_fn=torch.utils.data.default_collate)
+    assert isinstance(custom.loader, torch.utils.data.DataLoader)
+
+
+def test_cuda_settings_only_on_gpus(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    before = torch.get_float32_matmul_precision()
+    P.cuda_settings(CPU)
+    assert not torch.backends.cudnn.benchmark and torch.get_float32_matmul_precision() == before
+    try:
+        P.cuda_settings(torch.device("cuda", 0))
+        assert torch.backends.cudnn.benchmark
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 # ------------------------------------------------------------------ 8. GPU placement, SyncBatchNorm
