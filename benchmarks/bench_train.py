@@ -22,9 +22,13 @@ ratio of the runs' medians is printed beside it). ``uptime`` load is printed on 
 
     .venv/bin/python benchmarks/bench_train.py                       # ~10 minutes on 2 cores
     .venv/bin/python benchmarks/bench_train.py --archs dcgan --sizes 64 --repeats 5
+    .venv/bin/python benchmarks/bench_train.py --device cuda --syncs  # host syncs per step
 
 Goals on a CPU with bf16 units: default/plain >= 2.5 for BrainCNN and BrainCVAE, >= 2 for
-each generator. With CUDA present the same table is measured on the GPU as well.
+each generator. With CUDA present the same table is measured on the GPU as well (``--device``
+picks one). ``--syncs`` measures no speed: it counts, per architecture and precision, what makes
+the host wait for the device in each steady-state training step (tensor values read on the host
+and, on a GPU, what torch's sync debug mode reports; ``throughput.host_syncs``). Goal: 0.
 """
 
 from __future__ import annotations
@@ -129,6 +133,19 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
+def syncs(device, sizes, archs) -> int:
+    """Print host syncs per steady-state step of each architecture; returns the worst count."""
+    worst = 0
+    for size in sizes:
+        for arch in archs:
+            for precision in ("fp32", "bf16"):
+                per_step = tp.host_syncs(arch, size, precision, device, steps=6)
+                worst = max([worst, *per_step])
+                print(f"{device.type:>4} {arch:>9} {size:>4}px {precision} | host syncs per "
+                      f"step {per_step} (goal 0)", flush=True)
+    return worst
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
@@ -138,6 +155,10 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--no-cuda", action="store_true", help="CPU only even with a GPU present")
+    p.add_argument("--device", choices=("all", "cpu", "cuda"), default="all",
+                   help="where to measure (all: the CPU, and the GPU when there is one)")
+    p.add_argument("--syncs", action="store_true",
+                   help="count host syncs per training step instead of timing")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -145,11 +166,19 @@ def main(argv=None) -> None:
     print(f"torch {torch.__version__}, {args.threads} threads, CPU bf16 hardware: {hw}, "
           f"best of {args.repeats} alternating runs per variant; {load()}", flush=True)
     t0 = time.time()
-    rows = bench(torch.device("cpu"), args.sizes, args.archs, args.warmup, args.seconds,
-                 args.repeats)
-    if torch.cuda.is_available() and not args.no_cuda:
-        rows += bench(torch.device("cuda"), args.sizes, args.archs, 5, args.seconds,
-                      args.repeats)
+    cuda = torch.cuda.is_available() and not args.no_cuda
+    if args.device == "cuda" and not cuda:
+        raise SystemExit("--device cuda: torch sees no GPU")
+    devices = [torch.device(d) for d in ("cpu", "cuda")
+               if args.device in ("all", d) and (d == "cpu" or cuda)]
+    if args.syncs:
+        worst = max(syncs(d, args.sizes, args.archs) for d in devices)
+        print(f"\nmost host syncs in one step: {worst} (goal 0)")
+        return
+    rows = []
+    for d in devices:
+        rows += bench(d, args.sizes, args.archs, args.warmup if d.type == "cpu" else 5,
+                      args.seconds, args.repeats)
     print()
     print(table(rows))
     short = [f"{r['device']} {r['arch']} {r['size']}px {r['ratio']:.2f}x" for r in rows

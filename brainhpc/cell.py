@@ -3,7 +3,8 @@
 ``run_cell(cfg, body, outputs)`` does, for every stage, what is not the stage's own work:
 
 * **identity**: what defines the outputs, from the config's fields (``identity``; fields marked
-  ``run=True`` in their ``option`` say how to run and are left out), paths resolved;
+  ``run=True`` in their ``option`` say how to run and are left out), paths resolved; a training
+  cell's also holds the precision it will train in, resolved for the device it runs on;
 * **skip**: ``OUT/<result>`` (``outputs.result``, written last: the completion marker) holds a
   finished run of the same identity: it is returned as it is, nothing runs;
 * **refuse**: ``OUT`` holds a finished run of another identity, or an unfinished one that left a
@@ -14,7 +15,8 @@
 * **resume**: an unfinished run of the same identity simply runs again; the trainer resumes from
   ``OUT/checkpoints/last.pt``;
 * **distributed set-up and teardown** around the body (``distributed=True``: torchrun or SLURM
-  tasks make every rank run the body; rank 0 alone writes files);
+  tasks make every rank run the body; rank 0 alone writes files); a rank whose body raises
+  aborts the group, so that no rank waits for it until the group timeout;
 * ``OUT/config.json``: written when the body starts (status ``running``) and updated when it
   ends (``done``, ``interrupted`` or ``failed`` with the error);
 * **provenance**: the result records the code that ran (``code``: ``brainhpc.provenance``).
@@ -35,12 +37,13 @@ from dataclasses import Field, dataclass, fields
 from pathlib import Path
 
 from brainhpc import __version__
+from brainhpc.data.prepared import is_prepared, prepared_size
 from brainhpc.errors import BrainhpcError
 from brainhpc.fsio import config_hash, write_json
 from brainhpc.options import option
 from brainhpc.provenance import code_version
-from brainhpc.train.distributed import DEVICES
-from brainhpc.train.precision import PRECISIONS
+from brainhpc.train.distributed import DEVICES, device_for, local_placement
+from brainhpc.train.precision import PRECISIONS, identity_name
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +76,9 @@ class Config:
 
 @dataclass(kw_only=True)
 class Training(Config):
-    """How a training cell runs: none of it changes what the cell computes, so none of it is in
-    the identity (the resolved precision is recorded with the results)."""
+    """How a training cell runs. None of these fields is in the identity as given; the precision
+    the cell trains in is, resolved (``resolved_precision``): a cell requeued onto another GPU
+    model, or run again with another --precision, is another cell if it computes otherwise."""
 
     force: bool = force_option()
     checkpoint_every: int = option(500, "steps between checkpoints", min=0, run=True)
@@ -88,7 +92,31 @@ class Training(Config):
         d = super().identity()
         if d.get("train_data") == "real" and "synthetic_dir" in d:
             d["synthetic_dir"] = None  # where synthetic shards live does not matter to real data
+        d["precision"] = self.resolved_precision()
         return d
+
+    def train_arch(self) -> str | None:
+        """The name ``precision.SPEEDUP`` knows this cell's model by (the trainer's
+        ``task.arch``, else its model class): a config's ``arch`` field; stages whose model is
+        named otherwise override this (None: unknown, see ``resolved_precision``)."""
+        arch = getattr(self, "arch", None)
+        return arch if isinstance(arch, str) else None
+
+    def train_size(self) -> int | None:
+        """The image side the cell trains at: its prepared dataset's (None before it exists)."""
+        data = getattr(self, "data", None)
+        return prepared_size(data) if data is not None and is_prepared(data) else None
+
+    def resolved_precision(self) -> str:
+        """"fp32" or "bf16" as the trainer will resolve ``precision`` on the device this process
+        will train on (``precision.identity_name``; "auto@<hardware>" where that depends on a
+        model ``train_arch`` does not name)."""
+        local_rank, _ = local_placement()
+        try:
+            device = device_for(self.device, local_rank, None)
+        except BrainhpcError:  # e.g. more ranks than GPUs: init_distributed says so, loudly
+            device = device_for(self.device, 0)
+        return identity_name(self.precision, device, self.train_arch(), self.train_size())
 
 
 @dataclass(frozen=True)
@@ -130,6 +158,17 @@ def differences(old: dict, new: dict) -> str:
     return "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys)
 
 
+def _recorded(rec: dict, ident: dict) -> dict:
+    """The identity ``rec`` was made with. Records from before the precision was part of a
+    training cell's identity: the precision its result names, or (unfinished) the current one."""
+    old = rec.get("config", {})
+    if "precision" in ident and "precision" not in old and isinstance(old, dict):
+        trained = rec.get("train_precision")
+        name = trained.get("name") if isinstance(trained, dict) else None
+        old = {**old, "precision": name or ident["precision"]}
+    return old
+
+
 def previous(out: Path, ident: dict, outputs: Outputs, stage: str) -> dict | None:
     """The finished result to skip with, None to run (new or resumed); raises when ``out``
     holds a run of another identity."""
@@ -137,7 +176,7 @@ def previous(out: Path, ident: dict, outputs: Outputs, stage: str) -> dict | Non
         rec = _read(Path(out) / name)
         if rec is None:
             continue
-        old = rec.get("config", {})
+        old = _recorded(rec, ident)
         finished = name == outputs.result and rec.get("status", "done") == "done"
         if old != ident and not finished and not (Path(out) / RESUME).exists():
             continue  # an attempt that left nothing to resume from: nothing is lost
@@ -213,6 +252,7 @@ def run_cell(cfg, body: Callable[[Context], dict], outputs: Outputs,
             return {**done, "skipped": True}
     info = init_distributed(getattr(cfg, "device", "auto")) if distributed else DistInfo()
     ctx = Context(cfg, ident, info, outputs, time.time())
+    info.on_peer_failure = lambda why: _started(ctx, "failed", error=why)
     try:
         if force and not outputs.swap:
             if info.is_main:
@@ -226,6 +266,8 @@ def run_cell(cfg, body: Callable[[Context], dict], outputs: Outputs,
             raise
         if result.get("status") not in ("worker",):
             _started(ctx, result.get("status", "done"))
-        return result
-    finally:
-        teardown(info)
+    except BaseException as e:
+        teardown(info, failed=e)  # no barrier: the other ranks may wait in a collective
+        raise
+    teardown(info)
+    return result

@@ -577,11 +577,13 @@ def test_synthetic_and_mixed_cells_with_patients(prepared_phantom, tmp_path):
 
 
 def test_identity_ignores_run_only_settings(tmp_path):
-    base = dict(train_data="real", data=tmp_path, out=tmp_path / "a")
+    base = dict(train_data="real", data=tmp_path, out=tmp_path / "a", device="cpu")
     a = SegmentConfig(**base).identity()
     assert a == SegmentConfig(**{**base, "out": tmp_path / "b"}, synthetic_dir=tmp_path,
-                              device="cpu", num_workers=2, progress=False,
-                              checkpoint_every=3, precision="bf16").identity()
+                              num_workers=2, progress=False, checkpoint_every=3).identity()
+    # the precision is in it, resolved (issue 23): --precision counts only if it computes otherwise
+    bf16 = SegmentConfig(**base, precision="bf16").identity()
+    assert bf16["precision"] == "bf16" and (bf16 == a) == (a["precision"] == "bf16")
     assert a["channels"] == list(srun.SegmentConfig.channels) and a["min_area"] is None
     assert a != SegmentConfig(**base, augment=False).identity()
     assert a != SegmentConfig(**base, val_every=2).identity()  # it moves the chosen epoch

@@ -176,6 +176,12 @@ class ClassifyConfig(Training):
         for t in self.techniques:
             self.technique_config(t)  # validates the values
 
+    def train_arch(self) -> str:
+        """The model class the trainer resolves ``auto`` precision for (``cell.Training``)."""
+        if self.model == "cnn":
+            return "BrainCNN"
+        return {"paper": "BrainCVAE", "spatial": "SpatialVAE"}[self.vae_arch]
+
     def technique_config(self, technique: str) -> TechniqueConfig:
         return TechniqueConfig(technique=technique, criterion=self.criterion, seed=self.seed,
                                **self.technique_options)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from brainhpc.anomaly.techniques import best_cut
 from brainhpc.data.shards import ShardData
-from brainhpc.models.classifiers import BrainCNN, build_classifier, vae_loss
+from brainhpc.models.classifiers import BrainCNN, build_classifier, vae_loss, vae_terms
 from brainhpc.predictors.classifier import EVAL_BATCH, cnn_scores
 from brainhpc.train.augment import augment_batch
 
@@ -27,6 +27,7 @@ class CNNTask:
     def __init__(self, cfg, size: int, weights: np.ndarray | None, val: ShardData):
         self.cfg, self.size, self.val = cfg, size, val
         self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float32)
+        self._weights_on: torch.Tensor | None = None  # the weights on the training device
 
     def models(self):
         return {"cnn": BrainCNN(self.size, dropout=self.cfg.dropout)}
@@ -41,14 +42,21 @@ class CNNTask:
             x = augment_batch(x, shift=True)
         with t.autocast():
             logits = t.models["cnn"](x)
-        w = None if self.weights is None else self.weights.to(logits.device)
-        loss = F.cross_entropy(logits.float(), labels, weight=w)
+        loss = F.cross_entropy(logits.float(), labels, weight=self._class_weights(logits.device))
         opt = t.optimizers["cnn"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         acc = (logits.argmax(1) == labels).float().mean()
         return {"loss": loss.detach(), "acc": acc.detach()}
+
+    def _class_weights(self, device: torch.device) -> torch.Tensor | None:
+        """The class weights on ``device``, copied there once (not at every step)."""
+        if self.weights is None:
+            return None
+        if self._weights_on is None or self._weights_on.device != device:
+            self._weights_on = self.weights.to(device)
+        return self._weights_on
 
     def validate(self, t) -> dict:
         s = cnn_scores(t.raw("cnn"), self.val.images, t.device)
@@ -78,12 +86,12 @@ class VAETask:
             x = augment_batch(x, shift=False)
         with t.autocast():
             x_hat, mu, logvar = t.models["vae"](x)
-        loss, parts = vae_loss(x_hat, x, mu.float(), logvar.float(), self.cfg.kl_weight)
+        loss, recon, kl = vae_terms(x_hat, x, mu.float(), logvar.float(), self.cfg.kl_weight)
         opt = t.optimizers["vae"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        return {"loss": loss.detach(), "recon": parts["recon"], "kl": parts["kl"]}
+        return {"loss": loss.detach(), "recon": recon, "kl": kl}
 
     def validate(self, t) -> dict:
         model, total, n = t.raw("vae"), 0.0, len(self.val)

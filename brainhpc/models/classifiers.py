@@ -3,8 +3,9 @@ paper's BrainCVAE and a spatial-latent VAE (``SpatialVAE``) with the same interf
 
 They take 1 x H x W images in [0, 1] at any size divisible by 8 (CNN, SpatialVAE) or 4
 (BrainCVAE), so the same code serves 32, 64 and 128 px. ``vae_loss`` is the VAEs' training
-objective; ``error_maps`` gives plain |x - x_hat| maps (the classify cell's residuals, standardised
-and limited to the brain, come from ``brainhpc.anomaly.residuals``).
+objective (``vae_terms`` its parts as tensors, which a training step returns without waiting
+for the GPU); ``error_maps`` gives plain |x - x_hat| maps (the classify cell's residuals,
+standardised and limited to the brain, come from ``brainhpc.anomaly.residuals``).
 
 The VAE's ``forward`` returns decoder *logits* (``decode`` applies the sigmoid): the loss is
 binary cross-entropy with logits, computed in fp32, which stays exact under bf16 autocast where
@@ -142,8 +143,18 @@ def vae_loss(logits: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: to
     ``logits`` are BrainCVAE's decoder outputs (its ``forward``'s first value). ``recon`` is
     "bce" (binary cross-entropy of sigmoid(logits) against x, computed as BCE-with-logits, the
     usual choice for images in [0, 1]) or "mse" (sum of squared errors of sigmoid(logits)).
-    Everything is computed in fp32. Returns the loss tensor and its parts as floats for the log.
+    Everything is computed in fp32. Returns the loss tensor and its parts as floats for the log
+    (reading them waits for the device: a training step uses ``vae_terms``).
     """
+    loss, rec, kl = vae_terms(logits, x, mu, logvar, kl_weight, recon)
+    parts = {"loss": float(loss.detach()), "recon": float(rec), "kl": float(kl)}
+    return loss, parts
+
+
+def vae_terms(logits: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
+              kl_weight: float = 1.0, recon: str = "bce"
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``vae_loss`` as tensors: (loss, reconstruction detached, KL detached)."""
     if recon not in RECON_LOSSES:
         raise BrainhpcError(
             f"vae_loss: recon must be one of {', '.join(RECON_LOSSES)}, got {recon!r}")
@@ -157,8 +168,7 @@ def vae_loss(logits: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: to
         rec = F.mse_loss(torch.sigmoid(logits), x, reduction="sum") / n
     kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp()) / n
     loss = rec + kl_weight * kl
-    parts = {"loss": float(loss.detach()), "recon": float(rec.detach()), "kl": float(kl.detach())}
-    return loss, parts
+    return loss, rec.detach(), kl.detach()
 
 
 class SpatialVAE(nn.Module):

@@ -196,6 +196,7 @@ class Task:
         self.cfg = cfg
         self.ema_decay = {"unet": cfg.ema} if cfg.ema > 0 else {}
         self.abar = alphas_cumprod(cfg.schedule, cfg.timesteps).float()
+        self._abar_on = self.abar  # the copy on the training device (made once, not per step)
 
     def models(self):
         return {"unet": UNet(self.cfg)}
@@ -209,7 +210,9 @@ class Task:
         if self.cfg.hflip:
             x0 = random_hflip(x0)
         n = len(x0)
-        abar = self.abar.to(x0.device)
+        if self._abar_on.device != x0.device:
+            self._abar_on = self.abar.to(x0.device)
+        abar = self._abar_on
         ts = torch.randint(0, self.cfg.timesteps, (n,), device=x0.device)
         noise = torch.randn_like(x0)
         a = abar[ts][:, None, None, None]

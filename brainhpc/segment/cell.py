@@ -140,6 +140,10 @@ class SegmentConfig(Training):
                 f"segment: strides {self.strides} must have one entry per down-sampling, i.e. "
                 f"len(channels) - 1 = {len(self.channels) - 1} for channels {self.channels}")
 
+    def train_arch(self) -> str:
+        """The model class the trainer resolves ``auto`` precision for (``cell.Training``)."""
+        return "UNet"
+
     def hparams(self) -> dict:
         """What rebuilds the U-Net (stored in model.pt)."""
         return {"channels": list(self.channels), "strides": list(self.strides),

@@ -128,7 +128,8 @@ class CellRunner(submitit.helpers.Checkpointable):
         env = _job_env()
         if env["tasks"] > 1 and env["executor"] in ("slurm", "local"):
             # DDP: MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK for the trainer
-            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False,
+                                                                   overwrite=True)
         if env["executor"] == "slurm":
             handler = signal.getsignal(signal.SIGUSR2)
             if callable(handler):

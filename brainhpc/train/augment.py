@@ -1,7 +1,8 @@
 """Batch augmentation shared by the training stages: flips and small shifts, on any device.
 
 One tensor moves together: a segmenter's image and mask are two channels of one batch, so they
-get the same flip and the same shift.
+get the same flip and the same shift. Everything is drawn and gathered on the batch's device
+(a training step never waits for it); on CPU the draws are the ones of the former per-image loop.
 """
 
 from __future__ import annotations
@@ -18,8 +19,11 @@ def augment_batch(x: torch.Tensor, shift: bool) -> torch.Tensor:
     m = x.shape[-1] // 16
     if not shift or m < 1:
         return x
-    d = torch.randint(-m, m + 1, (len(x), 2)).tolist()
+    d = torch.randint(-m, m + 1, (len(x), 2), device=x.device)  # (dy, dx) per image
     padded = F.pad(x, (m, m, m, m))
     h, w = x.shape[-2:]
-    return torch.stack([padded[i, :, m + dy:m + dy + h, m + dx:m + dx + w]
-                        for i, (dy, dx) in enumerate(d)])
+    rows = m + d[:, :1] + torch.arange(h, device=x.device)  # B x h
+    cols = m + d[:, 1:] + torch.arange(w, device=x.device)  # B x w
+    b = torch.arange(len(x), device=x.device)[:, None, None]
+    out = padded.permute(0, 2, 3, 1)[b, rows[:, :, None], cols[:, None, :]]  # B x h x w x C
+    return out.permute(0, 3, 1, 2).clone(memory_format=torch.contiguous_format)

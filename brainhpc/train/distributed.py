@@ -8,9 +8,16 @@
   and step ids, the same on every task) and they are exported before the group is made.
 * Anything else is a single process; no group is created.
 
-The backend is NCCL on CUDA (device = local rank, modulo the visible GPUs so that one GPU per
-task also works) and gloo on CPU. ``teardown`` is the order that makes torchrun ranks exit
-cleanly: drop the DDP wrappers first, barrier, then destroy the group.
+The backend is NCCL on CUDA and gloo on CPU. The GPU: with several visible, the one of the
+local rank; with one visible, that one (a site that shows each task its own GPU); ranks that
+would share a GPU are refused (``gpu_index``). The group's timeout is
+``BRAINHPC_DIST_TIMEOUT_MINUTES`` (30 by default).
+
+``teardown`` is the order that makes torchrun ranks exit cleanly: drop the DDP wrappers first,
+barrier, then destroy the group. A rank that fails must not enter that barrier (its peers wait in
+another collective and nothing would move until the timeout): ``teardown(info, failed=True)``
+publishes the failure in the group's store and aborts the group, and every rank's ``PeerWatch``
+(a thread polling that store) ends its process when a peer failed or rank 0's store is gone.
 """
 
 from __future__ import annotations
@@ -20,8 +27,9 @@ import logging
 import os
 import random
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -32,6 +40,10 @@ log = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda")
 LOOPBACK = ("localhost", "127.0.0.1", "::1")
+TIMEOUT_ENV = "BRAINHPC_DIST_TIMEOUT_MINUTES"
+FAILED_KEY = "brainhpc/failed"  # set in the group's store by a rank that fails
+PEER_POLL_S = 2.0  # how often every rank looks for a peer's failure
+PEER_FAILED_EXIT = 3  # exit status of a rank ended because a peer failed
 
 
 @dataclass
@@ -44,6 +56,9 @@ class DistInfo:
     device: torch.device = torch.device("cpu")
     backend: str | None = None  # None: single process, no group
     owns_group: bool = False  # True when init_distributed created the group (and must destroy it)
+    watch: PeerWatch | None = field(default=None, repr=False)
+    # called with the reason before a peer's failure ends this process (rank 0 records it)
+    on_peer_failure: Callable[[str], None] | None = field(default=None, repr=False)
 
     @property
     def is_main(self) -> bool:
@@ -64,16 +79,47 @@ def _env_int(name: str, default: int | None = None) -> int | None:
         raise BrainhpcError(f"environment variable {name}={value!r} is not an integer") from e
 
 
-def _pick_device(device: str, local_rank: int) -> torch.device:
+def gpu_index(local_rank: int, local_world: int | None, count: int,
+              env: Mapping[str, str] | None = None) -> int:
+    """The visible GPU of this rank: its local rank when several are visible, 0 when it sees one
+    (a site that gives each task its own GPU through CUDA_VISIBLE_DEVICES). Every rank of the
+    node decides alike, so a refusal stops all of them instead of leaving some in the
+    rendezvous: two ranks on one GPU run at half speed or fail in NCCL."""
+    env = os.environ if env is None else env
+    local_world = local_world or local_rank + 1
+    if count > 1 and local_world <= count:
+        return local_rank
+    if count == 1 and (local_world == 1 or env.get("CUDA_VISIBLE_DEVICES")):
+        return 0
+    raise BrainhpcError(
+        f"{local_world} ranks on this node but {count} visible GPU(s) "
+        f"(CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', '(unset)')}): ranks would share "
+        "a GPU; ask for one GPU per task (e.g. --gpus-per-task=1) or fewer tasks per node")
+
+
+def local_placement() -> tuple[int, int | None]:
+    """(local rank, ranks on this node) from torchrun's or SLURM's variables."""
+    local = _env_int("LOCAL_RANK", _env_int("SLURM_LOCALID", 0))
+    return local, _env_int("LOCAL_WORLD_SIZE")
+
+
+def device_for(device: str, local_rank: int = 0, local_world: int | None = 1) -> torch.device:
+    """The device ``device`` (auto | cpu | cuda) means for this rank; touches no GPU state."""
     if device not in DEVICES:
         raise BrainhpcError(f"device {device!r} is not one of {', '.join(DEVICES)}")
     if device == "cuda" and not torch.cuda.is_available():
         raise BrainhpcError("device 'cuda' requested but torch sees no CUDA device")
     if device in ("cuda", "auto") and torch.cuda.is_available():
-        index = local_rank % torch.cuda.device_count()
-        torch.cuda.set_device(index)
-        return torch.device("cuda", index)
+        return torch.device("cuda", gpu_index(local_rank, local_world,
+                                              torch.cuda.device_count()))
     return torch.device("cpu")
+
+
+def _pick_device(device: str, local_rank: int, local_world: int | None = 1) -> torch.device:
+    dev = device_for(device, local_rank, local_world)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    return dev
 
 
 def first_host(nodelist: str) -> str:
@@ -171,12 +217,23 @@ def fit_threads(local_world_size: int = 1) -> int:
     return threads
 
 
+def _timeout_minutes(default: float) -> float:
+    value = os.environ.get(TIMEOUT_ENV, "")
+    try:
+        minutes = float(value) if value else default
+    except ValueError:
+        minutes = -1.0
+    if not minutes > 0:
+        raise BrainhpcError(f"{TIMEOUT_ENV}={value!r} must be a number of minutes > 0")
+    return minutes
+
+
 def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
     """Join (or create) the process group this process was launched into; see module docstring."""
     if dist.is_available() and dist.is_initialized():  # the caller set it up already
         rank, world = dist.get_rank(), dist.get_world_size()
         local = _env_int("LOCAL_RANK", rank)
-        dev = _pick_device(device, local)
+        dev = _pick_device(device, local, _env_int("LOCAL_WORLD_SIZE"))
         return DistInfo(rank, world, local, dev, dist.get_backend(), owns_group=False)
 
     world = _env_int("WORLD_SIZE")
@@ -197,17 +254,20 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> Dis
         if not os.environ.get(key):
             raise BrainhpcError(
                 f"WORLD_SIZE={world} but {key} is not set: launch with torchrun or as SLURM tasks")
-    dev = _pick_device(device, local)
+    local_world = _env_int("LOCAL_WORLD_SIZE", world) or world
+    dev = _pick_device(device, local, local_world)
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if backend == "gloo":
         # before the group exists (and before any pool is used): ranks share the node's cores
-        fit_threads(_env_int("LOCAL_WORLD_SIZE", world) or world)
+        fit_threads(local_world)
         if (os.environ["MASTER_ADDR"] in LOOPBACK and "GLOO_SOCKET_IFNAME" not in os.environ):
             os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # all ranks are here: no NIC guessing
     dist.init_process_group(backend=backend, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(minutes=timeout_minutes))
+                            timeout=datetime.timedelta(minutes=_timeout_minutes(timeout_minutes)))
     log.info("rank %d/%d (local %d) on %s with %s", rank, world, local, dev, backend)
-    return DistInfo(rank, world, local, dev, backend, owns_group=True)
+    info = DistInfo(rank, world, local, dev, backend, owns_group=True)
+    info.watch = PeerWatch.start(info)
+    return info
 
 
 def barrier(info: DistInfo) -> None:
@@ -218,9 +278,93 @@ def barrier(info: DistInfo) -> None:
             dist.barrier()
 
 
-def teardown(info: DistInfo) -> None:
-    """Barrier then destroy the group we created (callers drop their DDP wrappers first)."""
-    if info.owns_group and dist.is_initialized():
-        barrier(info)
-        dist.destroy_process_group()
-        info.owns_group = False
+class PeerWatch:
+    """A daemon thread that ends this process when another rank failed (it set ``FAILED_KEY`` in
+    the group's store) or rank 0, which holds the store, is gone. Without it a rank waiting in a
+    collective for a dead peer waits for the whole group timeout (NCCL notices nothing)."""
+
+    def __init__(self, store, info: DistInfo, poll_s: float = PEER_POLL_S):
+        self.store, self.info, self.poll_s = store, info, poll_s
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="brainhpc-peer-watch", daemon=True)
+
+    @classmethod
+    def start(cls, info: DistInfo) -> PeerWatch | None:
+        try:
+            store = dist.distributed_c10d._get_default_store()
+        except Exception as e:  # a private torch API: without it, the group timeout remains
+            log.warning("no peer-failure watch (%s): a failed rank's peers wait for the "
+                        "group timeout", e)
+            return None
+        watch = cls(store, info)
+        watch.thread.start()
+        return watch
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+    def publish(self, reason: str) -> None:
+        """Tell the other ranks that this one failed (after stopping our own watch)."""
+        self.stop()
+        try:
+            self.store.set(FAILED_KEY, f"rank {self.info.rank} failed: {reason}")
+        except Exception as e:
+            log.warning("could not tell the other ranks of this failure: %s", e)
+
+    def _run(self) -> None:
+        lost = 0
+        while not self.stopped.wait(self.poll_s):
+            try:
+                failed = self.store.check([FAILED_KEY])
+                reason = self.store.get(FAILED_KEY).decode(errors="replace") if failed else None
+                lost = 0
+            except Exception as e:  # rank 0's store is gone: a few misses, then give up
+                lost += 1
+                reason = f"the group's store (rank 0) is unreachable: {e}" if lost >= 3 else None
+            if reason is not None:
+                self._end(reason)
+                return
+
+    def _end(self, reason: str) -> None:
+        if self.stopped.is_set():
+            return  # our own teardown began: the peers left normally
+        log.error("rank %d: %s; ending this process instead of waiting for the group timeout",
+                  self.info.rank, reason)
+        hook = self.info.on_peer_failure
+        try:
+            if hook is not None:
+                hook(reason)
+        finally:
+            logging.shutdown()
+            os._exit(PEER_FAILED_EXIT)
+
+
+def _abort(info: DistInfo, reason: str) -> None:
+    """A failing rank: tell the peers, then drop the group without any collective."""
+    if info.watch is not None:
+        info.watch.publish(reason)
+    try:
+        if info.backend == "nccl":
+            dist.distributed_c10d._abort_process_group()  # pending NCCL work may never finish
+        else:
+            dist.destroy_process_group()
+    except Exception as e:  # never hide the failure being raised
+        log.warning("process group abort: %s", e)
+
+
+def teardown(info: DistInfo, failed: BaseException | bool = False) -> None:
+    """Barrier then destroy the group we created (callers drop their DDP wrappers first); after
+    a failure (``failed``: the exception, or True) no barrier: the peers are told and the group
+    aborted, so nobody waits for the timeout."""
+    if not (info.owns_group and dist.is_initialized()):
+        return
+    info.owns_group = False
+    if failed:
+        reason = f"{type(failed).__name__}: {failed}" if isinstance(failed, BaseException) \
+            else "error"
+        _abort(info, reason)
+        return
+    barrier(info)
+    if info.watch is not None:
+        info.watch.stop()  # after the barrier: until then a peer may still fail
+    dist.destroy_process_group()

@@ -14,7 +14,10 @@ gets slower. Hardware classes:
 
 ``fused_optimizers`` switches Adam/AdamW/SGD to their fused kernels (one kernel per step instead
 of a Python loop over parameters: measured BrainCNN 128 px 55 -> 67 img/s here, its 34M-parameter
-dense layer dominates the update).
+dense layer dominates the update). Fused kernels need each state tensor in its parameter's
+layout: ``restore_layout`` puts loaded state back into it (a checkpoint saved under the other
+precision's layout). ``identity_name`` is what a cell's identity records: the resolved name.
+``cuda_settings`` turns on cuDNN autotuning and TF32 matmuls on GPUs.
 """
 
 from __future__ import annotations
@@ -168,6 +171,46 @@ def _resolve(requested: str, device: torch.device, arch: str, size: int | None) 
                          f"auto: bf16 measured only {speed:.2f}x for {at} on {hw} CPUs")
     return Precision("bf16", requested, hw, f"auto: bf16 measured {speed:.2f}x for {at} on "
                                             f"{hw} CPUs")
+
+
+def identity_name(requested: str, device: torch.device, arch: str | None,
+                  size: int | None = None) -> str:
+    """The name ``resolve`` will give a run of ``arch`` at ``size`` on ``device``, for identities:
+    "fp32" or "bf16"; "auto@<hardware>" where ``auto``'s answer depends on an architecture (or
+    size) the caller cannot name, so that two runs share an identity only if they compute alike."""
+    if requested not in PRECISIONS:
+        raise BrainhpcError(f"precision {requested!r} is not one of {', '.join(PRECISIONS)}")
+    if requested != "auto":
+        return requested
+    table = SPEEDUP.get(hardware(device) or "", {})
+    if arch is not None:
+        cases = [(arch, s) for s in ([size] if size else list(table.get(arch, {})) or [None])]
+    else:  # every measured model, and an unmeasured one
+        cases = [(a, s) for a, sizes in table.items() for s in sizes] + [("", size)]
+    names = {_resolve("auto", device, a, s).name for a, s in cases}
+    return names.pop() if len(names) == 1 else f"auto@{hardware(device)}"
+
+
+def cuda_settings(device: torch.device) -> None:
+    """On GPUs: cuDNN picks the fastest convolution for each shape (input shapes are fixed
+    here), and fp32 matmuls may use TF32 tensor cores. Nothing changes on CPUs."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision("high")
+
+
+def restore_layout(opt: torch.optim.Optimizer) -> int:
+    """Give every state tensor shaped like its parameter that parameter's strides; returns how
+    many were copied. ``Optimizer.load_state_dict`` keeps the strides the state was saved with:
+    after a layout change (channels_last under bf16, contiguous under fp32) fused Adam refuses
+    that state on CUDA and, measured here, pairs the wrong elements on CPU."""
+    n = 0
+    for p, st in opt.state.items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor) and v.shape == p.shape and v.stride() != p.stride():
+                st[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
+                n += 1
+    return n
 
 
 FUSABLE = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)

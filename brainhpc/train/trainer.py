@@ -4,26 +4,36 @@ A model plugs in as a *task*: an object that builds its models and optimisers an
 optimisation step on one batch (see ``Task``). The trainer owns everything around that step,
 which is what HPC life needs:
 
-* process group and device (``brainhpc.train.distributed``), DDP wrapping, a deterministic
-  distributed batch sampler (global ``batch_size`` split over ranks), per-rank seeding;
+* process group and device (``brainhpc.train.distributed``), DDP wrapping (BatchNorm
+  synchronised across GPUs), a deterministic distributed batch sampler (global ``batch_size``
+  split over ranks), per-rank seeding; a ``TensorDataset`` is batched by indexing its tensors
+  (``TensorBatches``), on the GPU when it fits there;
 * precision (``brainhpc.train.precision``): ``auto`` resolves per architecture to bf16 autocast
   with channels_last models and batches (tasks use ``with t.autocast():``) where that was measured
-  faster, else fp32; fused Adam/AdamW/SGD; intra-op threads that fit the allocation;
+  faster, else fp32; fused Adam/AdamW/SGD; intra-op threads that fit the allocation; on GPUs
+  cuDNN autotuning and TF32 matmuls;
 * validation every ``val_every`` epochs and after the last one;
 * EMA copies of chosen models (``task.ema_decay``);
 * atomic checkpoints every N steps, every M minutes, on ``request_checkpoint()`` and on
-  SIGUSR1/SIGTERM (saved at the next step boundary; SIGTERM then stops the run, and a handler
-  that was installed before ours, e.g. submitit's requeue, is called after the save);
+  SIGUSR1/SIGTERM (saved at the next step boundary, with several ranks at the next check step;
+  SIGTERM then stops the run, and a handler that was installed before ours, e.g. submitit's
+  requeue, is called after the save);
 * exact resume: models, optimisers, schedulers, EMA, step, epoch position and the python/numpy/
-  torch RNG states of every rank. On CPU with ``num_workers=0`` an interrupted-then-resumed run
-  ends bit-identical to an uninterrupted one (with workers, augmentation draws may differ);
+  torch RNG states of every rank; optimiser state takes its parameter's layout again (after a
+  checkpoint of the other precision's layout); the precision is in the checkpoint's
+  fingerprint. On CPU with ``num_workers=0`` an interrupted-then-resumed run ends bit-identical
+  to an uninterrupted one (with workers, augmentation draws may differ);
 * a JSONL metric log (``metrics.jsonl``), tqdm on rank 0 only, and ``progress.json`` (epoch and
   step of total, refreshed every few seconds) that the sweep's live status and ``status`` read;
 * non-finite losses stop the run with ``BrainhpcError``; the last good checkpoint is kept;
 * a corrupt or mismatched checkpoint is an error, never a silent restart.
 
-Only rank 0 writes files. Ranks agree once per step (one tiny all-reduce) on "non-finite loss",
-"checkpoint now" and "stop", so a signal seen by ranks at different moments cannot split them.
+Only rank 0 writes files. A step never waits for the device: metrics and the non-finite flag stay
+there and are read at *check steps* only (every ``log_every`` steps, before a checkpoint, at an
+epoch's end; a single process also when a signal or a non-finite host value asks). Ranks agree
+at those steps (one tiny all-reduce) on "non-finite loss", "checkpoint now" and "stop", so a
+signal seen by ranks at different moments cannot split them. A failing rank aborts the group
+instead of waiting for its peers (``teardown(failed=...)``).
 """
 
 from __future__ import annotations
@@ -53,13 +63,20 @@ from brainhpc import __version__
 from brainhpc.errors import BrainhpcError
 from brainhpc.fsio import atomic_path, write_json, write_text
 from brainhpc.train.distributed import DistInfo, init_distributed, teardown
-from brainhpc.train.precision import PRECISIONS, fused_optimizers, resolve
+from brainhpc.train.precision import (
+    PRECISIONS,
+    cuda_settings,
+    fused_optimizers,
+    resolve,
+    restore_layout,
+)
 
 log = logging.getLogger(__name__)
 
 CKPT_FORMAT = 1
 STOP_SIGNALS = ("SIGTERM",)
 PROGRESS_EVERY_S = 2.0  # progress.json is rewritten at most this often
+DEVICE_DATA_SHARE = 0.25  # a TensorDataset goes to the GPU if it takes at most this of free memory
 
 
 class Task(Protocol):
@@ -102,6 +119,7 @@ class TrainConfig:
     handle_signals: bool = True  # SIGUSR1: checkpoint; SIGTERM: checkpoint and stop
     best_metric: str | None = None  # a key of validate()'s dict; best.pt keeps the best epoch
     best_mode: str = "max"  # max | min
+    identity_precision: str | None = None  # what the cell's identity says the run trains in
 
     def __post_init__(self):
         self.out = Path(self.out)
@@ -131,7 +149,7 @@ class TrainConfig:
         """The loop settings of a training cell (``brainhpc.cell.Training`` fields), plus ``kw``."""
         return cls(out=cell.out, seed=cell.seed, checkpoint_every=cell.checkpoint_every,
                    num_workers=cell.num_workers, device=cell.device, progress=cell.progress,
-                   precision=cell.precision, **kw)
+                   precision=cell.precision, identity_precision=cell.resolved_precision(), **kw)
 
 
 class DistributedBatchSampler(torch.utils.data.Sampler):
@@ -164,15 +182,53 @@ class DistributedBatchSampler(torch.utils.data.Sampler):
     def __len__(self) -> int:
         return max(0, self.steps_per_epoch - self.start)
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def batches(self) -> torch.Tensor:
+        """This rank's remaining batches of the epoch, one row of item indices each."""
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            order = torch.randperm(self.n, generator=g).tolist()
+            order = torch.randperm(self.n, generator=g)
         else:
-            order = list(range(self.n))
-        for b in range(self.start, self.steps_per_epoch):
-            lo = b * self.batch_size + self.rank * self.local
-            yield order[lo:lo + self.local]
+            order = torch.arange(self.n)
+        whole = order[:self.steps_per_epoch * self.batch_size]
+        return whole.view(self.steps_per_epoch, self.world, self.local)[self.start:, self.rank]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self.batches().tolist()
+
+
+class TensorBatches:
+    """The batches of a ``TensorDataset``, one ``index_select`` per tensor: what a DataLoader with
+    ``sampler`` and default collation yields (same items, order and values), without collating
+    item by item. On a GPU the tensors are copied there once when they fit
+    (``DEVICE_DATA_SHARE``), so a step moves no data from the host; otherwise each batch is
+    gathered on the host into pinned memory and copied without blocking."""
+
+    num_workers = 0
+
+    def __init__(self, dataset: torch.utils.data.TensorDataset, sampler: DistributedBatchSampler,
+                 device: torch.device):
+        self.sampler, self.device = sampler, device
+        self.tensors = list(dataset.tensors)
+        self.resident = device.type != "cuda"
+        if device.type == "cuda":
+            need = sum(t.numel() * t.element_size() for t in self.tensors)
+            free, _ = torch.cuda.mem_get_info(device)
+            self.resident = need <= DEVICE_DATA_SHARE * free
+            if self.resident:
+                self.tensors = [t.to(device) for t in self.tensors]
+            log.info("training set (%.0f MB) %s", need / 2**20, "on the GPU" if self.resident
+                     else "too large for the GPU: batches gathered on the host")
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[list[torch.Tensor]]:
+        rows = self.sampler.batches()
+        if self.device.type == "cuda" and self.resident:
+            rows = rows.pin_memory().to(self.device, non_blocking=True)  # once per epoch
+        for idx in rows:
+            batch = [t.index_select(0, idx) for t in self.tensors]
+            yield batch if self.resident else [b.pin_memory() for b in batch]
 
 
 def _to_device(batch: Any, device: torch.device,
@@ -187,6 +243,16 @@ def _to_device(batch: Any, device: torch.device,
     if isinstance(batch, dict):
         return {k: _to_device(v, device, memory_format) for k, v in batch.items()}
     return batch
+
+
+def sync_batchnorm(models: dict[str, nn.Module], world_size: int, device: torch.device
+                   ) -> dict[str, nn.Module]:
+    """BatchNorm layers as SyncBatchNorm when several GPUs train: each GPU's share of the batch
+    is small, and per-GPU statistics would differ from one process's on the whole batch. On
+    CPU (gloo) and in one process the models are returned as they are."""
+    if world_size <= 1 or device.type != "cuda":
+        return models
+    return {k: nn.SyncBatchNorm.convert_sync_batchnorm(m) for k, m in models.items()}
 
 
 def _image_size(dataset) -> int | None:
@@ -250,9 +316,9 @@ class Trainer:
         self.info = dist_info or init_distributed(cfg.device)
         try:
             self._setup(task, dataset, cfg, fingerprint, collate_fn)
-        except BaseException:
+        except BaseException as e:
             if dist_info is None:  # we made the group, so we take it down
-                teardown(self.info)
+                teardown(self.info, failed=e)
             raise
 
     def _setup(self, task, dataset, cfg, fingerprint, collate_fn) -> None:
@@ -265,6 +331,7 @@ class Trainer:
             "world_size": self.world_size,
             "batch_size": cfg.batch_size,
             "seed": cfg.seed,
+            "precision": self.precision.name,
             "shapes": {k: {n: list(p.shape) for n, p in m.state_dict().items()}
                        for k, m in self._raw.items()},
             **(fingerprint or {}),
@@ -307,6 +374,8 @@ class Trainer:
         self._closed = False
         self._progress_t = 0.0
         self._resumed_meter: dict | None = None
+        self._host_bad: int | None = None  # first step with a non-finite host value
+        self._first_bad = torch.full((), -1, dtype=torch.long, device=self.device)  # on device
         self._reset_meter()
 
     def _loader(self, dataset, cfg: TrainConfig, collate_fn) -> None:
@@ -314,10 +383,12 @@ class Trainer:
                                                self.world_size, cfg.seed, cfg.shuffle)
         self._loader_gen = torch.Generator()
         workers = cfg.num_workers
-        if workers and isinstance(dataset, torch.utils.data.TensorDataset):
-            # in memory already: worker processes would only add start-up and copies
-            log.info("in-memory dataset: no DataLoader workers (num_workers=%d ignored)", workers)
-            workers = 0
+        if isinstance(dataset, torch.utils.data.TensorDataset) and collate_fn is None:
+            if workers:  # in memory already: worker processes would only add start-up and copies
+                log.info("in-memory dataset: no DataLoader workers (num_workers=%d ignored)",
+                         workers)
+            self.loader = TensorBatches(dataset, self.sampler, self.device)
+            return
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=self.sampler, num_workers=workers,
             pin_memory=self.device.type == "cuda", generator=self._loader_gen,
@@ -332,10 +403,17 @@ class Trainer:
         arch = getattr(task, "arch", None) or "+".join(sorted({type(m).__name__
                                                                 for m in raw.values()}))
         self.precision = resolve(cfg.precision, self.device, arch, _image_size(dataset))
+        said = cfg.identity_precision
+        if said in ("fp32", "bf16") and said != self.precision.name:  # auto@...: not known then
+            raise BrainhpcError(f"the cell's identity says {said} but {arch} resolves to "
+                                f"{self.precision.name} ({self.precision.reason}) on "
+                                f"{self.device}: its config's train_arch() names another model")
         self.memory_format = (torch.channels_last if self.precision.channels_last
                               else torch.contiguous_format)
         self._raw = {k: m.to(self.device, memory_format=self.memory_format)
                      for k, m in raw.items()}
+        self._raw = sync_batchnorm(self._raw, self.world_size, self.device)
+        cuda_settings(self.device)
         self.optimizers = task.optimizers(self._raw)
         self.fused = fused_optimizers(self.optimizers)
         sched = getattr(task, "schedulers", None)
@@ -379,61 +457,76 @@ class Trainer:
 
         ``status`` is "done", or "interrupted" when a stop was requested (state saved first).
         """
-        cfg = self.cfg
         self._install_signals()
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (self.is_main
-                   and cfg.progress), desc=type(self.task).__name__, dynamic_ncols=True)
-        self._reset_meter()
-        meter = self._resumed_meter
-        if meter:
-            self._sums = {k: torch.tensor(v, device=self.device)
-                          for k, v in meter["sums"].items()}
-            self._count = int(meter["count"])
-            self._resumed_meter = None
+                   and self.cfg.progress), desc=type(self.task).__name__, dynamic_ncols=True)
+        self._start_meter()
         self._last_save_time = time.monotonic()
-        t0 = time.monotonic() - self.train_seconds
+        self._t0 = time.monotonic() - self.train_seconds
         self._progress_t = 0.0
         self._progress()
-        status = "done"
         try:
-            while self.epoch < cfg.epochs and self.step < self.total_steps:
-                self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
-                self._loader_gen.manual_seed(cfg.seed * 7919 + self.epoch)
-                self._train_mode(True)
-                for batch in self.loader:
-                    batch = _to_device(batch, self.device, self.memory_format)
-                    out = self.task.training_step(self, batch)
-                    for s in self.schedulers.values():
-                        s.step()
-                    self._update_ema()
-                    self.step += 1
-                    self.batch_in_epoch += 1
-                    self.train_seconds = time.monotonic() - t0
-                    self._accumulate(out)
-                    nonfinite, save, stop = self._agree()
-                    if nonfinite:
-                        raise BrainhpcError(self._nan_message())
-                    if self.step % cfg.log_every == 0:
-                        self._log_train(bar)
-                    bar.update(1)
-                    due = cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
-                    if save or stop or due:
-                        self.save_checkpoint()
-                    if stop:
-                        status = "interrupted"
-                        return self._summary(status)
-                    if self.step >= self.total_steps:
-                        break
-                if self.batch_in_epoch >= self.steps_per_epoch:
-                    self._end_epoch()
+            while self.epoch < self.cfg.epochs and self.step < self.total_steps:
+                if self._run_epoch(bar):
+                    return self._summary("interrupted")
             self._log_train(bar)
             if self.last_saved_step != self.step:
                 self.save_checkpoint()
             self._progress(force=True)
-            return self._summary(status)
+            return self._summary("done")
         finally:
             bar.close()
             self._restore_signals()
+
+    def _run_epoch(self, bar) -> bool:
+        """The (rest of the) current epoch; True when a stop was agreed (state saved)."""
+        self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
+        self._loader_gen.manual_seed(self.cfg.seed * 7919 + self.epoch)
+        self._train_mode(True)
+        for batch in self.loader:
+            batch = _to_device(batch, self.device, self.memory_format)
+            out = self.task.training_step(self, batch)
+            for s in self.schedulers.values():
+                s.step()
+            self._update_ema()
+            self.step += 1
+            self.batch_in_epoch += 1
+            self.train_seconds = time.monotonic() - self._t0
+            self._accumulate(out)
+            if self._after_step(bar):
+                return True
+            if self.step >= self.total_steps:
+                break
+        if self.batch_in_epoch >= self.steps_per_epoch:
+            self._end_epoch()
+        return False
+
+    def _after_step(self, bar) -> bool:
+        """Check, log and checkpoint as due; True to stop. Only check steps read the device."""
+        cfg = self.cfg
+        due = bool(cfg.checkpoint_every) and self.step % cfg.checkpoint_every == 0
+        save = stop = False
+        if due or self._check_due():
+            save, stop = self._agree()
+        if self.step % cfg.log_every == 0:
+            self._log_train(bar)
+        bar.update(1)
+        if save or stop or due:
+            self.save_checkpoint()
+        return stop
+
+    def _check_due(self) -> bool:
+        """Whether this step is a check step (every rank decides alike, except for a single
+        process, which also checks at once for a signal or a non-finite host value)."""
+        if (self.step % self.cfg.log_every == 0 or self.step >= self.total_steps
+                or self.batch_in_epoch >= self.steps_per_epoch):
+            return True
+        return self.world_size == 1 and bool(
+            self._request or self._host_bad is not None or self._time_due())
+
+    def _time_due(self) -> bool:
+        minutes = self.cfg.checkpoint_minutes
+        return bool(minutes) and time.monotonic() - self._last_save_time > 60 * minutes
 
     def _end_epoch(self) -> None:
         validate = getattr(self.task, "validate", None)
@@ -488,52 +581,75 @@ class Trainer:
 
     # ---------------------------------------------------------------- metrics
     def _reset_meter(self) -> None:
-        self._sums: dict[str, torch.Tensor] = {}
+        self._sums: dict[str, torch.Tensor | float] = {}  # device tensors, or host floats
         self._count = 0
         self._meter_t = time.monotonic()
 
+    def _start_meter(self) -> None:
+        """A fresh metric window, or the one a resumed checkpoint was saved in."""
+        self._reset_meter()
+        meter, self._resumed_meter = self._resumed_meter, None
+        if meter:
+            host = set(meter.get("host", ()))
+            self._sums = {k: v if k in host else torch.tensor(v, device=self.device)
+                          for k, v in meter["sums"].items()}
+            self._count = int(meter["count"])
+
     def _accumulate(self, out: dict) -> None:
+        """Add a step's metrics to the window without waiting for the device: tensors stay
+        there, and the first step whose window sum is non-finite is kept there too."""
         if not isinstance(out, dict):
             raise BrainhpcError(f"{type(self.task).__name__}.training_step must return a dict of "
                                 f"metrics, got {type(out).__name__}")
         for k, v in out.items():
-            v = v.detach().float().reshape(()) if isinstance(v, torch.Tensor) else \
-                torch.tensor(float(v))
-            v = v.to(self.device)
+            if isinstance(v, torch.Tensor):
+                v = v.detach().float().reshape(()).to(self.device)  # a no-op when there already
+            else:
+                v = float(v)
+                if not math.isfinite(v) and self._host_bad is None:
+                    self._host_bad = self.step
             self._sums[k] = self._sums[k] + v if k in self._sums else v
         self._count += 1
         self._last_out = out
+        sums = [v for v in self._sums.values() if isinstance(v, torch.Tensor)]
+        if sums:
+            bad = ~torch.isfinite(torch.stack(sums)).all()
+            self._first_bad = torch.where(bad & (self._first_bad < 0), self.step,
+                                          self._first_bad)
 
-    def _agree(self) -> tuple[bool, bool, bool]:
-        """One small all-reduce: (non-finite metric on any rank, save requested, stop requested)."""
-        sums = list(self._sums.values())
-        bad = (~torch.isfinite(torch.stack(sums))).any().float() if sums else \
-            torch.zeros((), device=self.device)
+    def _agree(self) -> tuple[bool, bool]:
+        """One small all-reduce at a check step: raises ``BrainhpcError`` when any rank saw a
+        non-finite metric since the last check; else (save requested, stop requested)."""
         req = self._request
-        if (self.is_main and self.cfg.checkpoint_minutes
-                and time.monotonic() - self._last_save_time > 60 * self.cfg.checkpoint_minutes):
+        if self.is_main and self._time_due():
             req = max(req, 1)
-        flags = torch.stack([bad, torch.tensor(float(req >= 1), device=self.device),
-                             torch.tensor(float(req >= 2), device=self.device)])
+        host_bad = -math.inf if self._host_bad is None else -float(self._host_bad)
+        flags = torch.tensor([float(req >= 1), float(req >= 2), host_bad], dtype=torch.float64)
+        flags = flags.to(self.device)
+        dev_bad = torch.where(self._first_bad >= 0, -self._first_bad.double(), -math.inf)
+        flags[2] = torch.maximum(flags[2], dev_bad)  # -(first bad step): max is the earliest
         if self.world_size > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        a, b, c = (bool(x) for x in flags.tolist())
-        return a, b, c
+        save, stop, bad = flags.tolist()
+        if bad > -math.inf:
+            raise BrainhpcError(self._nan_message(int(-bad)))
+        return bool(save), bool(stop)
 
-    def _nan_message(self) -> str:
+    def _nan_message(self, step: int) -> str:
         last = {k: (float(v) if isinstance(v, torch.Tensor) else v)
                 for k, v in self._last_out.items()}
         kept = (f"last good checkpoint (step {self.last_saved_step}) kept at {self.last_path}"
                 if self.last_saved_step is not None else "no checkpoint was saved yet")
-        return (f"non-finite loss at step {self.step} (epoch {self.epoch}) of "
-                f"{type(self.task).__name__}: {last}; training stopped, {kept}. Lower the "
-                "learning rate or check the data")
+        return (f"non-finite loss at step {step} (epoch {self.epoch}) of "
+                f"{type(self.task).__name__} (values at step {self.step}: {last}); training "
+                f"stopped, {kept}. Lower the learning rate or check the data")
 
     def _log_train(self, bar) -> None:
         if not self._count:
             return
         keys = list(self._sums)
-        vals = torch.stack([self._sums[k] for k in keys]) / self._count
+        vals = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=self.device)
+                            for v in self._sums.values()]) / self._count
         if self.world_size > 1:
             dist.all_reduce(vals)
             vals /= self.world_size
@@ -598,7 +714,8 @@ class Trainer:
         """Write ``last.pt`` atomically (rank 0). Collective: every rank must call it together."""
         rng = _rng_state()  # per rank, with the metric window so resumed logs match
         rng["meter"] = {"sums": {k: float(v) for k, v in self._sums.items()},
-                        "count": self._count}
+                        "count": self._count, "host": [k for k, v in self._sums.items()
+                                                       if not isinstance(v, torch.Tensor)]}
         if self.world_size > 1:
             all_rng: list = [None] * self.world_size
             dist.all_gather_object(all_rng, rng)
@@ -641,7 +758,8 @@ class Trainer:
             got = state.get("format") if isinstance(state, dict) else type(state).__name__
             raise BrainhpcError(
                 f"{path}: checkpoint format {got!r}, expected {CKPT_FORMAT}; {hint}")
-        old = state.get("fingerprint", {})
+        # a checkpoint from before the precision was recorded resumes under the current one
+        old = {"precision": self.fingerprint["precision"], **state.get("fingerprint", {})}
         diff = [k for k in sorted(set(old) | set(self.fingerprint))
                 if old.get(k) != self.fingerprint.get(k)]
         if diff:
@@ -659,6 +777,7 @@ class Trainer:
                 m.load_state_dict(state["models"][k])
             for k, o in self.optimizers.items():
                 o.load_state_dict(state["optimizers"][k])
+                restore_layout(o)
             for k, s in self.schedulers.items():
                 s.load_state_dict(state["schedulers"][k])
             for k, m in self.ema.items():
@@ -706,19 +825,20 @@ class Trainer:
             return DDP(m, device_ids=ids)
         return m
 
-    def close(self) -> None:
-        """Drop DDP wrappers, barrier, destroy the group (if we made it). Idempotent."""
+    def close(self, failed: BaseException | bool = False) -> None:
+        """Drop DDP wrappers, barrier, destroy the group (if we made it); after a failure abort
+        it without a barrier (``distributed.teardown``). Idempotent."""
         if self._closed:
             return
         self._closed = True
         self.models = dict(self._raw)
-        teardown(self.info)
+        teardown(self.info, failed)
 
     def __enter__(self) -> Trainer:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(failed=exc if exc is not None else False)
 
     def best_module(self, name: str) -> nn.Module:
         """Model ``name`` with the best validation epoch's weights (``best.pt``), in eval mode; the
@@ -740,8 +860,10 @@ def run_training(task: Task, dataset, cfg: TrainConfig, fingerprint: dict,
     trainer = Trainer(task, dataset, cfg, fingerprint=fingerprint, dist_info=info)
     try:
         result = trainer.fit()
-    finally:
-        trainer.close()
+    except BaseException as e:
+        trainer.close(failed=e)
+        raise
+    trainer.close()
     if result["status"] != "done":
         log.warning("%s: training %s at step %d; re-run to resume", cfg.out, result["status"],
                     result["step"])
