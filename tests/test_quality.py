@@ -134,3 +134,15 @@ def test_bad_inputs():
         d = Path(tempfile.mkdtemp())
         (d / "manifest.json").write_text(json.dumps({"x": 1}))
         qa.dataset_key(d)
+
+
+def test_feature_net_trains_on_the_cpu_whatever_scores(prepared, tmp_path, monkeypatch):
+    """Same key, same network: the first cell to train it may run on a GPU (issue 23)."""
+    seen = []
+    train = qa._train_feature_net
+    monkeypatch.setattr(qa, "_train_feature_net",
+                        lambda net, images, labels, cfg, device: seen.append(device) or
+                        train(net, images, labels, cfg, device))
+    net, _ = qa.feature_net(prepared, FEAT, cache_dir=tmp_path, device="meta")
+    assert seen == [torch.device("cpu")]
+    assert next(net.parameters()).device.type == "meta"  # scoring goes where it was asked

@@ -110,7 +110,11 @@ def _file_lock(path: Path):
 def feature_net(prepared: str | os.PathLike, cfg: FeatureConfig | None = None,
                 cache_dir: str | os.PathLike | None = None,
                 device: str | torch.device = "cpu") -> tuple[FeatureNet, str]:
-    """The dataset's feature network (trained once, then loaded from cache) and its key."""
+    """The dataset's feature network (trained once, then loaded from cache) and its key.
+
+    It always trains on the CPU, whatever ``device`` scores with: the cache key promises one
+    network per key, and the first cell to need it may run on a GPU or a CPU (GPU kernels are not
+    bit-identical to CPU ones)."""
     cfg = cfg or FeatureConfig()
     key = config_hash({"data": dataset_key(prepared), "features": asdict(cfg),
                        "version": FEATURE_VERSION})
@@ -129,7 +133,7 @@ def feature_net(prepared: str | os.PathLike, cfg: FeatureConfig | None = None,
             train = load_split(prepared, "train")
             log.info("training the quality feature network on %d train images of %s (%d steps)",
                      len(train), prepared, cfg.steps)
-            _train_feature_net(net, train.images, train.labels, cfg, torch.device(device))
+            _train_feature_net(net, train.images, train.labels, cfg, torch.device("cpu"))
             with atomic_path(path) as tmp:
                 torch.save({"model": net.state_dict(), "config": asdict(cfg), "key": key,
                             "data": str(prepared)}, tmp)
