@@ -39,5 +39,5 @@ def run(args) -> int:
     results = args.out / "results"
     if rc == 0:
         print(f"smoke run done: {results / 'table.md'}, {results / 'metrics.csv'}, plots in "
-              f"{results}; preview of the data: {args.out}/prepare/data/prepared/preview.png")
+              f"{results}; preview of the data: {args.out}/prepare/data/f0/prepared/preview.png")
     return rc

@@ -264,11 +264,11 @@ st=${PIPESTATUS[0]}
 set -e
 [ "$st" = 0 ] || fail "smoke failed (exit $st)"
 smoke_s=$(( $(date +%s) - t0 ))
-for f in results/table.md results/metrics.csv prepare/data/prepared/manifest.json \
-         prepare/data/prepared/preview.png; do
+for f in results/table.md results/metrics.csv prepare/data/f0/prepared/manifest.json \
+         prepare/data/f0/prepared/preview.png; do
   test -s "$out/smoke/$f" || fail "smoke wrote no $f"
 done
-ls "$out"/smoke/prepare/data/prepared/*/shard-*.h5 >/dev/null || fail "smoke wrote no shards"
+ls "$out"/smoke/prepare/data/f0/prepared/*/shard-*.h5 >/dev/null || fail "smoke wrote no shards"
 [ "$(stat -c %u "$out/smoke/results/table.md")" = 1000 ] || fail "outputs not owned by uid 1000"
 echo "--- results/table.md (head)"; head -12 "$out/smoke/results/table.md"
 # the README's claim: the smoke's CNN on real phantoms passes its learning check
