@@ -1,7 +1,8 @@
 """make gpu-check on this CPU machine: it must fail without a GPU (through make, the launcher and
 the module), start the image the jobs use, and its pieces that run on a CPU do: the DDP worker
-(gloo, one rank, forced DDP wrappers, GAN and gradient penalty included), SIGUSR2 and resume in
-the other precision through the sweep's cell runner, the throughput rules and the summary."""
+(gloo, one rank, forced DDP wrappers, GAN and gradient penalty included), SIGUSR2, the other
+precision refused and the resume through the sweep's cell runner, the throughput rules and the
+summary."""
 
 import json
 import os
@@ -110,14 +111,15 @@ def test_ddp_worker_on_cpu_with_gloo(tmp_path):
 
 
 @pytest.mark.slow
-def test_interrupt_then_resume_in_the_other_precision_on_cpu(tmp_path):
-    """SIGUSR2 mid-training of a classify cell run as a SLURM task (environment only), then
-    the requeued run in fp32 resumes from the bf16 checkpoint to the end."""
+def test_interrupt_refuse_the_other_precision_then_resume_on_cpu(tmp_path):
+    """SIGUSR2 mid-training of a classify cell run as a SLURM task (environment only); going
+    on in fp32 is refused (precision is in the identity), the requeued bf16 run resumes from
+    the checkpoint to the end."""
     row = gpu_check.resume_check(tmp_path / "resume", "cpu", 300,
                                  ["--epochs", "4", "--phantom", "120", "--size", "32"])
     assert row[1] == "OK", row[2]
-    assert row[2].startswith("bf16 interrupted by SIGUSR2 at step ") and "resumed in fp32" in \
-        row[2]
+    assert row[2].startswith("bf16 interrupted by SIGUSR2 at step ")
+    assert "fp32 refused, resumed in bf16" in row[2]
     logs = tmp_path / "resume" / "logs"  # what the sbatch teardown and the requeue read
     assert (logs / "requeue-4242").exists() and (logs / "4242_submitted.pkl").exists()
 

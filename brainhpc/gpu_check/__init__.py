@@ -12,7 +12,8 @@ each timed, every row printed as it ends, then one table; exit status 1 on any m
    the GANs and the WGAN-GP's gradient penalty, the U-Net) trained a few steps with its models in
    DDP (also on one GPU), the ranks' weights compared.
 3. interrupt and resume (``resume``): a classify cell gets SIGUSR2 mid-training, as from SLURM
-   before its time limit, is requeued by flag, and resumes in the other precision.
+   before its time limit, is requeued by flag; going on in the other precision is refused (it
+   is in the cell's identity) and it resumes in its own.
 4. throughput (``speed``): img/s per architecture at 128 px, fp32 beside bf16, on one GPU;
    fails only on a clear regression (see ``speed``).
 5. smoke: the smoke sweep (``jobs/smoke.toml``, profile ``local-gpu``) on the GPU, with the
@@ -99,10 +100,10 @@ def resume_check(out: Path, device: str, timeout_s: float, extra: list[str]) -> 
     rc, output = run_child(cmd, 2 * timeout_s + 120)
     line = next((x for x in reversed(output.splitlines()) if x.startswith('{"ok"')), None)
     if line is None:
-        return ("SIGUSR2, resume in the other precision", "FAIL",
+        return ("SIGUSR2, other precision refused, resume", "FAIL",
                 f"exit {rc}, no result:\n{output[-3000:]}", time.monotonic() - t0)
     res = json.loads(line)
-    return ("SIGUSR2, resume in the other precision", "OK" if res["ok"] else "FAIL",
+    return ("SIGUSR2, other precision refused, resume", "OK" if res["ok"] else "FAIL",
             res["detail"], time.monotonic() - t0)
 
 

@@ -1,16 +1,19 @@
-"""gpu-check's interrupt-and-resume check: SIGUSR2 mid-training, then the rest in the other
-precision, as a SLURM cell does at its time limit and again after its requeue.
+"""gpu-check's interrupt-and-resume check: SIGUSR2 mid-training, then the rest, as a SLURM cell
+does at its time limit and again after its requeue.
 
 One classify cell (BrainCNN on phantom slices, through the sweep's ``CellRunner``) runs in a
 child process that submitit and brainhpc take for task 0 of SLURM job 4242 (its environment
 only: no Slurm is needed, as inside a container). Once the trainer has logged steps the child
 sends itself SIGUSR2, as SLURM does before the time limit. Checked: the cell stopped at a step
 boundary as ``interrupted`` with a checkpoint, the requeue flag the sbatch teardown acts on and
-the requeued submission (without ``--force``). The same cell then runs again, as the requeued
-task would, in the other precision (``bf16`` <-> ``fp32``: precision is how to run, not the
-cell's identity), and must resume: status done, ``resumed`` in its metrics, the step count
-going on from the checkpoint (the log before it kept), the final weights fp32, finite, moved
-from the checkpoint's, with the checkpoint's names and shapes, and the precision asked for.
+the requeued submission (without ``--force``). The cell is then asked to go on in the other
+precision (``bf16`` <-> ``fp32``, as a requeue onto another GPU model would resolve ``auto``):
+the resolved precision is part of the cell's identity, so this must be refused, naming the
+precision, not crash at the first step nor mix precisions in one result. Then it runs again, as
+the requeued task would, in its own precision, and must resume: status done, ``resumed`` in its
+metrics, the step count going on from the checkpoint (the log before it kept), the final weights
+fp32, finite, moved from the checkpoint's, with the checkpoint's names and shapes. (Optimizer
+state resumed into another memory layout is tested on CPU, tests/test_gpu_ready.py.)
 
 ``python -m brainhpc.gpu_check.resume --out DIR [--device cuda|cpu]`` prints one JSON line
 (``ok``, ``detail``, facts) and exits 1 on a miss.
@@ -141,7 +144,7 @@ def check_phase1(res: dict) -> tuple[list[str], int, dict]:
 
 def check_phase2(cell, result: dict, step0: int, before: dict, precision: str,
                  device: str) -> tuple[list[str], dict]:
-    """Misses of the resumed run (other precision), and its facts."""
+    """Misses of the resumed run, and its facts."""
     metrics = json.loads((cell.folder / "metrics.json").read_text())
     step, after = _weights(cell.folder / "checkpoints" / "last.pt")
     steps = _log_steps(cell.folder)
@@ -169,10 +172,23 @@ def check_phase2(cell, result: dict, step0: int, before: dict, precision: str,
     return misses, facts
 
 
+def refused(out: Path, device: str, other: str, epochs: int, batch: int) -> list[str]:
+    """Misses of the attempt to go on in the other precision: it must be refused by name."""
+    from brainhpc.errors import BrainhpcError
+    from brainhpc.sweep.runner import CellRunner
+
+    try:
+        result = CellRunner(force=False, device=device)(make_cell(out, other, epochs, batch))
+    except BrainhpcError as e:
+        return [] if "precision" in str(e) else [f"refused, but not for the precision: {e}"]
+    return [f"going on in {other} was not refused (status {result.get('status')!r})"]
+
+
 def check(out: Path, device: str, precisions: tuple[str, str], epochs: int, batch: int,
           phantom: int, size: int, timeout_s: float) -> dict:
-    """Both phases, in ``precisions`` (first, then); {"ok", "detail", facts}."""
-    first, then = precisions
+    """Interrupt in ``first``, refuse ``other``, resume in ``first``; {"ok", "detail", facts}."""
+    first, other = precisions
+    then = first
     from brainhpc.prepare import PrepareConfig, prepare
     from brainhpc.sweep.plan import prepared_dir
     from brainhpc.sweep.runner import CellRunner
@@ -182,14 +198,16 @@ def check(out: Path, device: str, precisions: tuple[str, str], epochs: int, batc
                           progress=False))
     res = interrupt(out, device, first, epochs, batch, timeout_s)
     misses, step0, before = check_phase1(res)
-    facts: dict = {"first": first, "then": then}
+    facts: dict = {"first": first, "refused": other}
+    if not misses:
+        misses += refused(out, device, other, epochs, batch)
     if not misses:
         cell = make_cell(out, then, epochs, batch)
         result = CellRunner(force=False, device=device)(cell)
         more, got = check_phase2(cell, result, step0, before, then, device)
         misses, facts = misses + more, {**facts, **got}
     detail = (f"{first} interrupted by SIGUSR2 at step {facts.get('interrupted_at', '?')}, "
-              f"resumed in {then} to step {facts.get('final_step', '?')}")
+              f"{other} refused, resumed in {then} to step {facts.get('final_step', '?')}")
     if misses:
         detail = "; ".join(misses) + (f"\n{res['tail']}" if res["rc"] == 0 or not step0
                                       else "")
@@ -204,7 +222,8 @@ def main(argv=None) -> int:
     p.add_argument("--first", default="bf16", choices=tuple(OTHER),
                    help="precision until SIGUSR2")
     p.add_argument("--then", choices=tuple(OTHER),
-                   help="precision after the resume (default: the other one)")
+                   help="precision that must be refused after the interrupt (default: the "
+                        "other one)")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--phantom", type=int, default=600, help="phantom slices to prepare")
