@@ -225,13 +225,21 @@ def test_block_folds_are_checked(tmp_path):
 
 # ------------------------------------------------------------------ one run through the sweep
 
+EXTERNAL = """
+[[evaluate]]
+name = "external"
+phantom = 40
+seed = 99
+"""
+
+
 @pytest.fixture(scope="module")
 def cv_run(tmp_path_factory):
     from brainhpc.sweep.cli import main
 
     tmp = tmp_path_factory.mktemp("cv")
     sweep = tmp / "cv.toml"
-    sweep.write_text(SWEEP.format(extra=""))
+    sweep.write_text(SWEEP.format(extra=EXTERNAL))
     assert main([str(sweep), "--executor", "local", "--run-dir", str(tmp / "run")]) == 0
     return tmp / "run"
 
@@ -275,7 +283,11 @@ def test_aggregate_pools_folds_into_intervals_and_verdicts(cv_run):
     assert {("cnn", "image statistics"), ("giaem", "intensity threshold"),
             ("unet", "empty"), ("unet", "intensity")} <= versus
     assert all(r["verdict"] in ("better", "worse", "not resolved") for r in comps)
+    external = next(r for r in ivals if r["dataset"] == "data on external"
+                    and r["arm"] == "cnn" and r["metric"] == "roc_auc")
+    assert external["runs"] == "3" and int(external["groups"]) == 40  # every fold's model
     table = (cv_run / "results" / "table.md").read_text()
+    assert "### data on external: classification with intervals" in table
     assert "### data: classification with intervals" in table
     assert "### data: segmentation with intervals" in table
     line = next(x for x in table.splitlines() if x.startswith("| CNN | real |"))

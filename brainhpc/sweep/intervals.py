@@ -240,14 +240,19 @@ def _arms(intervals: list[dict], ds: str, stage: str) -> list[dict]:
     return sorted(seen.values(), key=_order)
 
 
-def _classify_table(ds: str, intervals: list[dict], comparisons: list[dict]) -> list[str]:
-    arms = _arms(intervals, ds, "classify")
-    if not arms:
-        return []
+def _lookups(intervals: list[dict], comparisons: list[dict], ds: str, stage: str):
+    """(arms of a dataset's stage, estimates and comparisons by key, baseline arm names)."""
+    arms = _arms(intervals, ds, stage)
     est = _index(intervals, "dataset", "model", "arm", "train_data", "metric")
     cmp = _index(comparisons, "dataset", "model", "arm", "train_data", "metric", "versus",
                  "kind")
-    bases = [a["arm"] for a in arms if a["model"] == "baseline"]
+    return arms, est, cmp, [a["arm"] for a in arms if a["model"] == "baseline"]
+
+
+def _classify_table(ds: str, intervals: list[dict], comparisons: list[dict]) -> list[str]:
+    arms, est, cmp, bases = _lookups(intervals, comparisons, ds, "classify")
+    if not arms:
+        return []
     head = ["Model", "Train data", "Bal. acc [95% CI]", "ROC-AUC [95% CI]", "Recall healthy",
             "Recall tumour", "Groups", "Runs (sd)", "vs real (bal. acc)",
             *(f"vs {b} (bal. acc; ROC-AUC)" for b in bases)]
@@ -281,13 +286,9 @@ NOTE_CLASSIFY = (
 
 
 def _segment_table(ds: str, intervals: list[dict], comparisons: list[dict]) -> list[str]:
-    arms = _arms(intervals, ds, "segment")
+    arms, est, cmp, bases = _lookups(intervals, comparisons, ds, "segment")
     if not arms:
         return []
-    est = _index(intervals, "dataset", "model", "arm", "train_data", "metric")
-    cmp = _index(comparisons, "dataset", "model", "arm", "train_data", "metric", "versus",
-                 "kind")
-    bases = [a["arm"] for a in arms if a["model"] == "baseline"]
     head = ["Model", "Train data", "Dice per patient [95% CI]", "Dice per slice [95% CI]",
             "Patients", "Runs (sd)", "Share of real [95% CI]", "vs real",
             *(f"vs {b}" for b in bases)]
