@@ -1,4 +1,5 @@
-"""Quality: FID/KID behave (zero on identical sets, grow with noise), memorisation finds copies."""
+"""Quality: FID/KID behave (zero on identical sets, grow with noise), memorisation finds copies,
+the feature net is cached (the realism report itself: tests/test_realism.py)."""
 
 import importlib.util
 from pathlib import Path
@@ -115,12 +116,15 @@ def test_cache_location_follows_env_then_dataset(prepared, tmp_path, monkeypatch
 def test_evaluate_reports_n_and_handles_missing_heldout(prepared, tmp_path):
     synth = load_split(prepared, "test", label=1).images[:15]
     res = qa.report(prepared, "tumour", synth, tmp_path, feature_cfg=FEAT,
-                      cache_dir=tmp_path / "c")
-    assert res["n_synthetic"] == 15 and res["n_real"] == 40 and res["fid"] > 0
-    assert res["fid_train_vs_heldout"] >= 0 and res["memorisation"]["near_copies"] == 0
+                    cache_dir=tmp_path / "c", c2st_cfg=qa.C2STConfig(steps=30, resamples=100))
+    # held-out = val + test (40 + 40 tumour slices), halves of 40; synthetic cut to 15
+    assert res["n_synthetic"] == 15 and res["n_real"] == 80 and res["heldout_split"] == "val+test"
+    assert res["n_reference"] == 40 and res["n_matched"] == 15
+    assert res["fid"] > 0 and res["fid_floor"] > 0 and res["fid_train_vs_heldout"] >= 0
+    assert res["memorisation"]["near_copies"] == 0
     bare = make_prepared(tmp_path / "bare", n_train=10, n_held=1)
     res = qa.report(bare, "healthy", synth, tmp_path, feature_cfg=FEAT, cache_dir=tmp_path)
-    assert res["fid"] is None and "no held-out healthy images" in res["note"]
+    assert res["fid"] is None and "too few held-out healthy images" in res["note"]
 
 
 def test_bad_inputs():

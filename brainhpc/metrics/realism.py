@@ -1,6 +1,14 @@
-"""Realism and memorisation of synthetic images: FID/KID in the project's feature space.
+"""Realism and memorisation of synthetic images, each metric beside its real-vs-real floor.
 
-Feature space (no pretrained downloads are possible, so the project defines its own):
+``report`` (layout and reading: docs/realism.md) scores synthetic images of one label against
+**held-out** real ones (val + test), split by whole groups into halves A and B: a generator is
+synthetic vs B, the floor is A vs B, at one size. It gathers a classifier two-sample test
+(``c2st``; control: train-split real vs held-out), precision/recall/density/coverage (``prdc``)
+in the trained feature space below and in a fixed random one (``features``), KID with a group
+bootstrap interval, FID, a radial power-spectrum distance (``spectrum``) and the memorisation
+check. Old keys (``fid``, ``kid``, ``kid_std``, ``fid_train_vs_heldout``) stay for old tables.
+
+Trained feature space (no pretrained downloads are possible, so the project defines its own):
 ``FeatureNet`` is a small CNN encoder (four stride-2 3x3 conv blocks with batch norm and ReLU,
 widths w, 2w, 4w, 4w, adaptive 4x4 average pooling, a linear layer to a ``dim``-d feature,
 128 by default) trained on the **real train split** (both labels) of one prepared dataset with
@@ -11,13 +19,15 @@ in them, so that blur, noise and missing structure move the features. Training i
 (``FeatureConfig.seed``) and the network is fixed per prepared dataset: it is cached under the
 key ``config_hash(dataset config hash, FeatureConfig, FEATURE_VERSION)`` in ``$BRAINHPC_CACHE/
 quality`` if set, else ``PREPARED/.cache/quality`` if the dataset folder is writable, else
-``~/.cache/brainhpc/quality``. FIDs are comparable only between runs that share that key (it is
-reported with every result). Features are taken in eval mode, images scaled to [0, 1].
+``~/.cache/brainhpc/quality``. Distances are comparable only between runs that share that key
+(it is reported with every result). Features are taken in eval mode, images scaled to [0, 1].
+Since the net was fitted to the train split, train images are never scored in it as "real".
 
 * ``fid``: Frechet distance between Gaussians fitted to the two feature sets (eigen-decomposition
   matrix square root; no scipy needed).
 * ``kid``: unbiased squared MMD with the cubic polynomial kernel ``(x.y/d + 1)^3``, mean and
-  standard deviation over random subsets (Binkowski et al. 2018); less biased at small n.
+  standard deviation over random subsets (Binkowski et al. 2018); ``kid_interval``: the same on
+  the whole sets with a group-bootstrap interval.
 * ``memorisation``: for every synthetic image its nearest real *training* image by normalised
   (Pearson) correlation over pixels; a pair with correlation >= ``NEAR_COPY`` (0.95) counts as a
   near-copy. Correlation ignores brightness and contrast, so re-scaled copies are caught. The
@@ -40,16 +50,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from brainhpc.data.prepared import dataset_key
-from brainhpc.data.shards import LABELS, load_split
+from brainhpc.data.shards import LABELS, ShardData, load_split
 from brainhpc.errors import BrainhpcError
 from brainhpc.fsio import atomic_path, config_hash
 from brainhpc.images import save_grid
+from brainhpc.metrics import bootstrap
+from brainhpc.metrics.c2st import C2STConfig, c2st
+from brainhpc.metrics.features import random_features
+from brainhpc.metrics.prdc import prdc
+from brainhpc.metrics.spectrum import spectral_distance
 
 log = logging.getLogger(__name__)
 
-FEATURE_VERSION = 1
+FEATURE_VERSION = 2  # 2: initial weights seeded (1 drew them from the global RNG)
 NEAR_COPY = 0.95  # normalised correlation at or above which a synthetic image is a near-copy
 RECON_SIZE = 32
+KID_RESAMPLES = 200  # bootstrap resamples of the KID interval
+SPLIT_SEED = 0  # held-out halves, matched subsamples, C2ST partitions
+MIN_HALF = 2  # groups per held-out half (and synthetic images) below which nothing is scored
 
 
 @dataclass
@@ -120,7 +138,9 @@ def feature_net(prepared: str | os.PathLike, cfg: FeatureConfig | None = None,
                        "version": FEATURE_VERSION})
     folder = Path(cache_dir) if cache_dir else cache_dir_for(prepared)
     path = folder / f"featnet-{key}.pt"
-    net = FeatureNet(cfg)
+    with torch.random.fork_rng(devices=[]):  # the initial weights too come from the seed
+        torch.manual_seed(cfg.seed)
+        net = FeatureNet(cfg)
     with _file_lock(folder / f"featnet-{key}.lock"):  # array tasks: one trains, the rest wait
         if path.exists():
             try:
@@ -280,37 +300,185 @@ def memorisation(synthetic: np.ndarray, train: np.ndarray, threshold: float = NE
     return res
 
 
-def report(prepared: str | os.PathLike, label: str, synthetic: np.ndarray,
-             out_dir: str | os.PathLike, feature_cfg: FeatureConfig | None = None,
-             threshold: float = NEAR_COPY, cache_dir: str | os.PathLike | None = None,
-             device: str | torch.device = "cpu") -> dict:
-    """FID/KID against held-out real images of ``label`` plus the memorisation check."""
-    lab = LABELS[label]
-    train = load_split(prepared, "train", label=lab).images
-    heldout, split = None, None
+def kid_interval(x: np.ndarray, y: np.ndarray, y_groups, resamples: int = KID_RESAMPLES,
+                 seed: int = 0) -> dict:
+    """Unbiased MMD^2 (the cubic kernel of ``kid``) of ``x`` (independent rows: synthetic
+    images) against ``y`` (rows in ``y_groups``: a patient's slices are one draw), with a 95%
+    interval from resampling ``y``'s groups and ``x``'s rows. A resampled row never pairs with
+    itself, so the first row of weights (all ones) gives exactly the unbiased estimate."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if len(x) < 2 or len(y) < 2:
+        raise BrainhpcError(f"KID needs at least 2 images per set, got {len(x)} and {len(y)}")
+    d = x.shape[1]
+    kxx, kyy, kxy = ((a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
+    order = {g: i for i, g in enumerate(dict.fromkeys(list(y_groups)))}
+    wy = bootstrap.weights(len(order), resamples, seed)[:, [order[g] for g in y_groups]]
+    wx = bootstrap.weights(len(x), resamples, seed + 1)
+
+    def within(w: np.ndarray, k: np.ndarray) -> np.ndarray:
+        num = ((w @ k) * w).sum(1) - (w ** 2 * np.diag(k)).sum(1)
+        den = w.sum(1) ** 2 - (w ** 2).sum(1)
+        return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
+
+    v = within(wx, kxx) + within(wy, kyy) - 2 * ((wx @ kxy) * wy).sum(1) / (
+        wx.sum(1) * wy.sum(1))
+    rest = v[1:][np.isfinite(v[1:])]
+    lo, hi = np.percentile(rest, [2.5, 97.5]) if len(rest) >= 10 else (None, None)
+    return {"value": float(v[0]), "lo": None if lo is None else float(lo),
+            "hi": None if hi is None else float(hi),
+            "std": float(rest.std()) if len(rest) else None}
+
+
+@dataclass
+class Heldout:
+    """Held-out real images of one label (val + test) with their groups."""
+
+    images: np.ndarray
+    groups: np.ndarray  # object array of group names, one per image
+    splits: list[str]
+
+
+def heldout_real(prepared: str | os.PathLike, lab: int) -> Heldout | None:
+    """The val and test images of label ``lab`` (whichever splits exist), or None if none."""
+    parts, splits = [], []
     for split in ("val", "test"):
         try:
-            heldout = load_split(prepared, split, label=lab).images
+            data = load_split(prepared, split, label=lab)
         except BrainhpcError:
             continue
-        if len(heldout) >= 2:
-            break
-    res: dict = {"label": label}
-    if heldout is None or len(heldout) < 2:
-        res["fid"] = res["kid"] = None
-        res["note"] = f"no held-out {label} images in {prepared} (val/test): FID/KID skipped"
+        if len(data):
+            parts.append(data)
+            splits.append(split)
+    if not parts:
+        return None
+    return Heldout(np.concatenate([p.images for p in parts]),
+                   np.array([g for p in parts for g in p.group_ids()], dtype=object), splits)
+
+
+def halves(groups: np.ndarray, seed: int = SPLIT_SEED) -> np.ndarray:
+    """Mask of half A: whole groups, dealt in a seeded random order to whichever half holds
+    fewer images so far (so the halves match in size even when groups differ in size)."""
+    names, counts = np.unique(np.asarray(groups, dtype=str), return_counts=True)
+    in_a, na, nb = set(), 0, 0
+    for i in np.random.default_rng(seed).permutation(len(names)):
+        if na <= nb:
+            in_a.add(names[i])
+            na += counts[i]
+        else:
+            nb += counts[i]
+    return np.array([g in in_a for g in np.asarray(groups, dtype=str)], bool)
+
+
+def _too_few(held: Heldout | None, synthetic: np.ndarray, label: str) -> str | None:
+    if held is None:
+        return f"no held-out {label} images (val/test): realism metrics skipped"
+    n_groups = len(set(held.groups.tolist()))
+    if n_groups < 2 * MIN_HALF or len(synthetic) < MIN_HALF:
+        return (f"too few held-out {label} images for two halves ({len(held.images)} images in "
+                f"{n_groups} groups; {2 * MIN_HALF} groups and {MIN_HALF} synthetic images "
+                f"needed): realism metrics skipped")
+    return None
+
+
+def _sig(value, digits: int = 5):
+    """Round every float in a nested result to ``digits`` significant digits (JSON-friendly)."""
+    if isinstance(value, dict):
+        return {k: _sig(v, digits) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_sig(v, digits) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(f"{float(value):.{digits}g}") if np.isfinite(value) else None
+    return value
+
+
+def _matched(held: Heldout, synthetic: np.ndarray, seed: int) -> dict:
+    """Half A, half B (the reference) and synthetic images, A and synthetic cut to one size."""
+    a = halves(held.groups, seed)
+    rng = np.random.default_rng(seed)
+    n = int(min(a.sum(), len(synthetic)))
+    ia = np.flatnonzero(a)[np.sort(rng.choice(a.sum(), n, replace=False))]
+    isyn = np.sort(rng.choice(len(synthetic), n, replace=False))
+    return {"A": held.images[ia], "B": held.images[~a], "S": synthetic[isyn],
+            "groups_B": held.groups[~a], "n": n}
+
+
+def _distances(sets: dict, net: FeatureNet, train: np.ndarray, held: Heldout,
+               device, seed: int) -> dict:
+    """PRDC in two feature spaces, KID with its interval, FID, spectra: synthetic vs half B and
+    the floor, half A vs half B, at one size."""
+    trained = {k: features(net, sets[k]) for k in ("A", "B", "S")}
+    rand = {k: random_features(sets[k], device) for k in ("A", "B", "S")}
+    k_syn = kid_interval(trained["S"], trained["B"], sets["groups_B"], seed=seed)
+    ft, fh = features(net, train), features(net, held.images)
+    return {
+        "prdc": {"trained": prdc(trained["B"], trained["S"]),
+                 "random": prdc(rand["B"], rand["S"]),
+                 "floor_trained": prdc(trained["B"], trained["A"]),
+                 "floor_random": prdc(rand["B"], rand["A"])},
+        "kid": k_syn["value"], "kid_lo": k_syn["lo"], "kid_hi": k_syn["hi"],
+        "kid_std": k_syn["std"],
+        "kid_floor": kid_interval(trained["A"], trained["B"], sets["groups_B"],
+                                  resamples=0)["value"],
+        "fid": fid(trained["S"], trained["B"]), "fid_floor": fid(trained["A"], trained["B"]),
+        # kept for old tables: biased low, the feature net was trained on these train images
+        "fid_train_vs_heldout": fid(ft, fh),
+        "spectral": spectral_distance(sets["S"], sets["B"]),
+        "spectral_floor": spectral_distance(sets["A"], sets["B"]),
+    }
+
+
+def _c2st_pair(held: Heldout, train: ShardData, synthetic: np.ndarray,
+               cfg: C2STConfig) -> dict:
+    """C2ST of synthetic vs all held-out real, and the control: train-split real of the label
+    (groups disjoint from held-out) vs the same held-out images, at one size (the control's
+    is smaller only when the train split holds fewer images of the label)."""
+    rng = np.random.default_rng(cfg.seed)
+    n = int(min(len(held.images), len(synthetic)))
+    isyn = np.sort(rng.choice(len(synthetic), n, replace=False))
+    itr = np.sort(rng.choice(len(train), min(n, len(train)), replace=False))
+    tgroups = np.array(train.group_ids(), dtype=object)
+    res: dict = {}
+    for name, other, groups in (("", synthetic[isyn], None),
+                                ("control_", train.images[itr], tgroups[itr])):
+        try:
+            out = c2st(held.images, held.groups, other, groups, cfg)
+        except BrainhpcError as e:
+            res[f"{name}note"] = str(e)
+            continue
+        res.update({f"{name}{k}": v for k, v in out.items()
+                    if not (name and k in ("n_fit", "n_score"))})
+    return res
+
+
+def report(prepared: str | os.PathLike, label: str, synthetic: np.ndarray,
+           out_dir: str | os.PathLike, feature_cfg: FeatureConfig | None = None,
+           threshold: float = NEAR_COPY, cache_dir: str | os.PathLike | None = None,
+           device: str | torch.device = "cpu", c2st_cfg: C2STConfig | None = None,
+           seed: int = SPLIT_SEED) -> dict:
+    """Realism of ``synthetic`` (uint8 N x 1 x H x W) against held-out real images of ``label``,
+    each metric next to its real-vs-real floor, plus the memorisation check (docs/realism.md)."""
+    lab = LABELS[label]
+    train = load_split(prepared, "train", label=lab)
+    held = heldout_real(prepared, lab)
+    res: dict = {"label": label, "n_synthetic": int(len(synthetic)),
+                 "n_real": 0 if held is None else int(len(held.images)),
+                 "heldout_split": None if held is None else "+".join(held.splits),
+                 "heldout_groups": 0 if held is None else len(set(held.groups.tolist()))}
+    note = _too_few(held, synthetic, label)
+    if note:
+        res.update({k: None for k in ("fid", "fid_floor", "kid", "kid_floor", "spectral",
+                                      "spectral_floor", "c2st", "prdc")}, note=note)
     else:
+        if np.shape(synthetic)[1:] != held.images.shape[1:]:
+            raise BrainhpcError(f"realism: synthetic images {np.shape(synthetic)[1:]} differ "
+                                f"from real ones {held.images.shape[1:]}")
         net, key = feature_net(prepared, feature_cfg, cache_dir, device)
-        fs, fh, ft = features(net, synthetic), features(net, heldout), features(net, train)
-        k_mean, k_std = kid(fs, fh)
-        res.update({
-            "feature_key": key, "heldout_split": split,
-            "n_synthetic": int(len(fs)), "n_real": int(len(fh)),
-            "fid": round(fid(fs, fh), 4), "kid": round(k_mean, 6), "kid_std": round(k_std, 6),
-            # the floor: what real train images score against the same held-out set
-            "fid_train_vs_heldout": round(fid(ft, fh), 4),
-            "kid_train_vs_heldout": round(kid(ft, fh)[0], 6),
-        })
-    res["memorisation"] = memorisation(synthetic, train, threshold,
-                                       png=Path(out_dir) / "memorisation.png", heldout=heldout)
+        sets = _matched(held, synthetic, seed)
+        res.update(feature_key=key, n_reference=int(len(sets["B"])), n_matched=sets["n"],
+                   **_sig(_distances(sets, net, train.images, held, device, seed)),
+                   c2st=_sig(_c2st_pair(held, train, synthetic, c2st_cfg or C2STConfig(
+                       seed=seed)), 4))
+    res["memorisation"] = memorisation(
+        synthetic, train.images, threshold, png=Path(out_dir) / "memorisation.png",
+        heldout=None if held is None else held.images)
     return res
