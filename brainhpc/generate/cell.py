@@ -139,12 +139,12 @@ def _sample(cfg: GenerateConfig, task, trainer) -> tuple[np.ndarray, np.ndarray 
 def _write_samples(ctx: Context, synth: np.ndarray, masks, trainer, result: dict,
                    size: int) -> dict:
     """The synthetic shards (staged, then renamed) and what they record of their origin."""
-    cfg, ckpt = ctx.cfg, trainer.last_path
+    cfg, ckpt, task = ctx.cfg, trainer.last_path, trainer.task
+    ema = getattr(task, "sample_ema", task.sample_model in trainer.ema)  # ldm keeps its own
     attrs = {"generator": cfg.arch, "label": cfg.label, "checkpoint": str(ckpt.resolve()),
              "checkpoint_sha256": sha256_file(ckpt), "seed": cfg.seed, "step": result["step"],
              "size": size, "data": str(cfg.data.resolve()), "data_key": dataset_key(cfg.data),
-             "config_hash": config_hash(ctx.ident), "ema": trainer.task.sample_model
-             in trainer.ema}
+             "config_hash": config_hash(ctx.ident), "ema": ema}
     if cfg.with_masks:
         attrs.update(with_masks=True, mask_min_pixels=MASK_MIN_PIXELS)
     tmp = cfg.out / ".shards.tmp"
@@ -202,6 +202,7 @@ def _generate(ctx: Context) -> dict:
         return {"status": "worker", "rank": ctx.info.rank}
     card = _card(cfg, size, train, arch_cfg, result, ctx.info)
     synth, masks, card["sample_seconds"] = _sample(cfg, task, trainer)
+    card["sample_seconds_per_1000"] = round(1000 * card["sample_seconds"] / len(synth), 3)
     attrs = _write_samples(ctx, synth, masks, trainer, result, size)
     _grids(cfg, synth, masks, train, result["step"])
     if cfg.with_masks:

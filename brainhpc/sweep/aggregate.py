@@ -40,6 +40,8 @@ from brainhpc.data.training import parse_train_spec
 from brainhpc.errors import BrainhpcError
 from brainhpc.fsio import atomic_path, read_json, write_json, write_text
 from brainhpc.sweep import intervals
+from brainhpc.sweep.generators import GENERATOR_COLS, generator_table
+from brainhpc.sweep.generators import generator_rows as _generator_rows
 
 # Reference study (Br35H; issue 4): (model, technique, train kind) -> Acc, Prec, Rec, F1 in %.
 REFERENCE = {
@@ -80,12 +82,6 @@ SEGMENT_COLS = ("dataset", "cell", "status", "train_data", "kind", "generator", 
                 "epochs", "steps", "wall_seconds", "device", "precision_mode", "code_version",
                 "code_hash", "error", "log")
 FIXED_COLS = frozenset(CLASSIFY_COLS + SEGMENT_COLS)
-GENERATOR_COLS = ("dataset", "cell", "status", "arch", "label", "with_masks", "epochs", "steps",
-                  "n_train", "n_samples", "fid", "kid", "kid_std", "fid_train_vs_heldout",
-                  "near_copy_share", "nn_corr_median", "precision_mode", "train_seconds",
-                  "wall_seconds", "code_version", "code_hash", "error", "log")
-
-
 def _outcome(folder: Path) -> dict:
     m = read_json(folder / "cell.json")
     return {"status": m.get("status", "missing"), "error": m.get("error", ""),
@@ -299,27 +295,7 @@ def segment_rows(run_dir: Path, plan: dict) -> list[dict]:
 
 
 def generator_rows(run_dir: Path, plan: dict) -> list[dict]:
-    rows = []
-    for c in plan.get("generate", []):
-        folder = run_dir / "generate" / c["id"]
-        row = {"dataset": _dataset(c), "cell": c["id"], **_outcome(folder),
-               "arch": c["params"]["arch"], "label": c["params"]["label"],
-               "with_masks": bool(c["params"].get("with_masks", False))}
-        card = read_json(folder / "card.json")
-        if row["status"] == "done" and card.get("status") == "done":
-            q = card.get("quality") or {}
-            mem = q.get("memorisation") or {}
-            row.update({k: card.get(k) for k in ("epochs", "n_train", "n_samples",
-                                                 "train_seconds", "wall_seconds")})
-            row.update(steps=card.get("steps"), code_version=card.get("brainhpc"),
-                       code_hash=_code_hash(card),
-                       precision_mode=_train_precision(card),
-                       near_copy_share=mem.get("near_copy_share"),
-                       nn_corr_median=mem.get("nn_corr_median"),
-                       **{k: q.get(k) for k in ("fid", "kid", "kid_std",
-                                                "fid_train_vs_heldout")})
-        rows.append(row)
-    return rows
+    return _generator_rows(run_dir, plan, _outcome, _dataset, _code_hash, _train_precision)
 
 
 def write_csv(path: Path, rows: list[dict], cols: tuple[str, ...]) -> None:
@@ -478,31 +454,6 @@ def segmentation_table(rows: list[dict]) -> str:
     out += ["", f"Sensitivity/specificity: slice-level detection (any predicted tumour). "
             f"\"% of real\": synthetic-trained Dice per patient as a share of the real-trained "
             f"one; the reference (Akbar et al. 2024) reports {SEGMENT_REFERENCE}.", ""]
-    return "\n".join(out)
-
-
-def generator_table(rows: list[dict]) -> str:
-    if not rows:
-        return ""
-    out = ["### Generators", "", "| Dataset | Generator | Label | Masks | Epochs | FID | "
-           "FID real train vs held-out | KID | Near-copies | Train (s) | Status |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
-    floor = "fid_train_vs_heldout"
-    for r in rows:
-        share = r.get("near_copy_share")
-        out.append(f"| {r['dataset']} | {r['arch']} | {r['label']} | "
-                   f"{'yes' if r.get('with_masks') else 'no'} | {r.get('epochs') or '-'} | "
-                   f"{_fmt([r['fid']], pct=False) if r.get('fid') is not None else '-'} | "
-                   f"{_fmt([r[floor]], pct=False) if r.get(floor) is not None else '-'} | "
-                   f"{_fmt([r['kid']], pct=False) if r.get('kid') is not None else '-'} | "
-                   f"{'-' if share is None else f'{100 * share:.1f}%'} | "
-                   f"{'-' if r.get('train_seconds') is None else round(r['train_seconds'])} | "
-                   f"{r['status']} |")
-    out += ["", "FID/KID in brainhpc's own feature space (lower is better; comparable within "
-            "one prepared dataset). The trivial floor: real training images of the label "
-            "scored against the same held-out images; a generator far below it says more "
-            "about the feature space than about realism. Near-copies: share of samples whose "
-            "nearest training image correlates >= 0.95.", ""]
     return "\n".join(out)
 
 
