@@ -16,6 +16,19 @@ Small-data aids (the issue's ~1,500 images per label):
 * ``ema``: an exponential moving average of generator weights, used for sampling;
 * ``hflip``: left-right mirroring of real images.
 
+Stability aids (issue 22: slim DCGANs drew texture, not anatomy, within a CPU study's steps):
+* ``spectral_norm`` (Miyato et al. 2018): every discriminator conv and its linear layer are
+  divided by their largest singular value (one power iteration per forward,
+  ``torch.nn.utils.parametrizations.spectral_norm``), so the discriminator is 1-Lipschitz per
+  layer and cannot out-run the generator with exploding logits. On by default here; WGAN-GP
+  keeps its gradient penalty instead (see there). Its state-dict keys are the parametrized
+  ones (``...parametrizations.weight.original``, ``..._u``, ``..._v``): a checkpoint resumes
+  under the same setting only, which the run's fingerprint (the model config) enforces;
+* ``lr_schedule``: "constant", or "cosine" / "linear" decay from ``lr`` at the first step to
+  ``LR_FLOOR`` x ``lr`` at the run's last (``Trainer.total_steps``), for both optimisers. It
+  is a pure function of the step, set at the start of each step, so a resumed run continues
+  the same curve with no scheduler state (a run resumed with more epochs stretches the curve).
+
 Real and fake go through the discriminator in one concatenated forward (one DDP all-reduce per
 step). The generator runs once per step: its output (detached) feeds the discriminator update,
 and the same output (with its graph) the generator update, against the bare, just-updated
@@ -41,6 +54,8 @@ from brainhpc.models import (
 )
 
 AUGMENTS = ("translation", "cutout")
+LR_SCHEDULES = ("constant", "cosine", "linear")
+LR_FLOOR = 0.1  # the fraction of lr that the decaying schedules end at
 
 
 @dataclass
@@ -58,6 +73,8 @@ class Config:
     diffaugment: str = "translation,cutout"  # comma list from AUGMENTS; "" turns it off
     ema: float = 0.999  # generator EMA decay; 0 turns it off
     hflip: bool = True
+    spectral_norm: bool = True  # on the discriminator's convs and linear layer
+    lr_schedule: str = "constant"  # LR_SCHEDULES: constant | cosine | linear (to LR_FLOOR x lr)
 
     def __post_init__(self):
         check_generator_size(self.size, type(self).__module__.rsplit(".", 1)[-1])
@@ -70,6 +87,12 @@ class Config:
                                 f"valid: {', '.join(AUGMENTS)} (comma-separated, or empty)")
         if not 0 <= self.ema < 1:
             raise BrainhpcError(f"option ema must be in [0, 1), got {self.ema}")
+        if not isinstance(self.spectral_norm, bool):
+            raise BrainhpcError(f"option spectral_norm must be true or false, got "
+                                f"{self.spectral_norm!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise BrainhpcError(f"option lr_schedule {self.lr_schedule!r} is not one of "
+                                f"{', '.join(LR_SCHEDULES)}")
 
     @property
     def augments(self) -> list[str]:
@@ -96,20 +119,35 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """Four stride-2 convs with LeakyReLU, linear to one logit/score (no normalisation)."""
+    """Four stride-2 convs with LeakyReLU, linear to one logit/score (no batch normalisation;
+    with ``spectral_norm`` every conv and the linear layer are spectrally normalised)."""
 
-    def __init__(self, size: int, d_channels: int, image_channels: int = 1):
+    def __init__(self, size: int, d_channels: int, image_channels: int = 1,
+                 spectral_norm: bool = False):
         super().__init__()
+        sn = nn.utils.parametrizations.spectral_norm if spectral_norm else (lambda m: m)
         layers, c_in = [], image_channels
         for i in range(4):
             c = d_channels * 2**i
-            layers += [nn.Conv2d(c_in, c, 4, 2, 1), nn.LeakyReLU(0.2, inplace=True)]
+            layers += [sn(nn.Conv2d(c_in, c, 4, 2, 1)), nn.LeakyReLU(0.2, inplace=True)]
             c_in = c
         self.net = nn.Sequential(*layers, nn.Flatten())
-        self.fc = nn.Linear(c_in * (size // 16) ** 2, 1)
+        self.fc = sn(nn.Linear(c_in * (size // 16) ** 2, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.net(x)).squeeze(1)
+
+
+def lr_factor(schedule: str, step: int, total: int) -> float:
+    """The fraction of the base lr for 0-based ``step`` of a ``total``-step run: 1 at the first
+    step, ``LR_FLOOR`` at the last (cosine or linear in between); 1 throughout for "constant".
+    A function of the step only, so resumes need no scheduler state."""
+    if schedule == "constant" or total <= 1:
+        return 1.0
+    p = min(max(step / (total - 1), 0.0), 1.0)
+    if schedule == "cosine":
+        return LR_FLOOR + (1.0 - LR_FLOOR) * 0.5 * (1.0 + math.cos(math.pi * p))
+    return 1.0 - (1.0 - LR_FLOOR) * p
 
 
 def diff_augment(x: torch.Tensor, augments: list[str]) -> torch.Tensor:
@@ -157,12 +195,21 @@ class GANTask:
         c = self.cfg
         return {"generator": Generator(c.size, c.latent, c.g_channels, c.min_channels,
                                        c.image_channels),
-                "critic": Discriminator(c.size, c.d_channels, c.image_channels)}
+                "critic": Discriminator(c.size, c.d_channels, c.image_channels,
+                                        spectral_norm=c.spectral_norm)}
 
     def optimizers(self, models):
         betas = getattr(self, "betas", (self.cfg.beta1, 0.999))
         return {k: torch.optim.Adam(m.parameters(), lr=self.cfg.lr, betas=betas)
                 for k, m in models.items()}
+
+    def schedule_lr(self, t) -> None:
+        """Both optimisers at this step's learning rate (``lr_schedule``); a host float, so
+        setting it never waits for the device."""
+        lr = self.cfg.lr * lr_factor(self.cfg.lr_schedule, t.step, t.total_steps)
+        for opt in t.optimizers.values():
+            for group in opt.param_groups:
+                group["lr"] = lr
 
     def real(self, batch) -> torch.Tensor:
         x = to_signed(batch[0])
@@ -204,6 +251,7 @@ class Task(GANTask):
         return F.softplus(-score).mean()
 
     def training_step(self, t, batch):
+        self.schedule_lr(t)
         real = self.real(batch)
         n = len(real)
         aug = self.cfg.augments

@@ -8,6 +8,21 @@ Loss per image = reconstruction (binary cross-entropy summed over pixels) + ``kl
 The decoder returns logits during training (BCE-with-logits is the numerically safe, autocast-
 safe form of the same loss); ``decode`` applies the sigmoid. With ``image_channels=2`` the tumour
 mask is a second input and output channel in [0, 1], in the same BCE sum as the image.
+
+Options for sharper samples (issue 22: the study's VAE drew featureless ovals):
+* ``recon="l1ssim"``: reconstruction = sum over pixels of |x - x_hat| + P x (1 - SSIM(x, x_hat))
+  with P = C x H x W pixels (SSIM: MONAI's, 11 px Gaussian window, sigma 1.5, the mean over the
+  image, both channels), i.e. both terms as per-pixel sums like the BCE they replace, so the
+  KL term (a sum over latent dimensions) keeps the same relative scale and ``kl_weight`` the
+  same meaning. Per pixel the L1 gradient has magnitude 1 however small the error (BCE's
+  shrinks with it), and SSIM rewards local structure (edges, texture) over mean intensity:
+  the decoder is pushed off the blurred average.
+* ``kl_warmup``: the KL weight grows linearly from 0 at the first step to ``kl_weight`` at step
+  ``kl_warmup`` (0: constant), so the encoder learns to use its latent before the prior pulls
+  it in (against posterior collapse, the usual cause of identical blurred samples).
+* Recommended for sharper samples (not measured on real data yet): ``recon="l1ssim"``,
+  ``kl_weight`` 0.5-1 and ``kl_warmup`` about a third of the run's steps. ``recon="bce"`` with
+  ``kl_weight=1`` and no warm-up stays the default: the reference study's VAE.
 """
 
 from __future__ import annotations
@@ -19,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from brainhpc.errors import BrainhpcError
 from brainhpc.models import (
     check_generator_size,
     check_image_channels,
@@ -26,6 +42,9 @@ from brainhpc.models import (
     random_hflip,
     to_unit,
 )
+
+RECONS = ("bce", "l1ssim")
+SSIM_WINDOW, SSIM_SIGMA = 11, 1.5
 
 
 @dataclass
@@ -40,12 +59,21 @@ class Config:
     batch_size: int = 64
     epochs: int = 100
     hflip: bool = True
+    recon: str = "bce"  # RECONS: bce (the reference study's) | l1ssim (L1 + 1 - SSIM)
+    kl_warmup: int = 0  # steps over which the KL weight grows from 0 to kl_weight; 0: none
 
     def __post_init__(self):
         check_generator_size(self.size, "vae")
         check_image_channels(self)
         check_positive(self, "latent", "base", "max_channels", "kl_weight", "lr", "batch_size",
                        "epochs")
+        if self.recon not in RECONS:
+            raise BrainhpcError(f"vae: option recon {self.recon!r} is not one of "
+                                f"{', '.join(RECONS)}")
+        if (not isinstance(self.kl_warmup, int) or isinstance(self.kl_warmup, bool)
+                or self.kl_warmup < 0):
+            raise BrainhpcError(f"vae: option kl_warmup must be an integer >= 0 (steps; 0: no "
+                                f"warm-up), got {self.kl_warmup!r}")
 
 
 def channels(cfg: Config) -> list[int]:
@@ -92,6 +120,25 @@ class VAE(nn.Module):
         return self.decode_logits(z), mu, logvar
 
 
+def kl_factor(step: int, warmup: int) -> float:
+    """The share of ``kl_weight`` at 0-based ``step``: step / warmup up to 1 (1 without one)."""
+    return 1.0 if warmup <= 0 else min(1.0, step / warmup)
+
+
+def reconstruction(kind: str, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The reconstruction term per image (a per-pixel sum, batch-averaged), in fp32."""
+    n = len(x)
+    if kind == "bce":
+        return F.binary_cross_entropy_with_logits(logits, x, reduction="sum") / n
+    from monai.metrics.regression import compute_ssim_and_cs  # MONAI takes seconds to import
+
+    x_hat = torch.sigmoid(logits)
+    ssim, _ = compute_ssim_and_cs(x_hat, x, spatial_dims=2, kernel_size=(SSIM_WINDOW,) * 2,
+                                  kernel_sigma=(SSIM_SIGMA,) * 2, data_range=1.0)
+    pixels = x[0].numel()
+    return ((x_hat - x).abs().sum() + pixels * (1.0 - ssim.flatten(1).mean(1)).sum()) / n
+
+
 class Task:
     arch = "vae"
     sample_model = "vae"
@@ -113,15 +160,16 @@ class Task:
         with t.autocast():
             logits, mu, logvar = t.models["vae"](x)
         logits, mu, logvar = logits.float(), mu.float(), logvar.float()
-        n = len(x)
-        recon = F.binary_cross_entropy_with_logits(logits, x, reduction="sum") / n
-        kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp()) / n
-        loss = recon + self.cfg.kl_weight * kl
+        recon = reconstruction(self.cfg.recon, logits, x)
+        kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp()) / len(x)
+        beta = self.cfg.kl_weight * kl_factor(t.step, self.cfg.kl_warmup)
+        loss = recon + beta * kl
         opt = t.optimizers["vae"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        return {"loss": loss.detach(), "recon": recon.detach(), "kl": kl.detach()}
+        return {"loss": loss.detach(), "recon": recon.detach(), "kl": kl.detach(),
+                **({"kl_weight": beta} if self.cfg.kl_warmup else {})}
 
     @torch.no_grad()
     def sample(self, model: VAE, n: int, generator: torch.Generator) -> torch.Tensor:

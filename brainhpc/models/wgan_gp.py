@@ -12,6 +12,13 @@ norm is compared with 1, and bf16's 8-bit mantissa would blur it): the gradient 
 the interpolates only (``autograd.grad`` on inputs), so the one ``backward`` of the total loss is
 what DDP all-reduces. On generator steps the generator runs once, with its graph, and its output
 feeds both the critic and the generator update.
+
+``spectral_norm`` is off by default here (on for DCGAN): the penalty already pulls the critic's
+gradient norm to 1, and spectral normalisation on top caps every layer at 1 as well, so the
+product of the layers' norms has to sit at its bound for the penalty to be met: a doubly
+constrained, weaker critic (the combination is unusual in the literature). ``lr_schedule``
+applies to both optimisers as in DCGAN; a training step is one critic step, so the schedule
+runs over critic steps.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ class Config(dcgan.Config):
     n_critic: int = 5
     gp_weight: float = 10.0
     drift: float = 1e-3
+    spectral_norm: bool = False  # the gradient penalty already bounds the critic's slope
 
     def __post_init__(self):
         super().__post_init__()
@@ -50,6 +58,7 @@ class Task(GANTask):
         return -score.mean()
 
     def training_step(self, t, batch):
+        self.schedule_lr(t)
         real = self.real(batch)
         n = len(real)
         aug = self.cfg.augments
