@@ -18,6 +18,9 @@ TINY = {
     "dcgan": {"g_channels": 16, "min_channels": 8, "d_channels": 8},
     "wgan-gp": {"g_channels": 16, "min_channels": 8, "d_channels": 8, "n_critic": 2},
     "ddpm": {"channels": 8, "res_blocks": 1, "timesteps": 40, "sample_steps": 4},
+    "ldm": {"ae_channels": [8, 8], "unet_channels": [8, 16], "unet_res_blocks": 1,
+            "head_channels": 8, "d_channels": 8, "d_layers": 2, "ae_steps": 1, "adv_start": 0,
+            "timesteps": 40, "sample_steps": 4},
 }
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -192,7 +195,7 @@ def test_every_arch_trains_and_writes_valid_shards(arch, prepared, tmp_path):
 def test_card_quality_and_memorisation(prepared, tmp_path):
     card = generate(cfg_for("vae", prepared, tmp_path / "q", quality=True, feature_steps=20))
     q = card["quality"]
-    assert q["n_synthetic"] == 12 and q["n_real"] == 12 and q["heldout_split"] == "val"
+    assert q["n_synthetic"] == 12 and q["n_real"] == 24 and q["heldout_split"] == "val+test"
     assert q["fid"] >= 0 and np.isfinite(q["kid"])
     assert q["memorisation"]["n_train"] == 40 and (tmp_path / "q" / "memorisation.png").exists()
     on_disk = json.loads((tmp_path / "q" / "card.json").read_text())
@@ -310,3 +313,10 @@ def test_cli_parser_runs_generate(prepared, tmp_path):
     card = json.loads((tmp_path / "cli" / "card.json").read_text())
     assert card["label"] == "tumour" and card["model"]["diffaugment"] == "cutout"
     assert len(load_split(tmp_path / "cli" / "shards")) == 5
+
+
+def test_every_architecture_is_a_training_data_generator():
+    """``synthetic:<arch>`` must name every generator the generate stage can train."""
+    from brainhpc.data.training import GENERATORS
+
+    assert GENERATORS == tuple(models.ARCHS)

@@ -47,7 +47,7 @@ from brainhpc.data.shards import (
 )
 from brainhpc.errors import BrainhpcError
 
-GENERATORS = ("vae", "dcgan", "wgan-gp", "ddpm")
+GENERATORS = ("vae", "dcgan", "wgan-gp", "ddpm", "ldm")  # brainhpc.models.ARCHS
 KINDS = ("real", "synthetic", "mixed")
 VALID_FORMS = ("real", "synthetic:<generator>", "mixed:<generator>", "mixed:<generator>:<p>")
 SPEC_HELP = "real | synthetic:<gen> | mixed:<gen> | mixed:<gen>:<p>"

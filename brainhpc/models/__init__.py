@@ -1,14 +1,15 @@
-"""Generator architectures, one module each: ``vae``, ``dcgan``, ``wgan_gp``, ``ddpm``.
+"""Generator architectures, one module each: ``vae``, ``dcgan``, ``wgan_gp``, ``ddpm``, ``ldm``.
 
-Each module defines a ``Config`` dataclass (defaults sane on a GPU; every field can be overridden,
-tests shrink them) and a ``Task`` for ``brainhpc.train.Trainer`` with two extra members used by
-``brainhpc.generate``: ``sample_model`` (the name of the model that makes images; its EMA copy is
-used when there is one) and ``sample(module, n, generator) -> (n, C, S, S) float in [0, 1]``.
+Each module defines a ``Config`` dataclass (defaults sane on a GPU, ``ldm``'s sized for the CPU
+study at 64 px; every field can be overridden, tests shrink them) and a ``Task`` for
+``brainhpc.train.Trainer`` with two extra members used by ``brainhpc.generate``: ``sample_model``
+(the name of the model that makes images; its EMA copy is used when there is one; ``ldm`` keeps
+its EMA inside that model) and ``sample(module, n, generator) -> (n, C, S, S) float in [0, 1]``.
 
 Training batches are uint8 ``(B, C, S, S)`` tensors (a ``TensorDataset`` over a label's train
 split); tasks scale them themselves. ``C`` is the config's ``image_channels``: 1 (the image) or 2
 (image and tumour mask, ``generate --with-masks``). Both channels are scaled alike, so the mask
-(0/255) lives in the image's training range ([-1, 1] for GANs and DDPM, [0, 1] for the VAE's
+(0/255) lives in the image's training range ([-1, 1] for GANs, DDPM and LDM, [0, 1] for the VAE's
 BCE), and every augmentation moves them together. ``image_channels`` is set by
 ``brainhpc.generate``, not an ``--opt``. Shapes are derived from the image size ``S``, a power of
 two from 32 up (32, 64 and 128 px are tested).
@@ -23,7 +24,7 @@ import torch
 
 from brainhpc.errors import BrainhpcError
 
-ARCHS = {"vae": "vae", "dcgan": "dcgan", "wgan-gp": "wgan_gp", "ddpm": "ddpm"}
+ARCHS = {"vae": "vae", "dcgan": "dcgan", "wgan-gp": "wgan_gp", "ddpm": "ddpm", "ldm": "ldm"}
 FIXED = ("size", "image_channels")  # config fields set from the data, not by options
 
 

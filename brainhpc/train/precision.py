@@ -72,7 +72,7 @@ SPEEDUP: dict[str, dict[str, dict[int, float]]] = {
 # Architectures kept in the contiguous layout under bf16: GroupNorm's CPU kernels are far slower
 # on channels_last (DDPM's U-Net: 64 channels, 64 px, batch 16, forward + backward, 1 thread:
 # bf16 3.6 ms contiguous vs 75 ms channels_last; fp32 12 vs 27 ms).
-CONTIGUOUS = {"ddpm"}
+CONTIGUOUS = {"ddpm", "ldm"}
 
 
 @dataclass(frozen=True)
