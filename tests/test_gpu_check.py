@@ -100,9 +100,11 @@ def test_arch_list_decides_whether_the_wheel_runs_on_a_gpu():
 @pytest.mark.slow
 def test_ddp_worker_on_cpu_with_gloo(tmp_path):
     """The DDP check as gpu-check starts it (torchrun, one rank), on the CPU: collectives,
-    then a classifier, the WGAN-GP (two models, gradient penalty) and the U-Net in DDP."""
-    rows = gpu_check.ddp_check(tmp_path, 1, True, ["BrainCNN", "wgan-gp", "unet"], 32, 6, 300)
-    assert [r[1] for r in rows] == ["OK"] * 4, rows
+    then a classifier, the WGAN-GP (two models, gradient penalty), the LDM (both phases: the
+    idle part's parameters still need gradients under DDP) and the U-Net in DDP."""
+    rows = gpu_check.ddp_check(tmp_path, 1, True, ["BrainCNN", "wgan-gp", "ldm", "unet"], 32,
+                               6, 300)
+    assert [r[1] for r in rows] == ["OK"] * 5, rows
     assert rows[0][0] == "DDP gloo, 1 rank(s)" and "all_gather_object" in rows[0][2]
     report = json.loads((tmp_path / "ddp.json").read_text())
     wgan = report["archs"]["wgan-gp"]

@@ -454,7 +454,10 @@ def test_no_host_sync_inside_training_steps(precision):
     size = 32
     small = {"dcgan": {"g_channels": 8, "min_channels": 4, "d_channels": 4},
              "wgan-gp": {"g_channels": 8, "min_channels": 4, "d_channels": 4, "n_critic": 2},
-             "ddpm": {"channels": 8}}  # emulated bf16 convolutions are slow on this CPU
+             "ddpm": {"channels": 8},  # emulated bf16 convolutions are slow on this CPU
+             "ldm": {"ae_channels": [8, 8], "unet_channels": [8, 16], "unet_res_blocks": 1,
+                     "head_channels": 8, "d_channels": 8, "d_layers": 2, "ae_steps": 2,
+                     "adv_start": 1}}  # both phases and the patch loss within 5 steps
     for arch in tp.ARCHS:
         task = build_task(arch, size, {**small[arch], "ema": 0}) if arch in small else None
         got = tp.host_syncs(arch, size, precision, CPU, steps=5, batch=4, task=task)

@@ -56,9 +56,9 @@ the autoencoder encodes and decodes (and the discriminator judges); the latents 
 
 DDP: every model is called through its wrapper in the phase that trains it; the part a phase does
 not train (the UNet in phase 1, the autoencoder in phase 2) gets a zero-weighted term in the loss
-when several processes train, so DDP (without ``find_unused_parameters``) sees a gradient for
-every parameter on every step (without it the second step fails: "Expected to have finished
-reduction in the prior iteration").
+whenever the model is in DDP (gpu-check wraps even one rank), so DDP (without
+``find_unused_parameters``) sees a gradient for every parameter on every step (without it the
+second step fails: "Expected to have finished reduction in the prior iteration").
 
 Not yet checked: sample quality after a full default run. Probes on 64 px phantom tumour
 slices (1 thread, shared cores): the autoencoder at batch 16, lr 5e-4, patch loss from step 250
@@ -249,6 +249,11 @@ def kl_loss(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return 0.5 * kl.flatten(1).sum(1).mean()
 
 
+def _in_ddp(t) -> bool:
+    """Whether the trainer wrapped the model in DDP (also with one rank: gpu-check forces it)."""
+    return t.models["ldm"] is not t.raw("ldm")
+
+
 def zero_term(module: nn.Module) -> torch.Tensor:
     """0 x every parameter of ``module``: gives each a (zero) gradient for DDP."""
     return sum(p.sum() for p in module.parameters()) * 0.0
@@ -309,7 +314,7 @@ class Task:
             g = self._generator_term(t, recon)
             loss = loss + cfg.adv_weight * g
             out["g_loss"] = g.detach()
-        if t.world_size > 1:
+        if _in_ddp(t):
             loss = loss + zero_term(t.raw("ldm").unet)
         opt = t.optimizers["autoencoder"]
         opt.zero_grad(set_to_none=True)
@@ -371,7 +376,7 @@ class Task:
             pred = t.models["ldm"](zt, ts)
         mse = (pred.float() - target).pow(2).flatten(1).mean(1)
         loss = (self.snr_weight(ts) * mse).mean()
-        total = loss + zero_term(t.raw("ldm").autoencoder) if t.world_size > 1 else loss
+        total = loss + zero_term(t.raw("ldm").autoencoder) if _in_ddp(t) else loss
         opt = t.optimizers["unet"]
         opt.zero_grad(set_to_none=True)
         total.backward()

@@ -23,10 +23,11 @@ from brainhpc.models import build_task
 from brainhpc.models.classifiers import BrainCNN, BrainCVAE, vae_terms
 from brainhpc.train.trainer import TrainConfig, Trainer
 
-ARCHS = ("BrainCNN", "BrainCVAE", "vae", "dcgan", "wgan-gp", "ddpm")
+ARCHS = ("BrainCNN", "BrainCVAE", "vae", "dcgan", "wgan-gp", "ddpm", "ldm")
 # global batch per architecture: the generators' and classifiers' defaults; DDPM 16 (64 is its
 # default, but one CPU step would take ~10 s at 128 px)
-BATCH = {"BrainCNN": 32, "BrainCVAE": 32, "vae": 64, "dcgan": 64, "wgan-gp": 64, "ddpm": 16}
+BATCH = {"BrainCNN": 32, "BrainCVAE": 32, "vae": 64, "dcgan": 64, "wgan-gp": 64, "ddpm": 16,
+         "ldm": 32}
 
 
 class ClassifierTask:
@@ -59,12 +60,15 @@ class ClassifierTask:
 
 
 def make_task(arch: str, size: int, batch: int):
-    """The task for ``arch`` at its default options, EMA off."""
+    """The task for ``arch`` at its default options, EMA off (the LDM switches to its diffusion
+    phase after two steps, so a few steps run both)."""
     if arch in ("BrainCNN", "BrainCVAE"):
         return ClassifierTask(arch, size)
     options = {"batch_size": batch}
     if arch != "vae":
         options["ema"] = 0
+    if arch == "ldm":
+        options.update(ae_steps=2, adv_start=1)
     return build_task(arch, size, options)
 
 
