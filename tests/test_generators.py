@@ -320,3 +320,12 @@ def test_every_architecture_is_a_training_data_generator():
     from brainhpc.data.training import GENERATORS
 
     assert GENERATORS == tuple(models.ARCHS)
+
+
+def test_steps_size_a_cell_whatever_its_image_count(prepared, tmp_path):
+    """``steps`` trains exactly that many steps: epochs follow from the label's image count
+    (40 images of batch 16 make 2 steps an epoch, so 5 steps take 3 epochs, the last cut)."""
+    card = generate(cfg_for("vae", prepared, tmp_path / "s", epochs=None, steps=5))
+    assert card["status"] == "done" and card["steps"] == 5 and card["epochs"] == 3
+    with pytest.raises(BrainhpcError, match=r"give steps \(5\) or epochs, not both"):
+        cfg_for("vae", prepared, tmp_path / "b", epochs=2, steps=5)

@@ -517,3 +517,15 @@ def test_dry_run_says_which_finished_cells_changed(tmp_path, capsys):
     out = capsys.readouterr().out
     assert re.search(rf"  {same.id} +\[done\]", out)
     assert re.search(rf"  {other.id} +\[done, config changed: --force\]", out)
+
+
+def test_generate_steps_per_architecture_beat_the_stage_wide_epochs(tmp_path):
+    text = TINY.replace('archs = ["vae"]', 'archs = ["vae", "dcgan"]').replace(
+        "epochs = 1\n", "epochs = 1\n[generate.options.vae]\nsteps = 300\nlatent = 16\n", 1)
+    plan = expand(load_sweep(write(tmp_path, text)), tmp_path / "run")
+    from brainhpc.sweep.plan import stage_config
+
+    by_id = {c.id: stage_config(c) for c in plan["generate"]}
+    vae, dcgan = by_id["vae-tumour"], by_id["dcgan-tumour"]
+    assert (vae.steps, vae.epochs, vae.options) == (300, None, {"latent": 16})
+    assert (dcgan.steps, dcgan.epochs) == (None, 1)

@@ -63,6 +63,9 @@ class GenerateConfig(Training):
     data: Path = option(help="prepared dataset folder")
     out: Path = out_option()
     epochs: int | None = option(None, "training epochs (default: per architecture)", min=1)
+    steps: int | None = option(None, "training steps instead of epochs: as many epochs as they "
+                               "take, the last cut short (one size for labels of different "
+                               "image counts)", min=1)
     n_samples: int = option(1500, "synthetic images to write", min=1)
     seed: int = option(0, "seed of training and sampling", min=0)
     batch_size: int | None = option(None, "global batch (default: per architecture)", min=1)
@@ -85,6 +88,8 @@ class GenerateConfig(Training):
                 f"generate: --with-masks draws tumour masks, and a {self.label} generator has "
                 "nothing to draw (its slices hold no tumour; the segment stage gives healthy "
                 "synthetic shards all-zero masks). Run the healthy cell without --with-masks")
+        if self.steps is not None and (self.epochs is not None or "epochs" in self.options):
+            raise BrainhpcError(f"generate: give steps ({self.steps}) or epochs, not both")
         models.make_config(self.arch, 64, self.options)  # unknown or bad options, now
 
 
@@ -119,6 +124,9 @@ def _arch_config(cfg: GenerateConfig, size: int, channels: int, n_train: int):
     if arch_cfg.batch_size > n_train:
         raise BrainhpcError(f"batch_size {arch_cfg.batch_size} exceeds the {n_train} "
                             f"{cfg.label} train images; pass a smaller --batch-size")
+    if cfg.steps is not None:  # the sampler drops the last partial batch of an epoch
+        options["epochs"] = -(-cfg.steps // (n_train // arch_cfg.batch_size))
+        arch_cfg = models.make_config(cfg.arch, size, options, image_channels=channels)
     return arch_cfg
 
 
@@ -193,7 +201,8 @@ def _generate(ctx: Context) -> dict:
                    "size": size, "model": {k: v for k, v in asdict(arch_cfg).items()
                                            if k not in ("epochs", "image_channels")},
                    "with_masks": cfg.with_masks}
-    tcfg = TrainConfig.for_cell(cfg, epochs=arch_cfg.epochs, batch_size=arch_cfg.batch_size)
+    tcfg = TrainConfig.for_cell(cfg, epochs=arch_cfg.epochs, batch_size=arch_cfg.batch_size,
+                                max_steps=cfg.steps)
     dataset = torch.utils.data.TensorDataset(torch.from_numpy(pairs))
     trainer, result = run_training(task, dataset, tcfg, fingerprint, ctx.info)
     if result["status"] != "done":

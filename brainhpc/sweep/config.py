@@ -114,6 +114,7 @@ class GenerateSpec:
     labels: tuple[str, ...] = ("healthy", "tumour")
     seed: int | None = None  # None, here and below: GenerateConfig's default
     epochs: int | None = None
+    steps: int | None = None  # instead of epochs; [generate.options.<arch>] steps: per arch
     n_samples: int | None = None
     batch_size: int | None = None
     min_images: int | None = None
@@ -313,7 +314,7 @@ def _read_generate(t: Table, names: tuple[str, ...]) -> GenerateSpec:
         if label not in LABELS:
             raise BrainhpcError(f"{t.source}: generate.labels: unknown label {label!r}; "
                                 f"valid: {', '.join(LABELS)}")
-    spec = {key: t.get(key, int) for key in ("seed", "epochs", "n_samples", "batch_size",
+    spec = {key: t.get(key, int) for key in ("seed", "epochs", "steps", "n_samples", "batch_size",
                                              "min_images", "feature_steps", "checkpoint_every")}
     quality = t.get("quality", bool)
     folds = _folds(t, None)

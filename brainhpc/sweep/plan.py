@@ -143,11 +143,18 @@ def _generate_cells(plan: _Plan) -> None:
         for arch in g.archs:
             for label in g.labels:
                 params = {"arch": arch, "label": label, **_set(
-                    seed=g.seed, epochs=g.epochs, n_samples=g.n_samples, batch_size=g.batch_size,
+                    seed=g.seed, epochs=g.epochs, steps=g.steps, n_samples=g.n_samples,
+                    batch_size=g.batch_size,
                     min_images=g.min_images, quality=g.quality,
                     checkpoint_every=g.checkpoint_every, feature_steps=g.feature_steps)}
-                if g.options.get(arch):
-                    params["options"] = g.options[arch]
+                options = dict(g.options.get(arch, {}))
+                if "steps" in options:  # a generate setting, sized per architecture; it
+                    params.pop("epochs", None)  # (like epochs there) beats the stage-wide one
+                    params["steps"] = options.pop("steps")
+                elif "epochs" in options:
+                    params.pop("steps", None)
+                if options:
+                    params["options"] = options
                 if label == "tumour" and ds in g.with_masks:
                     params["with_masks"] = True
                 plan.add("generate", ds, f"{arch}-{label}", params, only=g.folds)
