@@ -529,3 +529,17 @@ def test_generate_steps_per_architecture_beat_the_stage_wide_epochs(tmp_path):
     vae, dcgan = by_id["vae-tumour"], by_id["dcgan-tumour"]
     assert (vae.steps, vae.epochs, vae.options) == (300, None, {"latent": 16})
     assert (dcgan.steps, dcgan.epochs) == (None, 1)
+
+
+def test_only_the_folds_some_cell_uses_are_prepared(tmp_path):
+    text = TINY.replace("size = 32\n", "size = 32\nfolds = 3\n").replace(
+        "epochs = 1\n", "epochs = 1\nfolds = [0]\n", 1)
+    plan = expand(load_sweep(write(tmp_path, text)), tmp_path / "run")
+    assert {c.params.get("fold") for c in plan["generate"]} == {0}
+    assert [c.id for c in plan["prepare"]] == ["data/f0", "data/f1", "data/f2"]  # classify: all
+    text = text.replace('model = "cnn"\n', 'model = "cnn"\nfolds = [0, 2]\n').replace(
+        'model = "vae"\n', 'model = "vae"\nfolds = [2]\n')
+    plan = expand(load_sweep(write(tmp_path, text)), tmp_path / "run")
+    assert [c.id for c in plan["prepare"]] == ["data/f0", "data/f2"]
+    only = expand(load_sweep(write(tmp_path, text.split("[generate]")[0])), tmp_path / "run2")
+    assert [c.id for c in only["prepare"]] == ["data/f0", "data/f1", "data/f2"]  # prepare only

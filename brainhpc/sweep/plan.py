@@ -231,6 +231,17 @@ def _other_cells(plan: _Plan) -> None:
                     plan.add(stage, ds, cid, {**block.options, **_set(seed=seed)})
 
 
+def _drop_unused_folds(plan: _Plan) -> None:
+    """Prepare only the folds some cell uses (``folds = [0]`` in every block: fold 0 alone);
+    a dataset no folded cell uses keeps all its folds (a prepare-only sweep)."""
+    used = {(dataset_of(c), c.params["fold"]) for s, cells in plan.cells.items()
+            if s != "prepare" for c in cells if c.params.get("fold") is not None}
+    datasets = {ds for ds, _ in used}
+    plan.cells["prepare"] = [c for c in plan.cells["prepare"]
+                             if dataset_of(c) not in datasets
+                             or (dataset_of(c), c.params.get("fold")) in used]
+
+
 def expand(sweep: Sweep, run_dir: Path) -> dict[str, list[Cell]]:
     """Every cell of every stage, in stage order; the config of each is built (and so checked)
     here."""
@@ -241,6 +252,7 @@ def expand(sweep: Sweep, run_dir: Path) -> dict[str, list[Cell]]:
     _model_cells(plan)
     _evaluate_cells(plan)
     _other_cells(plan)
+    _drop_unused_folds(plan)
     plan.cells["aggregate"].append(Cell("aggregate", "results", {"name": sweep.name},
                                         plan.run_dir))
     for cells in plan.cells.values():
