@@ -543,3 +543,18 @@ def test_only_the_folds_some_cell_uses_are_prepared(tmp_path):
     assert [c.id for c in plan["prepare"]] == ["data/f0", "data/f2"]
     only = expand(load_sweep(write(tmp_path, text.split("[generate]")[0])), tmp_path / "run2")
     assert [c.id for c in only["prepare"]] == ["data/f0", "data/f1", "data/f2"]  # prepare only
+
+
+def test_the_generator_comparison_file_plans_fold_0_sized_in_steps(tmp_path, monkeypatch):
+    """jobs/generators.toml: five architectures x two labels x two datasets on fold 0 only
+    (only fold 0 prepared), every cell sized in steps, beside real and synthetic-only arms."""
+    paper_sweep(tmp_path, monkeypatch)  # the stand-in $HOME with the data folders
+    plan = expand(load_sweep(REPO / "jobs" / "generators.toml"), tmp_path / "run")
+    from brainhpc.sweep.plan import stage_config
+
+    assert [c.id for c in plan["prepare"]] == ["br35h/f0", "lgg/f0"]
+    gens = [stage_config(c) for c in plan["generate"]]
+    assert len(gens) == 20 and all(g.steps and g.epochs is None for g in gens)
+    assert {g.steps for g in gens if g.arch == "ldm"} == {3000}
+    ids = {c.id for c in plan["segment"]}
+    assert {"lgg/f0/unet-real-s0", "lgg/f0/unet-synthetic_ldm-s0"} <= ids and len(ids) == 6
