@@ -329,3 +329,12 @@ def test_steps_size_a_cell_whatever_its_image_count(prepared, tmp_path):
     assert card["status"] == "done" and card["steps"] == 5 and card["epochs"] == 3
     with pytest.raises(BrainhpcError, match=r"give steps \(5\) or epochs, not both"):
         cfg_for("vae", prepared, tmp_path / "b", epochs=2, steps=5)
+
+
+def test_an_ldm_sized_in_steps_must_leave_steps_for_its_diffusion_model(prepared, tmp_path):
+    """Refused at configuration (so the sweep's --dry-run says it), not after the autoencoder
+    phase: with steps <= ae_steps the diffusion UNet would never train."""
+    opts = {**TINY["ldm"], "ae_steps": 40}
+    with pytest.raises(BrainhpcError, match=r"steps 40 <= ae_steps 40: the ldm diffusion"):
+        cfg_for("ldm", prepared, tmp_path / "l", epochs=None, steps=40, options=opts)
+    assert cfg_for("ldm", prepared, tmp_path / "k", epochs=None, steps=41, options=opts).steps == 41

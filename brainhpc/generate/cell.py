@@ -90,7 +90,12 @@ class GenerateConfig(Training):
                 "synthetic shards all-zero masks). Run the healthy cell without --with-masks")
         if self.steps is not None and (self.epochs is not None or "epochs" in self.options):
             raise BrainhpcError(f"generate: give steps ({self.steps}) or epochs, not both")
-        models.make_config(self.arch, 64, self.options)  # unknown or bad options, now
+        arch_cfg = models.make_config(self.arch, 64, self.options)  # bad options, now
+        first_phase = getattr(arch_cfg, "ae_steps", None)  # the LDM trains its autoencoder first
+        if self.steps is not None and first_phase is not None and self.steps <= first_phase:
+            raise BrainhpcError(
+                f"generate: steps {self.steps} <= ae_steps {first_phase}: the {self.arch} "
+                "diffusion model would never train; raise steps or lower ae_steps")
 
 
 def generate(cfg: GenerateConfig) -> dict:
