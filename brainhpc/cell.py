@@ -33,7 +33,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import Field, dataclass, fields
+from dataclasses import MISSING, Field, dataclass, fields
 from pathlib import Path
 
 from brainhpc import __version__
@@ -158,25 +158,39 @@ def differences(old: dict, new: dict) -> str:
     return "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys)
 
 
-def _recorded(rec: dict, ident: dict) -> dict:
+def defaults(cfg) -> dict:
+    """The identity fields of ``cfg``'s class that have a default, at that default (JSON)."""
+    d = {f.name: f.default for f in fields(cfg)
+         if not f.metadata.get("run") and f.default is not MISSING}
+    return json.loads(json.dumps(d, default=str))
+
+
+def _recorded(rec: dict, ident: dict, known: dict | None = None) -> dict:
     """The identity ``rec`` was made with. Records from before the precision was part of a
-    training cell's identity: the precision its result names, or (unfinished) the current one."""
+    training cell's identity: the precision its result names, or (unfinished) the current one.
+    Records from before a field existed: that field at its default (``known``), because a new
+    field's default is what the code did before it, so adding one never orphans a finished
+    cell; a new field set otherwise is a different computation."""
     old = rec.get("config", {})
-    if "precision" in ident and "precision" not in old and isinstance(old, dict):
+    if not isinstance(old, dict):
+        return old
+    if "precision" in ident and "precision" not in old:
         trained = rec.get("train_precision")
         name = trained.get("name") if isinstance(trained, dict) else None
         old = {**old, "precision": name or ident["precision"]}
-    return old
+    added = {k: v for k, v in (known or {}).items() if k in ident and k not in old}
+    return {**old, **added} if old else old
 
 
-def previous(out: Path, ident: dict, outputs: Outputs, stage: str) -> dict | None:
+def previous(out: Path, ident: dict, outputs: Outputs, stage: str,
+             known: dict | None = None) -> dict | None:
     """The finished result to skip with, None to run (new or resumed); raises when ``out``
-    holds a run of another identity."""
+    holds a run of another identity. ``known``: the config class's defaults (``defaults``)."""
     for name in (outputs.result, CONFIG):
         rec = _read(Path(out) / name)
         if rec is None:
             continue
-        old = _recorded(rec, ident)
+        old = _recorded(rec, ident, known)
         finished = name == outputs.result and rec.get("status", "done") == "done"
         if old != ident and not finished and not (Path(out) / RESUME).exists():
             continue  # an attempt that left nothing to resume from: nothing is lost
@@ -246,7 +260,7 @@ def run_cell(cfg, body: Callable[[Context], dict], outputs: Outputs,
     ident = cfg.identity()
     force = bool(getattr(cfg, "force", False))
     if not force:
-        done = previous(cfg.out, ident, outputs, stage)
+        done = previous(cfg.out, ident, outputs, stage, defaults(cfg))
         if done is not None:
             log.info("%s: finished (%s), skipping; use --force to redo", cfg.out, outputs.result)
             return {**done, "skipped": True}

@@ -218,6 +218,22 @@ def test_records_from_before_the_precision_was_in_the_identity(tmp_path):
     assert cellmod.previous(out, ident, outputs, "toy") is None  # unfinished: resumes
 
 
+def test_records_from_before_a_field_existed_read_it_at_its_default(tmp_path):
+    """A field added later (default = the former behaviour) never orphans a finished cell; the
+    same field set otherwise is another computation, refused."""
+    out = tmp_path / "cell"
+    out.mkdir()
+    outputs = cellmod.Outputs(result="metrics.json")
+    rec = {"status": "done", "config": {"lr": 1.0, "precision": "fp32"}}
+    (out / "metrics.json").write_text(json.dumps(rec))
+    ident, known = {"lr": 1.0, "precision": "fp32", "intensity": False}, {"intensity": False}
+    assert cellmod.previous(out, ident, outputs, "toy", known) == rec
+    with pytest.raises(BrainhpcError, match="intensity: None -> True"):
+        cellmod.previous(out, {**ident, "intensity": True}, outputs, "toy", known)
+    with pytest.raises(BrainhpcError, match="intensity: None -> False"):
+        cellmod.previous(out, ident, outputs, "toy")  # without the defaults: refused
+
+
 # ------------------------------------------------------------------ 3. a failing rank
 def test_a_failed_teardown_never_enters_the_barrier(monkeypatch):
     calls = []

@@ -34,6 +34,7 @@ from brainhpc.predictors.segmenter import load_segmenter, predict_probs, score_s
 from brainhpc.segment import SegmentConfig, segment
 from brainhpc.segment import cell as srun
 from brainhpc.segment.cell import SegTask
+from brainhpc.train.augment import intensity_batch
 
 
 def evaluate_segmenter(path, data, what="data"):
@@ -233,6 +234,36 @@ def test_augmentation_moves_image_and_mask_together(tmp_path):
         assert torch.equal((x > 0.5).float(), y)
         moved += int((y != torch.from_numpy(masks).float()).flatten(1).any(1).sum())
     assert moved > n  # the augmentation did move most of them
+
+
+def test_intensity_augmentation_changes_the_image_and_never_the_mask(tmp_path):
+    """--intensity: the image the model sees differs from the stored one, inside the head only
+    (the background stays black, values stay in [0, 1]); the mask the loss sees is untouched."""
+    rng = np.random.default_rng(2)
+    n, size = 16, 32
+    images = np.zeros((n, 1, size, size), np.uint8)
+    images[:, :, 4:28, 4:28] = rng.integers(40, 200, (n, 1, 24, 24))  # a "head" on black
+    masks = (images > 150).astype(np.uint8)
+    cfg = SegmentConfig(train_data="real", data=tmp_path, out=tmp_path / "o", augment=False,
+                        intensity=True, **FAST)
+    task = SegTask.__new__(SegTask)
+    task.cfg = cfg
+    seen_y = []
+    task.loss = lambda logits, y: (seen_y.append(y.clone()), (logits * 0).sum())[1]
+    model = _Capture()
+    torch.manual_seed(0)
+    task.training_step(_T(model), (torch.from_numpy(images), torch.from_numpy(masks)))
+    x, stored = model.seen[0], torch.from_numpy(images).float() / 255.0
+    assert torch.equal(seen_y[0], torch.from_numpy(masks).float())
+    assert x.min() >= 0 and x.max() <= 1 and torch.equal(x[stored == 0], stored[stored == 0])
+    change = (x - stored).abs().flatten(1).mean(1)
+    assert (change > 0.01).all() and change.std() > 0.002  # every image, each its own draw
+
+
+def test_intensity_augmentation_at_zero_strength_is_the_identity():
+    x = torch.rand(4, 1, 16, 16) * (torch.rand(4, 1, 16, 16) > 0.3)
+    out = intensity_batch(x, gamma=0.0, contrast=0.0, sharpen=(0.0, 0.0), noise=0.0)
+    assert torch.allclose(out, x, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------ training data

@@ -90,7 +90,7 @@ from brainhpc.predictors.segmenter import (
     write_predictions,
 )
 from brainhpc.train import TrainConfig, run_training
-from brainhpc.train.augment import augment_batch
+from brainhpc.train.augment import augment_batch, intensity_batch
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,8 @@ class SegmentConfig(Training):
     loss: str = option("dicece", "dicece | dice | ce (MONAI DiceCELoss weights)",
                        choices=tuple(LOSSES))
     augment: bool = option(True, "random flips and shifts of image and mask together")
+    intensity: bool = option(False, "random gamma, contrast, sharpening and noise of the image "
+                             "(not the mask): for training on synthetic images")
     threshold: float = option(0.5, "probability cut", gt=0, lt=1)
     min_area: int | None = option(None, "fixed minimum predicted area in px for slice detection "
                                   "(default: chosen on validation; 1: any pixel)", min=1)
@@ -173,6 +175,8 @@ class SegTask:
         if self.cfg.augment:  # one tensor: image and mask get the same flip and shift
             x = augment_batch(x, shift=True)
         x, y = x[:, :1], x[:, 1:]
+        if self.cfg.intensity:
+            x = intensity_batch(x)
         with t.autocast():
             logits = t.models["unet"](x)
         loss = self.loss(logits.float(), y)
