@@ -228,7 +228,7 @@ def test_records_from_before_a_field_existed_read_it_at_its_default(tmp_path):
     (out / "metrics.json").write_text(json.dumps(rec))
     ident, known = {"lr": 1.0, "precision": "fp32", "intensity": False}, {"intensity": False}
     assert cellmod.previous(out, ident, outputs, "toy", known) == rec
-    with pytest.raises(BrainhpcError, match="intensity: None -> True"):
+    with pytest.raises(BrainhpcError, match="intensity: False -> True"):
         cellmod.previous(out, {**ident, "intensity": True}, outputs, "toy", known)
     with pytest.raises(BrainhpcError, match="intensity: None -> False"):
         cellmod.previous(out, ident, outputs, "toy")  # without the defaults: refused
