@@ -156,6 +156,16 @@ def test_aggregate_has_the_external_columns(run):
     assert seg[0]["cell"] == "unet-real-s0" and seg[0]["raw_dice_patient"] != ""
     table = (rd / "results" / "table.md").read_text()
     assert "raw: bal. acc" in table and "### data: test split" in table
+    # the detector's localisation on the external set with masks, beside its intensity baseline
+    giaem, intensity = rows[("vae-real-s0", "giaem")], rows[("vae-real-s0", "intensity threshold")]
+    assert 0.0 < float(giaem["raw_pixel_auprc"]) <= 1.0 and giaem["raw_dice_ungated"] != ""
+    assert 0.0 <= float(intensity["raw_dice"]) <= 1.0
+    assert 0.0 <= float(intensity["raw_balanced_accuracy"]) <= 1.0
+    assert "prep_pixel_auprc" in giaem  # the prepared set's test split has masks too
+    assert "### Anomaly localisation on raw (external" in table
+    ivals = list(csv.DictReader((rd / "results" / "intervals.csv").open()))
+    assert any(r["dataset"] == "data on raw" and r["arm"] == "intensity threshold"
+               for r in ivals)  # its image decisions carry an interval too
 
 
 def test_rerun_resubmits_evaluate_and_skips_scored_models(run, capsys):

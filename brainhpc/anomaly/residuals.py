@@ -208,11 +208,22 @@ def best_dice_threshold(values: np.ndarray, masks: np.ndarray, brain: np.ndarray
 def localisation(val_values, val_masks, val_brain, test_values, test_masks, test_brain) -> dict:
     """Pixel AUPRC on test and the validation-chosen best-Dice threshold scored on test."""
     t = best_dice_threshold(val_values, val_masks, val_brain)
-    pred = (test_values > t) & (test_brain.reshape(test_values.shape) > 0)
-    return {"pixel_auprc": auprc(test_values, test_masks, test_brain),
-            "pixel_auprc_val": auprc(val_values, val_masks, val_brain),
-            "best_dice_threshold": t, **{f"best_{k}" if k.startswith("dice") else k: v
-                                         for k, v in dice_scores(pred, test_masks).items()}}
+    return {**frozen_localisation(test_values, test_masks, test_brain, t),
+            "pixel_auprc_val": auprc(val_values, val_masks, val_brain)}
+
+
+def frozen_localisation(values: np.ndarray, masks: np.ndarray, brain: np.ndarray,
+                        threshold: float | None) -> dict:
+    """Pixel AUPRC of ``values`` and the Dice of a threshold chosen elsewhere (on the model's
+    own validation split), as ``localisation`` reports them; without a threshold (the model's
+    validation had no masks) the Dice keys are None, never a threshold chosen on these masks."""
+    out = {"pixel_auprc": auprc(values, masks, brain), "best_dice_threshold": threshold}
+    if threshold is None:
+        has = int((masks.reshape(len(masks), -1) > 0).any(1).sum())
+        return {**out, "n_tumour_slices": has, "best_dice_pooled": None, "best_dice_mean": None}
+    pred = (values > threshold) & (brain.reshape(values.shape) > 0)
+    return {**out, **{f"best_{k}" if k.startswith("dice") else k: v
+                      for k, v in dice_scores(pred, masks).items()}}
 
 
 # ----------------------------------------------------------------------------- the baseline
@@ -286,8 +297,6 @@ def intensity_baseline(val_x: np.ndarray, val_y: np.ndarray, val_brain: np.ndarr
 
     vx = val_x.reshape(len(val_x), -1)
     vb = val_brain.reshape(vx.shape) > 0
-    tx = test_x.reshape(len(test_x), -1)
-    tb = test_brain.reshape(tx.shape) > 0
 
     def image_score(x, b, thr):  # share of the brain above the threshold
         return ((x > thr) & b).sum(1) / np.maximum(b.sum(1), 1)
@@ -299,16 +308,28 @@ def intensity_baseline(val_x: np.ndarray, val_y: np.ndarray, val_brain: np.ndarr
         aucs = [roc_auc_score(val_y, image_score(vx, vb, g)) if len(np.unique(val_y)) == 2
                 else 0.5 for g in grid]
         thr = float(grid[int(np.argmax(aucs))])
-    vs, ts = image_score(vx, vb, thr), image_score(tx, tb, thr)
+    vs = image_score(vx, vb, thr)
     cut, _ = best_cut(vs, val_y, criterion)
-    pred = (ts > cut).astype(np.int64)
-    report = {"intensity_threshold": thr, "image_cut": cut,
-              "test": classification_metrics(test_y, pred, ts),
+    block, pred, ts = frozen_intensity(test_x, test_y, test_brain, test_masks, thr, cut)
+    report = {"intensity_threshold": thr, "image_cut": cut, **block,
               "val": classification_metrics(val_y, vs > cut, vs)}
-    if test_masks is not None:
-        pix = intensity_masks(test_x, test_brain, thr)
-        report["localisation"] = {
-            "pixel_auprc": auprc(test_x.reshape(test_brain.shape), test_masks, test_brain),
-            **{f"best_{k}" if k.startswith("dice") else k: v
-               for k, v in dice_scores(pix.reshape(test_masks.shape), test_masks).items()}}
     return report, pred, ts
+
+
+def frozen_intensity(x: np.ndarray, y: np.ndarray, brain: np.ndarray, masks: np.ndarray | None,
+                     threshold: float, cut: float) -> tuple[dict, np.ndarray, np.ndarray]:
+    """The intensity baseline with its pixel threshold and image cut frozen (chosen on a
+    validation split): ``{"test": metrics, "localisation": ...}`` (localisation where ``masks``
+    exist), the image decisions and the image scores (share of the brain above the threshold).
+    ``x`` is what the detector takes as input, ``brain`` the brain masks (``brain_masks``)."""
+    from brainhpc.metrics.classification import classification_metrics
+
+    b = brain.reshape(len(x), -1) > 0
+    score = ((x.reshape(len(x), -1) > threshold) & b).sum(1) / np.maximum(b.sum(1), 1)
+    pred = (score > cut).astype(np.int64)
+    block = {"test": classification_metrics(y, pred, score)}
+    if masks is not None:
+        block["localisation"] = frozen_localisation(x.reshape(brain.shape), masks, brain,
+                                                    threshold)
+        block["localisation"].pop("best_dice_threshold")
+    return block, pred, score

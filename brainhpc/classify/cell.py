@@ -255,7 +255,7 @@ def _score_vae(cfg: ClassifyConfig, model, setup: _Setup, val: ShardData, test: 
     report = vae_report(cfg, Detector(model, std, cfg.residual, cfg.median), val, test, device,
                         spec)
     saved = {"techniques": report.pop("fitted"), "residual": cfg.residual, "median": cfg.median,
-             "standardiser": None if std is None else std.state()}
+             "standardiser": None if std is None else std.state(), "rules": report.pop("rules")}
     return saved, report, report.pop("chosen")
 
 

@@ -85,10 +85,15 @@ def vae_report(cfg, det: Detector, val: ShardData, test: ShardData, device: torc
                                                      cfg.criterion)
     report["baselines"] = {"intensity_threshold": base}
     report["predictions"] = rows + predictions("intensity threshold", test, score, pred)
+    # frozen into model.pt, so evaluate scores external sets with masks by the same rules
+    report["rules"] = {"intensity": {"threshold": base["intensity_threshold"],
+                                     "image_cut": base["image_cut"]},
+                       "residual_threshold": None}
     if test.masks is not None and val.masks is not None and (val.masks > 0).any():
         report["localisation"] = residuals.localisation(val_maps, val.masks, val_b, test_maps,
                                                         test.masks, test_b)
         report["localisation"]["empty_mask_dice"] = 0.0  # predicting nothing on tumour slices
+        report["rules"]["residual_threshold"] = report["localisation"]["best_dice_threshold"]
     save_error_maps(cfg.out / "error_maps.png", test, test_in, test_maps, fitted,
                     f"vae ({cfg.vae_arch}) on {spec}, test split")
     return report

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from brainhpc.anomaly import residuals
 from brainhpc.anomaly.techniques import localisation
 from brainhpc.data.duplicates import copies_of, duplicate_groups
 from brainhpc.data.folder import read_folder
@@ -56,6 +57,7 @@ from brainhpc.predictors.segmenter import (
 )
 
 log = logging.getLogger(__name__)
+INTENSITY = "intensity threshold"  # the baseline's arm in predictions.csv, as classify names it
 
 @dataclass
 class ImageSet:
@@ -171,10 +173,38 @@ def with_groups(data: ShardData) -> ShardData:
 
 
 def _write_predictions(clf: dict, data: ShardData, scored: dict, out: Path) -> None:
-    arms = ["cnn"] if clf["model"] == "cnn" else list(clf["fitted"])
+    arms = ["cnn"] if clf["model"] == "cnn" else [a for a in (*clf["fitted"], INTENSITY)
+                                                   if a in scored]
     rows = [r for arm in arms for r in classification_rows(
         arm, data.sources, data.group_ids(), data.labels, scored[arm][1], scored[arm][0])]
     write_rows(out / PREDICTIONS, rows, CLASSIFY_COLUMNS)
+
+
+def detector_extras(clf: dict, data: ShardData, scored: dict) -> dict:
+    """What a VAE detector's own test split reports beyond its techniques, with every rule
+    frozen in model.pt: the residual maps' localisation (pixel AUPRC; Dice at the threshold
+    chosen on its validation masks) where the set has masks, and the intensity baseline
+    (image decisions, and its localisation where the set has masks). Adds the baseline's
+    (decisions, scores) to ``scored`` for predictions.csv."""
+    rules = clf.get("rules")
+    brain = residuals.brain_masks(data.brain, data.images)
+    out: dict = {}
+    if data.masks is not None and (data.masks > 0).any():
+        out["localisation"] = {**residuals.frozen_localisation(
+            scored["maps"], data.masks, brain, (rules or {}).get("residual_threshold")),
+            "empty_mask_dice": 0.0}
+    if rules is None:
+        out["baselines"] = {"note": "model.pt from before its rules were saved: re-run the "
+                                    "classify cell for the intensity baseline"}
+        return out
+    rule = rules["intensity"]
+    block, pred, score = residuals.frozen_intensity(
+        scored["inputs"], data.labels, brain, data.masks if "localisation" in out else None,
+        rule["threshold"], rule["image_cut"])
+    scored[INTENSITY] = (pred, score)
+    out["baselines"] = {"intensity_threshold": {**block, "intensity_threshold": rule["threshold"],
+                                                "image_cut": rule["image_cut"]}}
+    return out
 
 
 def score_classifier(clf: dict, data: ShardData, device: torch.device, out: Path,
@@ -183,10 +213,12 @@ def score_classifier(clf: dict, data: ShardData, device: torch.device, out: Path
     set has masks) and error_maps.png; predictions.csv, every image's score and decision."""
     scored = score_with(clf, data, device)
     out.mkdir(parents=True, exist_ok=True)
-    _write_predictions(clf, data, scored, out)
     if clf["model"] == "cnn":
+        _write_predictions(clf, data, scored, out)
         return {**classification_metrics(data.labels, *scored["cnn"]),
                 "chosen": {"threshold": clf["threshold"]}}
+    extras = detector_extras(clf, data, scored)
+    _write_predictions(clf, data, scored, out)
     techniques = {}
     for name, fitted in clf["fitted"].items():
         block = classification_metrics(data.labels, *scored[name])
@@ -197,7 +229,7 @@ def score_classifier(clf: dict, data: ShardData, device: torch.device, out: Path
     out.mkdir(parents=True, exist_ok=True)
     save_error_maps(out / "error_maps.png", data, scored["inputs"], scored["maps"],
                     clf["fitted"], title)
-    return {"techniques": techniques}
+    return {"techniques": techniques, **extras}
 
 
 def score_segmentation(seg: dict, data: ShardData, device: torch.device, out: Path,

@@ -169,17 +169,34 @@ def _vae_rows(base: dict, common: dict, p: dict, m: dict, done: bool,
                        dice_ungated=(m.get("localisation") or {}).get("best_dice_mean"),
                        pixel_auprc=(m.get("localisation") or {}).get("pixel_auprc"))
             for name, ev in external:
-                row.update(_external_cols(name, (ev.get("techniques") or {}).get(tech),
-                                          ev.get("overlap")))
+                tblock = (ev.get("techniques") or {}).get(tech) or {}
+                maps = ev.get("localisation") or {}
+                row.update(_external_cols(name, tblock, ev.get("overlap")),
+                           **_external_loc(name, maps.get("pixel_auprc"),
+                                           (tblock.get("localisation") or {}).get("dice_mean"),
+                                           maps.get("best_dice_mean")))
         rows.append(row)
     intensity = ((m.get("baselines") or {}).get(BASELINE_INTENSITY.replace(" ", "_"))
                  if done else None)
     if intensity:
         loc = intensity.get("localisation") or {}
-        rows.append({**base, "technique": BASELINE_INTENSITY, **common,
-                     **_metrics(intensity["test"]), "n_test": intensity["test"].get("n"),
-                     "pixel_auprc": loc.get("pixel_auprc"), "dice": loc.get("best_dice_mean")})
+        row = {**base, "technique": BASELINE_INTENSITY, **common, **_metrics(intensity["test"]),
+               "n_test": intensity["test"].get("n"), "pixel_auprc": loc.get("pixel_auprc"),
+               "dice": loc.get("best_dice_mean")}
+        for name, ev in external:
+            ib = ((ev.get("baselines") or {}).get(BASELINE_INTENSITY.replace(" ", "_")) or {})
+            eloc = ib.get("localisation") or {}
+            row.update(_external_cols(name, ib.get("test"), ev.get("overlap")),
+                       **_external_loc(name, eloc.get("pixel_auprc"),
+                                       eloc.get("best_dice_mean"), None))
+        rows.append(row)
     return rows
+
+
+def _external_loc(name: str, auprc, dice, ungated) -> dict:
+    """A detector's localisation on an external set with masks (evaluate, frozen rules)."""
+    cols = {"pixel_auprc": auprc, "dice": dice, "dice_ungated": ungated}
+    return {f"{name}_{k}": v for k, v in cols.items() if v is not None}
 
 
 def _classify_cell_rows(run_dir: Path, plan: dict, c: dict) -> list[dict]:
@@ -392,20 +409,32 @@ def classification_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def localisation_table(rows: list[dict]) -> str:
-    with_loc = [r for r in rows if r["status"] == "done" and (r.get("pixel_auprc") is not None
-                                                                or r.get("dice") is not None)]
+def _localisation_rows(rows: list[dict], prefix: str, title: str) -> list[str]:
+    """One table of localisation columns (``prefix``: "" for the own test split, "<set>_" for
+    an external set); [] when no row carries them."""
+    keys = [f"{prefix}{k}" for k in ("pixel_auprc", "dice", "dice_ungated")]
+    with_loc = [r for r in rows if r["status"] == "done" and
+                any(r.get(k) is not None and r.get(k) != "" for k in keys[:2])]
     if not with_loc:
-        return ""
-    out = ["### Anomaly localisation (test tumour slices)", "",
-           "| Dataset | Detector | Train data | Pixel AUPRC | Dice (mean per slice) | "
+        return []
+    out = [title, "", "| Dataset | Detector | Train data | Pixel AUPRC | Dice (mean per slice) | "
            "Residual map Dice, ungated | Done |", "|---|---|---|---|---|---|---|"]
     for (ds, tech, train), rs in _groups(sorted(with_loc, key=_order), lambda r: (
             r["dataset"], r.get("technique"), r["train_data"])):
-        out.append(f"| {ds} | {MODEL_NAMES.get(tech, tech)} | {train} | "
-                   f"{_fmt(_nums(rs, 'pixel_auprc'), pct=False)} | "
-                   f"{_fmt(_nums(rs, 'dice'), pct=False)} | "
-                   f"{_fmt(_nums(rs, 'dice_ungated'), pct=False)} | {len(rs)} |")
+        out.append(f"| {ds} | {MODEL_NAMES.get(tech, tech)} | {train} | " + " | ".join(
+            _fmt(_nums(rs, k), pct=False) for k in keys) + f" | {len(rs)} |")
+    return out
+
+
+def localisation_table(rows: list[dict]) -> str:
+    out = _localisation_rows(rows, "", "### Anomaly localisation (test tumour slices)")
+    for name in _external_names(rows, "_pixel_auprc"):
+        ext = _localisation_rows(rows, f"{name}_", f"### Anomaly localisation on {name} "
+                                 "(external tumour slices; thresholds frozen on the "
+                                 "detector's own validation split)")
+        out += ([""] if out and ext else []) + ext
+    if not out:
+        return ""
     out += ["", "Pixel AUPRC is the residual map's (the same for every technique of one VAE; "
             "for the baseline, standardised intensity inside the brain); Dice is each "
             "technique's detected region, gated (0 on a tumour slice the technique calls "
