@@ -42,6 +42,7 @@ from brainhpc.fsio import atomic_path, read_json, write_json, write_text
 from brainhpc.sweep import intervals
 from brainhpc.sweep.generators import GENERATOR_COLS, generator_table
 from brainhpc.sweep.generators import generator_rows as _generator_rows
+from brainhpc.sweep.headline import headline
 
 # Reference study (Br35H; issue 4): (model, technique, train kind) -> Acc, Prec, Rec, F1 in %.
 REFERENCE = {
@@ -533,7 +534,8 @@ def tables(rows: list[dict], seg: list[dict], gens: list[dict], name: str = "",
     bad = [r for r in rows + seg + gens if r["status"] not in ("done",)
            and r.get("model") != "baseline"]
     parts = [f"# Results{f' of {name}' if name else ''}", "", code_versions(rows + seg + gens),
-             checks(rows), interval_section(list(ivals), list(comps)),
+             checks(rows), headline(rows, list(ivals), list(comps)),
+             interval_section(list(ivals), list(comps)),
              "## Classification (per cell: mean ± sd over runs)", "",
              classification_table(rows), localisation_table(rows),
              segmentation_table(seg), generator_table(gens)]
@@ -763,7 +765,8 @@ def report(results: str | Path) -> str:
     ivals = read_rows(results / "intervals.csv", keep=text + ("arm", "stage", "metric"))
     comps = read_rows(results / "comparisons.csv",
                       keep=text + ("arm", "stage", "metric", "versus", "kind", "verdict"))
-    parts = [checks(rows), interval_section(ivals, comps), classification_table(rows),
+    parts = [checks(rows), headline(rows, ivals, comps), interval_section(ivals, comps),
+             classification_table(rows),
              localisation_table(rows), segmentation_table(seg), generator_table(gens)]
     return "\n".join(p for p in parts if p).rstrip() + "\n"
 
