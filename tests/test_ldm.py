@@ -176,3 +176,30 @@ def test_zero_term_gives_every_parameter_a_zero_gradient():
     (recon.mean() + ldm.zero_term(net.unet)).backward()
     assert all(p.grad is not None and not p.grad.any() for p in net.unet.parameters())
     assert all(p.grad is None for p in net.unet_ema.parameters())
+
+
+def test_the_fast_ssim_is_monais_in_value_and_gradient():
+    """brainhpc.models.ssim replaces MONAI's SSIM in the VAE and LDM losses for speed only."""
+    from monai.losses import SSIMLoss
+    from monai.metrics.regression import compute_ssim_and_cs
+
+    from brainhpc.models.ssim import ssim, ssim_map
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 2, 40, 36, generator=g)
+    y = (x + 0.2 * torch.rand(4, 2, 40, 36, generator=g)).clamp(0, 1)
+    ours = y.clone().requires_grad_(True)
+    theirs = y.clone().requires_grad_(True)
+    ref, _ = compute_ssim_and_cs(theirs, x, spatial_dims=2, kernel_size=(11, 11),
+                                 kernel_sigma=(1.5, 1.5), data_range=1.0)
+    got = ssim_map(ours, x)
+    assert got.shape == ref.shape == (4, 2, 30, 26)
+    assert torch.allclose(got, ref, atol=1e-5)
+    got.sum().backward()
+    ref.sum().backward()
+    assert torch.allclose(ours.grad, theirs.grad, atol=1e-4)  # gradients up to ~2
+    signed_x, signed_y = 2 * x - 1, 2 * y - 1  # the LDM's [-1, 1] images, data range 2
+    loss = SSIMLoss(spatial_dims=2, data_range=2.0)(signed_y, signed_x)
+    assert torch.allclose(1 - ssim(signed_y, signed_x, data_range=2.0).mean(), loss, atol=1e-5)
+    with pytest.raises(ValueError, match="smaller than its 11 px window"):
+        ssim(x[..., :8, :8], y[..., :8, :8])

@@ -89,7 +89,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from monai.losses import SSIMLoss
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet, PatchDiscriminator
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from torch import nn
@@ -102,6 +101,7 @@ from brainhpc.models import (
     random_hflip,
     to_signed,
 )
+from brainhpc.models.ssim import ssim as ssim_index
 
 SCHEDULES = ("scaled_linear_beta", "linear_beta", "cosine")
 PREDICTIONS = ("epsilon", "v_prediction")
@@ -282,7 +282,6 @@ class Task:
                                    prediction_type=cfg.prediction, clip_sample=False, **kw)
         self.ddim = DDIMScheduler(num_train_timesteps=cfg.timesteps, schedule=cfg.schedule,
                                   prediction_type=cfg.prediction, clip_sample=False, **kw)
-        self.ssim = SSIMLoss(spatial_dims=2, data_range=2.0)
 
     def models(self):
         return {"ldm": LatentDiffusion(self.cfg), "discriminator": discriminator(self.cfg)}
@@ -316,7 +315,7 @@ class Task:
             recon, mu, sigma = t.models["ldm"](x)
         recon = recon.float()
         l1 = (recon - x).abs().mean()
-        ssim = self.ssim(recon, x)
+        ssim = 1.0 - ssim_index(recon, x, data_range=2.0).mean()  # MONAI's SSIMLoss
         kl = kl_loss(mu.float(), sigma.float())
         loss = l1 + cfg.ssim_weight * ssim + cfg.kl_weight * kl
         out = {"l1": l1.detach(), "ssim": 1 - ssim.detach(), "kl": kl.detach()}

@@ -11,12 +11,12 @@ mask is a second input and output channel in [0, 1], in the same BCE sum as the 
 
 Options for sharper samples (issue 22: the study's VAE drew featureless ovals):
 * ``recon="l1ssim"``: reconstruction = sum over pixels of |x - x_hat| + P x (1 - SSIM(x, x_hat))
-  with P = C x H x W pixels (SSIM: MONAI's, 11 px Gaussian window, sigma 1.5, the mean over the
-  image, both channels), i.e. both terms as per-pixel sums like the BCE they replace, so the
-  KL term (a sum over latent dimensions) keeps the same relative scale and ``kl_weight`` the
-  same meaning. Per pixel the L1 gradient has magnitude 1 however small the error (BCE's
-  shrinks with it), and SSIM rewards local structure (edges, texture) over mean intensity:
-  the decoder is pushed off the blurred average.
+  with P = C x H x W pixels (SSIM: ``brainhpc.models.ssim``, MONAI's numbers: 11 px Gaussian
+  window, sigma 1.5, the mean over the image, both channels), i.e. both terms as per-pixel sums
+  like the BCE they replace, so the KL term (a sum over latent dimensions) keeps the same
+  relative scale and ``kl_weight`` the same meaning. Per pixel the L1 gradient has magnitude 1
+  however small the error (BCE's shrinks with it), and SSIM rewards local structure (edges,
+  texture) over mean intensity: the decoder is pushed off the blurred average.
 * ``kl_warmup``: the KL weight grows linearly from 0 at the first step to ``kl_weight`` at step
   ``kl_warmup`` (0: constant), so the encoder learns to use its latent before the prior pulls
   it in (against posterior collapse, the usual cause of identical blurred samples).
@@ -42,9 +42,9 @@ from brainhpc.models import (
     random_hflip,
     to_unit,
 )
+from brainhpc.models.ssim import ssim
 
 RECONS = ("bce", "l1ssim")
-SSIM_WINDOW, SSIM_SIGMA = 11, 1.5
 
 
 @dataclass
@@ -130,13 +130,9 @@ def reconstruction(kind: str, logits: torch.Tensor, x: torch.Tensor) -> torch.Te
     n = len(x)
     if kind == "bce":
         return F.binary_cross_entropy_with_logits(logits, x, reduction="sum") / n
-    from monai.metrics.regression import compute_ssim_and_cs  # MONAI takes seconds to import
-
     x_hat = torch.sigmoid(logits)
-    ssim, _ = compute_ssim_and_cs(x_hat, x, spatial_dims=2, kernel_size=(SSIM_WINDOW,) * 2,
-                                  kernel_sigma=(SSIM_SIGMA,) * 2, data_range=1.0)
     pixels = x[0].numel()
-    return ((x_hat - x).abs().sum() + pixels * (1.0 - ssim.flatten(1).mean(1)).sum()) / n
+    return ((x_hat - x).abs().sum() + pixels * (1.0 - ssim(x_hat, x)).sum()) / n
 
 
 class Task:
