@@ -28,7 +28,7 @@ help:
 	@echo "make bench        benchmarks: ratios against naive baselines, measured side by side"
 	@echo "make gpu-check    on a GPU node, in the image (IMAGE=brainhpc.sif|docker tag|venv): CUDA, DDP on every GPU, SIGUSR2+resume, img/s, smoke"
 	@echo "make submit-all   submit the paper sweep (PROFILE=gpu-cluster DATA=\"br35h=... lgg=...\" EVALUATE=\"btm=...\" RUN_DIR= PARTITION= SUBMIT_ARGS=--dry-run)"
-	@echo "make study        the CPU study through the local cluster (jobs/cpu-study.toml; DATA= as above)"
+	@echo "make study        the CPU study through the local cluster (jobs/cpu-study-2.toml; DATA= as above)"
 	@echo "make image        build the container image (VARIANT=cpu|gpu); sif, docker-smoke"
 	@echo "make container-test  lint + podman build + smoke inside the image (as CI does)"
 	@echo "make cluster-up   start the local single-node SLURM cluster (root; see slurm/README.md)"
@@ -71,7 +71,7 @@ submit-all: $(STAMP)
 	  --run-dir $(RUN_DIR) $(if $(PARTITION),--partition $(PARTITION)) $(SUBMIT_ARGS)
 
 study: $(STAMP)  ## the CPU study through the local cluster (make cluster-up first; resumable)
-	$(BIN)/python -m brainhpc.sweep jobs/cpu-study.toml $(foreach d,$(DATA),--data $(d)) \
+	$(BIN)/python -m brainhpc.sweep jobs/cpu-study-2.toml $(foreach d,$(DATA),--data $(d)) \
 	  $(foreach e,$(EVALUATE),--evaluate $(e)) $(SUBMIT_ARGS)
 
 # ---- containers (containers/README.md) ----

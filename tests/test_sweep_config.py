@@ -558,3 +558,50 @@ def test_the_generator_comparison_file_plans_fold_0_sized_in_steps(tmp_path, mon
     assert {g.steps for g in gens if g.arch == "ldm"} == {3000}
     ids = {c.id for c in plan["segment"]}
     assert {"lgg/f0/unet-real-s0", "lgg/f0/unet-synthetic_ldm-s0"} <= ids and len(ids) == 6
+
+
+TWO = """
+name = "two"
+[data.a]
+phantom = 100
+size = 32
+[data.b]
+phantom = 100
+size = 32
+[generate]
+archs = ["vae", "ldm"]
+steps = 20
+arch_datasets = {{ ldm = {ldm} }}
+[generate.options.ldm]
+ae_steps = 10
+[[classify.cells]]
+model = "cnn"
+train_data = ["real", "synthetic:vae"]
+[[classify.cells]]
+model = "cnn"
+train_data = ["synthetic:ldm"]
+datasets = {cnn_ldm}
+"""
+
+
+def test_an_architecture_can_run_on_some_datasets_only(tmp_path):
+    text = TWO.format(ldm='["b"]', cnn_ldm='["b"]')
+    plan = expand(load_sweep(write(tmp_path, text)), tmp_path / "run")
+    assert [c.id for c in plan["generate"]] == [
+        "a/vae-healthy", "a/vae-tumour", "b/vae-healthy", "b/vae-tumour", "b/ldm-healthy",
+        "b/ldm-tumour"]
+    assert "b/cnn-synthetic_ldm-s0" in {c.id for c in plan["classify"]}
+    # a synthetic arm on a dataset where its generator does not run is refused, by name
+    bad = TWO.format(ldm='["b"]', cnn_ldm='["a", "b"]')
+    with pytest.raises(BrainhpcError, match=r"'synthetic:ldm' on dataset 'a' needs ldm "
+                                            r"generator cells there.*arch_datasets.ldm is \['b'\]"):
+        load_sweep(write(tmp_path, bad))
+    for value, why in (('["c"]', "non-empty list of the generate stage's datasets"),
+                       ("[]", "non-empty list")):
+        with pytest.raises(BrainhpcError, match=why):
+            load_sweep(write(tmp_path, TWO.format(ldm=value, cnn_ldm='["b"]')))
+    unknown = text.replace("{ ldm = [", "{ dcgan = [").replace(
+        'train_data = ["synthetic:ldm"]', 'train_data = ["real"]')
+    assert "dcgan = [" in unknown
+    with pytest.raises(BrainhpcError, match=r"arch_datasets.dcgan: 'dcgan' is not in "):
+        load_sweep(write(tmp_path, unknown))

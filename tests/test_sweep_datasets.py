@@ -415,25 +415,34 @@ def test_evaluate_entry_of_fresh_phantom_slices(tmp_path):
         load_sweep(path)
 
 
-@pytest.mark.parametrize("name", ["cpu-study", "paper"])
+@pytest.mark.parametrize("name", ["cpu-study", "cpu-study-2", "paper"])
 def test_shipped_study_files_expand(tmp_path, monkeypatch, name):
-    """The study (CPU) and its GPU version: two datasets, masks on LGG's tumour generators, a
-    segment stage on LGG only, each dataset scored on the other and on brain-tumor-mri."""
+    """The study (CPU, both editions) and its GPU version: two datasets, masks on LGG's tumour
+    generators, a segment stage on LGG only, each dataset scored on the other and on
+    brain-tumor-mri; the second edition and the GPU version over 5 folds, with the LDM."""
     monkeypatch.setenv("HOME", str(tmp_path))
     for folder in ("br35h", "lgg-flair", "brain-tumor-mri/Training"):
         (tmp_path / "data" / folder).mkdir(parents=True)
     sweep = load_sweep(REPO / "jobs" / f"{name}.toml")
     plan = expand(sweep, tmp_path / "run")
     assert {d.name for d in sweep.datasets} == {"br35h", "lgg"}
+    folds = name != "cpu-study"
+    f0 = "f0/" if folds else ""
     masked = {c.id for c in plan["generate"] if c.params.get("with_masks")}
-    assert masked == {f"lgg/{arch}-tumour" for arch in sweep.generate.archs}
+    assert {m for m in masked if "/f" not in m or "/f0/" in m} == {
+        f"lgg/{f0}{arch}-tumour" for arch in sweep.generate.archs}
+    assert all(m.startswith("lgg/") and m.endswith("-tumour") for m in masked)
     assert {c.params["dataset"] for c in plan["segment"]} == {"lgg"}
     assert {c.id for c in plan["evaluate"]} == {"br35h/lgg", "lgg/br35h", "br35h/btm", "lgg/btm"}
+    ids = {c.id for c in plan["classify"]}
     for ds in ("br35h", "lgg"):
-        ids = {c.id for c in plan["classify"]}
-        assert {f"{ds}/cnn-real-s0", f"{ds}/vae-real-s0"} <= ids
-    if name == "cpu-study":
-        assert sweep.run_dir == tmp_path / "brainhpc-runs" / "cpu-study"
+        assert {f"{ds}/{f0}cnn-real-s0", f"{ds}/{f0}vae-real-s0"} <= ids
+    if folds:  # the real arms on every fold, the LDM among the generators
+        assert {f"lgg/f{k}/unet-real-s0" for k in range(5)} <= {c.id for c in plan["segment"]}
+        assert {f"br35h/f{k}/vae-real-s0" for k in range(5)} <= ids
+        assert "ldm" in sweep.generate.archs
+    if name.startswith("cpu-study"):
+        assert sweep.run_dir == tmp_path / "brainhpc-runs" / name
         assert {d.size for d in sweep.datasets} == {64}
 
 

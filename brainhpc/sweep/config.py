@@ -26,6 +26,7 @@ takes that config's default. The stages themselves are listed in ``brainhpc.stag
     archs = ["vae", "dcgan"]
     datasets = ["lgg"]             # on these datasets only (default: all; also in every block)
     with_masks = ["lgg"]           # tumour cells of these datasets draw masks too (or true: all)
+    arch_datasets = { dcgan = ["lgg"] }    # an arch on some of those datasets only
     [generate.options.dcgan]       # architecture options for one arch
     [classify]                     # defaults for every block below
     seeds = [0]
@@ -125,6 +126,11 @@ class GenerateSpec:
     datasets: tuple[str, ...] = (SINGLE,)
     with_masks: tuple[str, ...] = ()  # datasets whose tumour generators draw masks too
     folds: tuple[int, ...] | None = None  # with a dataset's folds: these only (None: all)
+    arch_datasets: dict = field(default_factory=dict)  # arch -> its datasets (default: all)
+
+    def runs(self, arch: str, dataset: str) -> bool:
+        """Does ``arch`` have generator cells on ``dataset``?"""
+        return arch in self.archs and dataset in self.arch_datasets.get(arch, self.datasets)
 
 
 @dataclass(frozen=True)
@@ -336,10 +342,28 @@ def _read_generate(t: Table, names: tuple[str, ...]) -> GenerateSpec:
                                 f"generate.archs ({', '.join(archs)})")
         options[arch] = opts.get(arch, dict)
     opts.done()
+    arch_datasets = _arch_datasets(t, archs, datasets)
     t.done()
     return GenerateSpec(archs=archs, labels=labels, quality=quality, options=options,
                         datasets=datasets, with_masks=tuple(n for n in datasets if n in masks),
-                        folds=folds, **spec)
+                        folds=folds, arch_datasets=arch_datasets, **spec)
+
+
+def _arch_datasets(t: Table, archs: tuple[str, ...], datasets: tuple[str, ...]) -> dict:
+    """``arch_datasets = { ldm = ["lgg"] }``: an architecture on some datasets only."""
+    given = t.get("arch_datasets", dict, {})
+    out = {}
+    for arch, names in given.items():
+        if arch not in archs:
+            raise BrainhpcError(f"{t.source}: generate.arch_datasets.{arch}: {arch!r} is not in "
+                                f"generate.archs ({', '.join(archs)})")
+        if not isinstance(names, list) or not names or \
+                any(n not in datasets for n in names):
+            raise BrainhpcError(f"{t.source}: generate.arch_datasets.{arch} must be a non-empty "
+                                f"list of the generate stage's datasets ({', '.join(datasets)}),"
+                                f" got {names!r}")
+        out[arch] = tuple(n for n in datasets if n in names)
+    return out
 
 
 def _train_data(t: Table, gen: GenerateSpec | None, datasets: tuple[str, ...],
@@ -361,6 +385,11 @@ def _train_data(t: Table, gen: GenerateSpec | None, datasets: tuple[str, ...],
                 raise BrainhpcError(f"{t.source}: {t.key('train_data')}: {text!r} on dataset "
                                     f"{ds!r} needs generate cells there, but generate.datasets "
                                     f"is {list(gen.datasets)}")
+            if not gen.runs(g, ds):
+                raise BrainhpcError(f"{t.source}: {t.key('train_data')}: {text!r} on dataset "
+                                    f"{ds!r} needs {g} generator cells there, but "
+                                    f"generate.arch_datasets.{g} is "
+                                    f"{list(gen.arch_datasets[g])}; set this block's datasets")
             if masks and ds not in gen.with_masks:
                 raise BrainhpcError(
                     f"{t.source}: {t.key('train_data')}: {text!r} on dataset {ds!r} trains a "

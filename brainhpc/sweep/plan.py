@@ -140,7 +140,7 @@ def _prepare_cells(plan: _Plan) -> None:
 def _generate_cells(plan: _Plan) -> None:
     g = plan.sweep.generate
     for ds in g.datasets if g is not None else ():
-        for arch in g.archs:
+        for arch in (a for a in g.archs if g.runs(a, ds)):
             for label in g.labels:
                 params = {"arch": arch, "label": label, **_set(
                     seed=g.seed, epochs=g.epochs, steps=g.steps, n_samples=g.n_samples,
