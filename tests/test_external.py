@@ -156,4 +156,19 @@ def test_an_external_set_with_masks_scores_the_detectors_localisation(detector, 
     assert abs(base["localisation"]["best_dice_mean"] -
                own["localisation"]["best_dice_mean"]) < 0.1
     assert base["localisation"]["best_dice_mean"] > 0.05
+    # localisation.csv: per tumour slice, the numbers the means above are made of (the
+    # aggregate's intervals over patients resample these rows)
+    from brainhpc.metrics.predictions import read_rows
+
+    rows = read_rows(tmp_path / "ev" / "localisation.csv")
+    by_arm: dict = {}
+    for r in rows:
+        by_arm.setdefault(r["arm"], []).append(r["dice"])
+    assert set(by_arm) == {"giaem", "residual maps", "intensity threshold"}
+    assert {len(v) for v in by_arm.values()} == {loc["n_tumour_slices"]}
+    assert np.isclose(np.mean(by_arm["residual maps"]), loc["best_dice_mean"], atol=1e-5)
+    assert np.isclose(np.mean(by_arm["intensity threshold"]),
+                      base["localisation"]["best_dice_mean"], atol=1e-5)
+    assert np.isclose(np.mean(by_arm["giaem"]),
+                      ev["techniques"]["giaem"]["localisation"]["dice_mean"], atol=1e-5)
     assert 0.0 <= base["test"]["balanced_accuracy"] <= 1.0

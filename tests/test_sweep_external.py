@@ -166,6 +166,14 @@ def test_aggregate_has_the_external_columns(run):
     ivals = list(csv.DictReader((rd / "results" / "intervals.csv").open()))
     assert any(r["dataset"] == "data on raw" and r["arm"] == "intensity threshold"
                for r in ivals)  # its image decisions carry an interval too
+    # ... and its localisation, per tumour slice over patients, on its own split and on raw
+    loc = {(r["dataset"], r["arm"]) for r in ivals if r["stage"] == "localise"}
+    assert {("data", "residual maps"), ("data on raw", "intensity threshold"),
+            ("data on raw", "giaem")} <= loc
+    comps = list(csv.DictReader((rd / "results" / "comparisons.csv").open()))
+    assert any(r["stage"] == "localise" and r["versus"] == "intensity threshold"
+               and r["verdict"] in ("better", "worse", "not resolved") for r in comps)
+    assert "### data on raw: anomaly localisation with intervals" in table
 
 
 def test_rerun_resubmits_evaluate_and_skips_scored_models(run, capsys):

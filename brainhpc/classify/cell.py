@@ -75,7 +75,12 @@ from brainhpc.data.training import (
 from brainhpc.errors import BrainhpcError
 from brainhpc.fsio import config_hash, sha256_file
 from brainhpc.metrics.classification import classification_metrics
-from brainhpc.metrics.predictions import CLASSIFY_COLUMNS, PREDICTIONS, write_rows
+from brainhpc.metrics.predictions import (
+    CLASSIFY_COLUMNS,
+    LOCALISATION,
+    PREDICTIONS,
+    write_rows,
+)
 from brainhpc.models.classifiers import CLASSIFIERS, VAE_ARCHS
 from brainhpc.options import check, option
 from brainhpc.predictors import save_predictor
@@ -91,7 +96,7 @@ DEFAULT_LR = 1e-3
 _OWN_TECHNIQUE_KEYS = ("technique", "criterion", "seed")
 OUTPUTS = Outputs(result="metrics.json", wipe=("checkpoints", "model.pt", "metrics.jsonl",
                                                "progress.json", "error_maps.png",
-                                               PREDICTIONS))
+                                               PREDICTIONS, LOCALISATION))
 
 
 @dataclass

@@ -16,7 +16,7 @@ from brainhpc.data import confound
 from brainhpc.data.shards import ShardData
 from brainhpc.metrics.classification import classification_metrics, number, percent
 from brainhpc.metrics.predictions import classification_rows
-from brainhpc.predictors.classifier import Detector, save_error_maps
+from brainhpc.predictors.classifier import Detector, save_error_maps, write_localisation
 
 # the features of each trivial baseline (brainhpc.data.confound.STATISTICS); "brain area" is
 # the slice position of a patient's stack (where image statistics get their signal on LGG)
@@ -96,6 +96,7 @@ def vae_report(cfg, det: Detector, val: ShardData, test: ShardData, device: torc
         report["rules"]["residual_threshold"] = report["localisation"]["best_dice_threshold"]
     save_error_maps(cfg.out / "error_maps.png", test, test_in, test_maps, fitted,
                     f"vae ({cfg.vae_arch}) on {spec}, test split")
+    write_localisation(cfg.out, test, test_maps, test_in, test_b, fitted, report["rules"])
     return report
 
 

@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 
 SCORED_STAGES = ("classify", "segment")
 ONE = Outputs(result="metrics.json", wipe=("error_maps.png", "overlays.png", "predictions.csv",
-                                           "patients.csv"))
+                                           "patients.csv", "localisation.csv"))
 RUN = Outputs(result="summary.json", incremental=True)
 
 

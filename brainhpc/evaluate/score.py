@@ -48,7 +48,7 @@ from brainhpc.metrics.predictions import (
     write_rows,
 )
 from brainhpc.metrics.segmentation import dice_per_slice
-from brainhpc.predictors.classifier import save_error_maps, score_with
+from brainhpc.predictors.classifier import save_error_maps, score_with, write_localisation
 from brainhpc.predictors.segmenter import (
     save_overlays,
     score_segmenter,
@@ -229,6 +229,9 @@ def score_classifier(clf: dict, data: ShardData, device: torch.device, out: Path
     out.mkdir(parents=True, exist_ok=True)
     save_error_maps(out / "error_maps.png", data, scored["inputs"], scored["maps"],
                     clf["fitted"], title)
+    write_localisation(out, data, scored["maps"], scored["inputs"],
+                       residuals.brain_masks(data.brain, data.images), clf["fitted"],
+                       clf.get("rules"))
     return {"techniques": techniques, **extras}
 
 

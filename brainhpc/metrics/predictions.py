@@ -9,6 +9,11 @@ without re-training anything:
 statistics``, ``brain area``); ``group`` is the image's duplicate group or patient (the unit of
 the bootstrap); ``score`` is higher-means-tumour; ``decision`` is the frozen rule's 0/1.
 
+``localisation.csv`` (VAE detectors, where the test set has masks): one row per (arm, tumour
+slice) with its ``dice``: each technique's detected region (0 where it calls the slice
+healthy), ``residual maps`` (the map at the threshold chosen on validation masks) and the
+``intensity threshold`` baseline.
+
 ``predictions.csv`` (segmenters): one row per (arm, slice): ``tumour`` (the truth mask is not
 empty), the slice ``dice`` (empty when the truth is empty, as in ``dice_per_slice``), and the
 pixel counts ``intersection``, ``pred_area``, ``true_area``. ``patients.csv``: one row per
@@ -31,8 +36,9 @@ SLICE_COLUMNS = ("arm", "source", "patient", "group", "tumour", "dice", "interse
                  "pred_area", "true_area")
 PATIENT_COLUMNS = ("arm", "patient", "group", "slices", "dice", "intersection", "pred_area",
                    "true_area")
+LOCALISATION_COLUMNS = ("arm", "source", "group", "dice")
 # the file names of a cell folder
-PREDICTIONS, PATIENTS = "predictions.csv", "patients.csv"
+PREDICTIONS, PATIENTS, LOCALISATION = "predictions.csv", "patients.csv", "localisation.csv"
 
 
 def classification_rows(arm: str, sources, groups, labels, score, decision) -> list[dict]:
@@ -46,6 +52,18 @@ def classification_rows(arm: str, sources, groups, labels, score, decision) -> l
     return [{"arm": arm, "source": s, "group": g, "label": int(y), "score": float(v),
              "decision": int(d)}
             for s, g, y, v, d in zip(sources, groups, labels, score, decision, strict=True)]
+
+
+def localisation_rows(arm: str, pred: np.ndarray, masks: np.ndarray, sources, groups
+                      ) -> list[dict]:
+    """One row per tumour slice (non-empty mask) of ``pred`` (N x H x W bool) against
+    ``masks``: its Dice."""
+    p = np.asarray(pred).reshape(len(pred), -1).astype(bool)
+    m = np.asarray(masks).reshape(len(masks), -1) > 0
+    inter = (p & m).sum(1).astype(np.float64)
+    dice = 2 * inter / np.maximum(p.sum(1) + m.sum(1), 1)
+    return [{"arm": arm, "source": sources[i], "group": groups[i], "dice": float(dice[i])}
+            for i in np.flatnonzero(m.any(1))]
 
 
 def write_rows(path: str | Path, rows: list[dict], columns: tuple[str, ...]) -> Path:

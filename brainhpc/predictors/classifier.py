@@ -20,6 +20,12 @@ from brainhpc.anomaly.techniques import FittedTechnique
 from brainhpc.data.shards import ShardData
 from brainhpc.errors import BrainhpcError
 from brainhpc.images import save_grid
+from brainhpc.metrics.predictions import (
+    LOCALISATION,
+    LOCALISATION_COLUMNS,
+    localisation_rows,
+    write_rows,
+)
 from brainhpc.models.classifiers import CLASSIFIERS, build_classifier
 
 MODEL_FORMAT = 1
@@ -150,3 +156,26 @@ def save_error_maps(path: Path, data: ShardData, inputs: np.ndarray, maps: np.nd
             captions.append(f"{name} {scores[name][k]:.3g}")
     save_grid(np.stack(tiles).astype(np.float32), path, ncols=len(tiles) // len(picks),
               captions=captions, title=f"{title}; residual scaled to 0..{vmax:.3f}")
+
+
+def write_localisation(out: Path, data: ShardData, maps: np.ndarray, inputs: np.ndarray,
+                       brain: np.ndarray, fitted: dict, rules: dict | None) -> None:
+    """``localisation.csv`` of a VAE detector on ``data`` (with masks): per tumour slice, the
+    Dice of each technique's region, of the residual map at its frozen threshold and of the
+    intensity rule, so the aggregate can put intervals over patients on them."""
+    if data.masks is None or not (data.masks > 0).any():
+        return
+    src, grp = data.sources, data.group_ids()
+    rows = [r for name, f in fitted.items()
+            for r in localisation_rows(name, f.regions(maps), data.masks, src, grp)]
+    rules = rules or {}
+    b = brain.reshape(maps.shape) > 0
+    if rules.get("residual_threshold") is not None:
+        rows += localisation_rows("residual maps", (maps > rules["residual_threshold"]) & b,
+                                  data.masks, src, grp)
+    if rules.get("intensity"):
+        x = np.asarray(inputs).reshape(b.shape)
+        rows += localisation_rows("intensity threshold",
+                                  (x > rules["intensity"]["threshold"]) & b, data.masks, src,
+                                  grp)
+    write_rows(out / LOCALISATION, rows, LOCALISATION_COLUMNS)

@@ -28,7 +28,7 @@ import numpy as np
 from brainhpc.fsio import read_json
 from brainhpc.metrics import bootstrap
 from brainhpc.metrics.bootstrap import CLASSIFY_METRICS, SEGMENT_METRICS, Sample
-from brainhpc.metrics.predictions import PATIENTS, PREDICTIONS, read_rows
+from brainhpc.metrics.predictions import LOCALISATION, PATIENTS, PREDICTIONS, read_rows
 
 INTERVAL_COLS = ("dataset", "stage", "model", "arm", "train_data", "metric", "value", "lo",
                  "hi", "groups", "n", "runs", "spread")
@@ -36,9 +36,11 @@ COMPARISON_COLS = ("dataset", "stage", "model", "arm", "train_data", "metric", "
                    "kind", "value", "lo", "hi", "verdict", "groups")
 # predictions arms that are baselines (taken once per fold), by stage
 BASELINES = {"classify": ("image statistics", "brain area", "intensity threshold"),
-             "segment": ("intensity", "empty")}
-# what each stage's arms are compared on
-COMPARED = {"classify": ("balanced_accuracy", "roc_auc"), "segment": ("dice_patient",)}
+             "segment": ("intensity", "empty"), "localise": ("intensity threshold",)}
+# what each stage's arms are compared on ("localise": a VAE detector's localisation.csv)
+COMPARED = {"classify": ("balanced_accuracy", "roc_auc"), "segment": ("dice_patient",),
+            "localise": ("dice",)}
+METRICS = {"classify": CLASSIFY_METRICS, "segment": SEGMENT_METRICS, "localise": ("dice",)}
 
 
 @dataclass
@@ -66,7 +68,7 @@ def _done(folder: Path) -> bool:
 
 def _cell_files(stage: str, folder: Path) -> dict[str, tuple[list, list]]:
     """arm -> (rows, patient rows) of one finished cell."""
-    rows = read_rows(folder / PREDICTIONS)
+    rows = read_rows(folder / (LOCALISATION if stage == "localise" else PREDICTIONS))
     patients = read_rows(folder / PATIENTS) if stage == "segment" else []
     out: dict[str, tuple[list, list]] = {}
     for r in rows:
@@ -99,6 +101,8 @@ def collect(run_dir: Path, plan: dict) -> list[Arm]:
             for ds, folder in _folders(run_dir, plan, stage, c):
                 if _done(folder):
                     _add(arms, stage, ds, run, p, folder)
+                    if (folder / LOCALISATION).exists():  # a VAE detector, masks scored
+                        _add(arms, "localise", ds, run, p, folder)
     return list(arms.values())
 
 
@@ -142,8 +146,7 @@ def _head(arm: Arm) -> dict:
 def interval_rows(arms: list[Arm]) -> list[dict]:
     out = []
     for arm in arms:
-        metrics = CLASSIFY_METRICS if arm.stage == "classify" else SEGMENT_METRICS
-        for metric in metrics:
+        for metric in METRICS[arm.stage]:
             e = bootstrap.estimate(metric, _samples(arm, metric))
             out.append({**_head(arm), "metric": metric, "value": e.value, "lo": e.lo,
                         "hi": e.hi, "groups": e.groups, "n": e.n, "runs": len(arm.runs),
@@ -192,7 +195,8 @@ ARM_NAMES = {"cnn": "CNN", "giaem": "VAE (GIAEM)", "dbscan": "VAE (DBSCAN)",
              "image statistics": "Image statistics (baseline)",
              "brain area": "Brain area (baseline)",
              "intensity threshold": "Intensity threshold (baseline)", "unet": "U-Net",
-             "intensity": "Intensity threshold (baseline)", "empty": "Empty mask (baseline)"}
+             "intensity": "Intensity threshold (baseline)", "empty": "Empty mask (baseline)",
+             "residual maps": "VAE residual map (ungated)"}
 
 
 def _ci(row: dict | None, scale: float = 100, digits: int = 1) -> str:
@@ -285,6 +289,30 @@ NOTE_CLASSIFY = (
     "majority class scores 50.0 and ROC-AUC 0.5.",)
 
 
+def _localise_table(ds: str, intervals: list[dict], comparisons: list[dict]) -> list[str]:
+    arms, est, cmp, bases = _lookups(intervals, comparisons, ds, "localise")
+    if not arms:
+        return []
+    head = ["Detector", "Train data", "Dice per tumour slice [95% CI]", "Groups", "Runs (sd)",
+            "vs real", *(f"vs {b}" for b in bases)]
+    out = [f"### {ds}: anomaly localisation with intervals", "",
+           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for a in arms:
+        k = (ds, a["model"], a["arm"], a["train_data"])
+        cells = [ARM_NAMES.get(a["arm"], a["arm"]), a["train_data"],
+                 _ci(est.get((*k, "dice")), 1, 3), str(a["groups"]),
+                 _runs(est.get((*k, "dice")), 1, 3),
+                 _verdict(cmp.get((*k, "dice", "real", "difference")), 1, 3),
+                 *(_verdict(cmp.get((*k, "dice", b, "difference")), 1, 3) for b in bases)]
+        out.append("| " + " | ".join(cells) + " |")
+    return out + ["", "Dice per tumour slice, mean over the slices (technique rows: its "
+                  "detected region, 0 on a slice it calls healthy; residual map: thresholded "
+                  "at the value chosen on validation masks, on every slice; baseline: "
+                  "standardised intensity inside the brain at its validation threshold); "
+                  "[95% CI] and verdicts from a (paired) bootstrap over the groups (patients), "
+                  "as above.", ""]
+
+
 def _segment_table(ds: str, intervals: list[dict], comparisons: list[dict]) -> list[str]:
     arms, est, cmp, bases = _lookups(intervals, comparisons, ds, "segment")
     if not arms:
@@ -317,5 +345,6 @@ def tables(intervals: list[dict], comparisons: list[dict]) -> str:
     out = []
     for ds in dict.fromkeys(r["dataset"] for r in intervals):
         out += _classify_table(ds, intervals, comparisons)
+        out += _localise_table(ds, intervals, comparisons)
         out += _segment_table(ds, intervals, comparisons)
     return "\n".join(out)
