@@ -14,6 +14,7 @@ verdict: ``better`` when the whole interval of the difference is above 0, ``wors
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,11 +69,15 @@ class Estimate:
                 f"{scale * self.hi:.{digits}f}]")
 
 
+@functools.lru_cache(maxsize=64)
 def weights(n_groups: int, resamples: int = RESAMPLES, seed: int = SEED) -> np.ndarray:
-    """resamples x groups draw counts, the first row all ones (the point estimate)."""
+    """resamples x groups draw counts, the first row all ones (the point estimate). Cached
+    (read-only): an aggregate draws the same few sizes hundreds of times."""
     rng = np.random.default_rng(seed)
     w = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=resamples)
-    return np.vstack([np.ones((1, n_groups)), w]).astype(float)
+    out = np.vstack([np.ones((1, n_groups)), w]).astype(float)
+    out.flags.writeable = False
+    return out
 
 
 def _members(groups: np.ndarray, order: dict) -> sparse.csr_matrix:
@@ -101,13 +106,13 @@ def _auc(s: Sample, m, W) -> np.ndarray:
     values, u = np.unique(s.score, return_inverse=True)
     y = s.label == 1
     out = []
-    for which in (y, ~y):
+    for which in (y, ~y):  # values x resamples: weighted counts of each score value
         per = sparse.csr_matrix((np.ones(which.sum()), (np.flatnonzero(which), u[which])),
                                 shape=(len(y), len(values)))
-        out.append(np.asarray(W @ (m @ per).toarray()))
+        out.append(np.asarray(sparse.csr_matrix((m @ per).T) @ W.T))  # sparse x dense
     pos, neg = out
-    below = np.cumsum(neg, axis=1) - neg
-    return _ratio((pos * (below + 0.5 * neg)).sum(1), pos.sum(1) * neg.sum(1))
+    below = np.cumsum(neg, axis=0) - neg
+    return _ratio((pos * (below + 0.5 * neg)).sum(0), pos.sum(0) * neg.sum(0))
 
 
 def _mean(s: Sample, m, W) -> np.ndarray:
