@@ -114,11 +114,13 @@ def test_shipped_sweep_files_validate(tmp_path, monkeypatch):
         assert plan["generate"] and plan["classify"], name
     paper = expand(paper_sweep(tmp_path, monkeypatch), Path("/x"))
     ids = {c.id for c in paper["classify"]}
-    for train in ("real", "synthetic_vae", "mixed_dcgan"):
-        assert f"br35h/vae-{train}-s0" in ids and f"lgg/vae-{train}-s0" in ids
-    vae = next(c for c in paper["classify"] if c.id == "br35h/vae-real-s0")
+    for fold in range(5):  # every arm on every fold of the cross-validation
+        for train in ("real", "synthetic_ldm", "mixed_vae"):
+            assert {f"br35h/f{fold}/vae-{train}-s0", f"lgg/f{fold}/vae-{train}-s0"} <= ids
+    vae = next(c for c in paper["classify"] if c.id == "br35h/f0/vae-real-s0")
     assert vae.params["techniques"] == ["giaem", "dbscan", "kmeans-single", "kmeans-global"]
-    assert {"br35h/cnn-real-s2", "lgg/cnn-synthetic_ddpm-s0", "br35h/cnn-mixed_vae-s1"} <= ids
+    assert {"br35h/f0/cnn-real-s2", "lgg/f3/cnn-synthetic_ddpm-s0",
+            "br35h/f4/cnn-mixed_ldm-s1"} <= ids
 
 
 def test_run_dir_of_another_sweep_is_refused(tmp_path):
@@ -260,10 +262,11 @@ def test_sbatch_scripts_match_golden(tmp_path, monkeypatch, case):
         assert "apptainer exec --nv --bind RUN_DIR,DATA_DIR/br35h:DATA_DIR/br35h:ro," \
                "DATA_DIR/lgg-flair:DATA_DIR/lgg-flair:ro" in text
         assert "module load apptainer" in text and "device: cuda" in text
-        # the short GPU cells are packed: 96 classify cells 4 to a task, 27 segment cells 3
-        assert "#SBATCH --array=0-23%8\n" in scripts["classify"]
-        assert "#SBATCH --array=0-8%8\n" in scripts["segment"]
-        assert "#SBATCH --array=0-15%8\n" in scripts["generate"]  # long: one per task
+        # the short GPU cells are packed (5 folds): 540 classify cells 4 to a task, 180
+        # segment cells 3
+        assert "#SBATCH --array=0-134%8\n" in scripts["classify"]
+        assert "#SBATCH --array=0-59%8\n" in scripts["segment"]
+        assert "#SBATCH --array=0-99%8\n" in scripts["generate"]  # long: one per task
         assert "cells_per_task=4" in text and "cells_per_task=3" in text
     if case == "packed":
         assert "#SBATCH --array=0-1%2" in scripts["classify"]  # 6 cells, 3 per task

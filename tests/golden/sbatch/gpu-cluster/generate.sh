@@ -1,7 +1,7 @@
 #!/bin/bash
 
 # Parameters
-#SBATCH --array=0-15%8
+#SBATCH --array=0-99%8
 #SBATCH --cpus-per-task=8
 #SBATCH --dependency='afterany:<prepare job ids>'
 #SBATCH --gpus-per-node=1

@@ -1,7 +1,7 @@
 #!/bin/bash
 
 # Parameters
-#SBATCH --array=0-1%2
+#SBATCH --array=0-9%8
 #SBATCH --cpus-per-task=16
 #SBATCH --job-name=paper-prepare
 #SBATCH --mem=32G

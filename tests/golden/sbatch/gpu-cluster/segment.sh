@@ -1,7 +1,7 @@
 #!/bin/bash
 
 # Parameters
-#SBATCH --array=0-8%8
+#SBATCH --array=0-59%8
 #SBATCH --cpus-per-task=8
 #SBATCH --dependency='afterany:<prepare, generate job ids>'
 #SBATCH --gpus-per-node=1
