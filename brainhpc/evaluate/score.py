@@ -180,14 +180,14 @@ def _write_predictions(clf: dict, data: ShardData, scored: dict, out: Path) -> N
     write_rows(out / PREDICTIONS, rows, CLASSIFY_COLUMNS)
 
 
-def detector_extras(clf: dict, data: ShardData, scored: dict) -> dict:
-    """What a VAE detector's own test split reports beyond its techniques, with every rule
-    frozen in model.pt: the residual maps' localisation (pixel AUPRC; Dice at the threshold
-    chosen on its validation masks) where the set has masks, and the intensity baseline
+def detector_extras(clf: dict, data: ShardData, scored: dict, brain: np.ndarray) -> dict:
+    """What a VAE detector reports on an image set beyond its techniques, every rule frozen in
+    model.pt (``brain``: the set's brain masks): the residual maps' localisation (pixel
+    AUPRC; Dice at the threshold chosen on its validation masks) where the set has masks, and
+    the intensity baseline
     (image decisions, and its localisation where the set has masks). Adds the baseline's
     (decisions, scores) to ``scored`` for predictions.csv."""
     rules = clf.get("rules")
-    brain = residuals.brain_masks(data.brain, data.images)
     out: dict = {}
     if data.masks is not None and (data.masks > 0).any():
         out["localisation"] = {**residuals.frozen_localisation(
@@ -217,7 +217,8 @@ def score_classifier(clf: dict, data: ShardData, device: torch.device, out: Path
         _write_predictions(clf, data, scored, out)
         return {**classification_metrics(data.labels, *scored["cnn"]),
                 "chosen": {"threshold": clf["threshold"]}}
-    extras = detector_extras(clf, data, scored)
+    brain = residuals.brain_masks(data.brain, data.images)
+    extras = detector_extras(clf, data, scored, brain)
     _write_predictions(clf, data, scored, out)
     techniques = {}
     for name, fitted in clf["fitted"].items():
@@ -229,8 +230,7 @@ def score_classifier(clf: dict, data: ShardData, device: torch.device, out: Path
     out.mkdir(parents=True, exist_ok=True)
     save_error_maps(out / "error_maps.png", data, scored["inputs"], scored["maps"],
                     clf["fitted"], title)
-    write_localisation(out, data, scored["maps"], scored["inputs"],
-                       residuals.brain_masks(data.brain, data.images), clf["fitted"],
+    write_localisation(out, data, scored["maps"], scored["inputs"], brain, clf["fitted"],
                        clf.get("rules"))
     return {"techniques": techniques, **extras}
 
