@@ -22,6 +22,14 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture
+def no_slurm_client(monkeypatch, tmp_path_factory):
+    """A PATH without sbatch: a dry run then prints its plan without asking a cluster, so tests
+    of the plan pass whether or not this machine's SLURM cluster is up."""
+    empty = tmp_path_factory.mktemp("nobin")
+    monkeypatch.setenv("PATH", str(empty))
+
+
 @pytest.fixture(scope="session")
 def prepared_phantom(tmp_path_factory) -> Path:
     """A prepared phantom dataset at 64 px (240 slices, with tumour masks)."""

@@ -507,7 +507,7 @@ def test_dry_run_checks_every_cell_with_its_stage_config(tmp_path, capsys):
     assert stage_config(plan["prepare"][0]).size == 128  # PrepareConfig's own default
 
 
-def test_dry_run_says_which_finished_cells_changed(tmp_path, capsys):
+def test_dry_run_says_which_finished_cells_changed(tmp_path, capsys, no_slurm_client):
     from brainhpc.fsio import write_json
 
     path = write(tmp_path, TINY)

@@ -381,7 +381,7 @@ def test_shipped_evaluate_example_validates_when_uncommented(tmp_path, name):
     assert cell.params["labels"] == "tumour=yes healthy=no" and "split" not in cell.params
 
 
-def test_run_dir_key_sets_the_default_run_folder(tmp_path, monkeypatch, capsys):
+def test_run_dir_key_sets_the_default_run_folder(tmp_path, monkeypatch, capsys, no_slurm_client):
     from brainhpc.sweep.cli import main
 
     path = tmp_path / "s.toml"

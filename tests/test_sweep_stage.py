@@ -74,7 +74,8 @@ label = "healthy"
 """
 
 
-def test_a_new_stage_runs_from_a_sweep_file_and_the_command_line(with_count, tmp_path, capsys):
+def test_a_new_stage_runs_from_a_sweep_file_and_the_command_line(with_count, tmp_path, capsys,
+                                                                  no_slurm_client):
     from brainhpc.sweep.cli import main
 
     path = tmp_path / "counting.toml"

@@ -18,7 +18,9 @@
     table.md          the tables a reader needs, baselines beside every model (see ``tables``)
     by_train_data.png, proportion.png, segmentation_proportion.png (when their cells exist)
     figures/<stage>/  the cells' sample grids, real slices, memorisation pairs, VAE error maps and
-                      segmentation overlays (PNG copies: results/ stands on its own)
+                      segmentation overlays (PNG copies: results/ stands on its own), and per
+                      dataset, fold and label every generator's samples beside real slices
+                      (``<dataset>-<fold>-<label>-side-by-side.png``, ``brainhpc.sweep.figures``)
     provenance.json   the sweep file, command, code commit, machine and compute behind them
 
 It reads ``RUN_DIR/plan.json`` (written at submission) for the expected cells, so a cell that
@@ -39,7 +41,7 @@ from typing import ClassVar
 from brainhpc.data.training import parse_train_spec
 from brainhpc.errors import BrainhpcError
 from brainhpc.fsio import atomic_path, read_json, write_json, write_text
-from brainhpc.sweep import intervals
+from brainhpc.sweep import figures, intervals
 from brainhpc.sweep.generators import GENERATOR_COLS, generator_table
 from brainhpc.sweep.generators import generator_rows as _generator_rows
 from brainhpc.sweep.headline import headline
@@ -826,7 +828,8 @@ def aggregate(run_dir: str | Path) -> dict:
     write_csv(out / "comparisons.csv", comps, intervals.COMPARISON_COLS)
     name = (read_json(run_dir / "sweep.json") or {}).get("name", "")
     write_text(out / "table.md", tables(rows, seg, gens, name, ivals, comps))
-    made = plots(rows, seg, out, ivals) + collect_figures(run_dir, plan, out)
+    made = (plots(rows, seg, out, ivals) + collect_figures(run_dir, plan, out)
+            + figures.side_by_side(run_dir, plan, out))
 
     write_json(out / "provenance.json", provenance(run_dir))
     failed = sorted({r["cell"] for r in rows + seg + gens
