@@ -608,3 +608,26 @@ def test_an_architecture_can_run_on_some_datasets_only(tmp_path):
     assert "dcgan = [" in unknown
     with pytest.raises(BrainhpcError, match=r"arch_datasets.dcgan: 'dcgan' is not in "):
         load_sweep(write(tmp_path, unknown))
+
+
+def test_dry_run_prints_its_plan_when_the_cluster_does_not_answer(tmp_path, capsys,
+                                                                  monkeypatch):
+    """A SLURM client whose cluster is down: the dry run says so and still succeeds; a real
+    submission fails with the cluster's error."""
+    import shutil
+
+    from brainhpc.sweep import slurm
+
+    def down():
+        raise BrainhpcError("`scontrol show config` failed (1): slurmctld not responding")
+
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(slurm, "cluster_info", down)
+    path = write(tmp_path, TINY)
+    assert main([str(path), "--run-dir", str(tmp_path / "run"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "== generate: 2 cell(s) ==" in out
+    assert "not checked against a cluster: it did not answer (`scontrol show config` failed" in out
+    assert main([str(path), "--run-dir", str(tmp_path / "run")]) != 0
+    assert "slurmctld not responding" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "jobs.json").exists()  # nothing submitted

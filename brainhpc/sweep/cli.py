@@ -106,11 +106,18 @@ def _run_dir_command(args) -> int:
 
 
 def _check_slurm(sweep, plan, selected: list[str], dry: bool) -> dict | None:
-    """The cluster's facts, the sweep checked against them (None: no SLURM client, dry run)."""
+    """The cluster's facts, the sweep checked against them (None: no SLURM client or no answer
+    from the cluster, dry run: the plan is still worth printing)."""
     if dry and shutil.which("sbatch") is None:
         print("\nnot checked against a cluster: no SLURM client here")
         return None
-    info = slurm.cluster_info()
+    try:
+        info = slurm.cluster_info()
+    except BrainhpcError as e:
+        if not dry:
+            raise
+        print(f"\nnot checked against a cluster: it did not answer ({str(e).splitlines()[0]})")
+        return None
     slurm.check_cluster(sweep, [s for s in selected if plan[s]], info)
     if dry:
         print(f"\nchecked against cluster {info['cluster']} (sinfo): partitions, time "
