@@ -184,9 +184,8 @@ def detector_extras(clf: dict, data: ShardData, scored: dict, brain: np.ndarray)
     """What a VAE detector reports on an image set beyond its techniques, every rule frozen in
     model.pt (``brain``: the set's brain masks): the residual maps' localisation (pixel
     AUPRC; Dice at the threshold chosen on its validation masks) where the set has masks, and
-    the intensity baseline
-    (image decisions, and its localisation where the set has masks). Adds the baseline's
-    (decisions, scores) to ``scored`` for predictions.csv."""
+    the intensity baseline (image decisions, and its localisation where the set has masks).
+    Adds the baseline's (decisions, scores) to ``scored`` for predictions.csv."""
     rules = clf.get("rules")
     out: dict = {}
     if data.masks is not None and (data.masks > 0).any():
